@@ -1,0 +1,35 @@
+# Quickstart: `make run` (the whole pipeline, offline) and `make test`.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Stages are console scripts in the venv; DVC runs them through the shell.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+export DVC_NO_ANALYTICS := 1
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup run test check clean
+
+setup: $(STAMP)
+
+# Machines without an NVIDIA GPU get the small CPU build of torch first; GPU hosts let pip
+# resolve the project's torch range to a CUDA build.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install --quiet torch==2.13.0; fi
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+check: setup
+	$(BIN)/finetune check
+
+run: setup
+	$(BIN)/dvc repro
+
+test: setup
+	$(BIN)/pytest
+
+clean:
+	rm -rf data/prepared data/tokenized artifacts reports metrics

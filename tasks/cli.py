@@ -1,0 +1,91 @@
+"""`finetune`: one subcommand per pipeline stage (what dvc.yaml runs), plus tools.
+
+    finetune check                      # validate params.yaml, list every problem
+    finetune prepare|tokenize|train|evaluate|export
+    finetune score --predictions P --references R [--field NAME]
+    finetune smoke-model                # rebuild the offline smoke model in models/
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+from tasks.errors import PipelineError
+
+STAGES = ("prepare", "tokenize", "train", "evaluate", "export")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="finetune", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("check", help="validate params.yaml and exit")
+    check.add_argument("--params", type=Path, default=Path("params.yaml"))
+    for stage in STAGES:
+        p = sub.add_parser(stage, help=f"run the {stage} stage")
+        p.add_argument("--params", type=Path, default=Path("params.yaml"))
+    score = sub.add_parser("score", help="ROUGE of predictions against references, as JSON")
+    score.add_argument("--predictions", type=Path, required=True)
+    score.add_argument("--references", type=Path, required=True)
+    score.add_argument("--field", help="JSONL field holding the text (for .jsonl files)")
+    score.add_argument("--no-stemmer", action="store_true", help="score without Porter stemming")
+    score.add_argument("--bootstrap-samples", type=int, default=1000)
+    score.add_argument("--confidence-level", type=float, default=0.95)
+    score.add_argument("--seed", type=int, default=0)
+    smoke = sub.add_parser("smoke-model", help="rebuild the randomly initialised smoke model")
+    smoke.add_argument("--data", type=Path, default=Path("data/raw/dialogues.jsonl"))
+    smoke.add_argument("--out", type=Path, default=Path("models/smoke-llama"))
+    return parser
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "check":
+        from tasks.config import load_params
+
+        params = load_params(args.params)
+        print(f"{args.params}: OK (params hash {params.digest()[:12]})")
+        return 0
+    if args.command in STAGES:
+        from tasks.config import load_params
+        from tasks.io import setup_logging
+
+        params = load_params(args.params)
+        setup_logging()
+        importlib.import_module(f"tasks.{args.command}").run(params)
+        return 0
+    if args.command == "score":
+        from tasks.scoring import read_texts, score
+
+        predictions = read_texts(args.predictions, args.field)
+        references = read_texts(args.references, args.field)
+        result = score(predictions, references, use_stemmer=not args.no_stemmer,
+                       bootstrap_samples=args.bootstrap_samples,
+                       confidence_level=args.confidence_level, seed=args.seed)
+        print(json.dumps(result, indent=2, sort_keys=True))
+        return 0
+    if args.command == "smoke-model":
+        from tasks.smoke_model import build, texts_from_jsonl
+
+        print(build(texts_from_jsonl(args.data), args.out))
+        return 0
+    raise AssertionError(args.command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except PipelineError as err:
+        print(f"finetune {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"finetune {args.command}: interrupted; no output was moved into place",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,304 @@
+"""Typed params: the only reader of params.yaml.
+
+Every section is a pydantic model with `extra="forbid"`, so a typo fails at once naming the
+key path. Field names are the argument names of the library each one feeds
+(`LoraConfig(r=...)`, `TrainingArguments(learning_rate=...)`, `BitsAndBytesConfig(...)`),
+so no renaming layer exists. `load_params` reports every problem together.
+
+    finetune check --params params.yaml
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tasks import templates
+from tasks.errors import ConfigError, TemplateError
+
+# Local inputs must live where dvc.yaml tracks them, or DVC could not notice they changed.
+DATA_DIR = Path("data/raw")
+MODELS_DIR = Path("models")
+LOCAL_DATA_SUFFIXES = {".jsonl", ".json", ".csv", ".parquet"}
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SplitConfig(Section):
+    seed: int = 42
+    validation_size: float = Field(0.1, ge=0, lt=1)
+    test_size: float = Field(0.1, gt=0, lt=1)
+    # Use the source's own splits (e.g. {train: train, validation: validation, test: test}).
+    source_splits: dict[Literal["train", "validation", "test"], str] | None = None
+
+    @model_validator(mode="after")
+    def _sizes(self) -> SplitConfig:
+        if self.validation_size + self.test_size >= 1:
+            raise ValueError("validation_size + test_size must be below 1 (nothing left to train on)")
+        return self
+
+
+class DataConfig(Section):
+    path: str  # a local .jsonl/.json/.csv/.parquet under data/raw/, or a Hub dataset id
+    name: str | None = None  # Hub dataset configuration (datasets.load_dataset's `name`)
+    revision: str | None = None  # Hub dataset revision; required for Hub datasets
+    columns: dict[str, str] = {}  # template field -> column name in the source
+    id_column: str | None = "id"
+    split: SplitConfig = SplitConfig()
+    max_rows: int | None = Field(None, ge=1)
+    on_bad_record: Literal["error", "skip"] = "error"
+
+    @property
+    def is_local(self) -> bool:
+        return Path(self.path).suffix.lower() in LOCAL_DATA_SUFFIXES
+
+    @model_validator(mode="after")
+    def _source(self) -> DataConfig:
+        if self.is_local:
+            p = Path(self.path)
+            if p.is_absolute() or ".." in p.parts or p.parts[:2] != DATA_DIR.parts:
+                raise ValueError(f"local data must be under {DATA_DIR}/ (dvc.yaml tracks that folder), "
+                                 f"got {self.path!r}")
+            if self.split.source_splits:
+                raise ValueError("split.source_splits needs a Hub dataset; a local file is split by seed")
+        elif self.revision is None:
+            raise ValueError(f"{self.path!r} is read from the Hugging Face Hub: pin `revision` "
+                             "(a tag or commit sha) so reruns read the same data")
+        return self
+
+
+class PromptConfig(Section):
+    # A built-in name (dialogue_summary, instruction, question_answer, chat) or a template
+    # string with {field} placeholders.
+    template: str = "dialogue_summary"
+    completion: str | None = None  # completion template; required with a custom template
+
+    @model_validator(mode="after")
+    def _template(self) -> PromptConfig:
+        if self.template in templates.TEMPLATE_NAMES:
+            if self.completion is not None:
+                raise ValueError(f"completion is fixed by the built-in template {self.template!r}; "
+                                 "remove it or write a custom template")
+            return self
+        if "{" not in self.template:
+            raise ValueError(f"template {self.template!r} is neither a built-in "
+                             f"({', '.join(templates.TEMPLATE_NAMES)}) nor has {{field}} placeholders")
+        if self.completion is None:
+            raise ValueError("a custom template needs `completion` too (e.g. ' {answer}')")
+        try:
+            templates.parse(self.template)
+            templates.parse(self.completion)
+        except TemplateError as err:
+            raise ValueError(str(err)) from None
+        return self
+
+    @property
+    def fields(self) -> list[str]:
+        if self.template == templates.CHAT:
+            return ["messages"]
+        tpl = templates.resolve(self.template, self.completion)
+        alternatives = "".join(tpl.prompt_when_empty.values())
+        return list(dict.fromkeys(templates.fields_of(tpl.prompt + alternatives + tpl.completion)))
+
+
+class ModelConfig(Section):
+    name_or_path: str = "models/smoke-llama"  # Hub id or a local directory under models/
+    revision: str | None = None  # required for Hub ids: a tag or commit sha
+    trust_remote_code: bool = False
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+
+    @property
+    def is_local(self) -> bool:
+        p = Path(self.name_or_path)
+        return p.exists() or p.is_absolute() or self.name_or_path.startswith(".") \
+            or p.parts[0] == MODELS_DIR.name
+
+    @model_validator(mode="after")
+    def _source(self) -> ModelConfig:
+        p = Path(self.name_or_path)
+        if self.is_local:
+            if p.is_absolute() or ".." in p.parts or p.parts[0] != MODELS_DIR.name:
+                raise ValueError(f"a local model must be under {MODELS_DIR}/ (dvc.yaml tracks that "
+                                 f"folder), got {self.name_or_path!r}")
+        elif self.revision is None:
+            raise ValueError(f"{self.name_or_path!r} is a Hub id: pin `revision` (a tag or commit "
+                             "sha) so reruns use the same weights")
+        return self
+
+
+Dtype = Literal["auto", "bfloat16", "float16", "float32"]
+
+
+class QuantConfig(Section):
+    load_in_4bit: bool = True  # QLoRA; false trains LoRA on the unquantized base
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    bnb_4bit_use_double_quant: bool = True
+    bnb_4bit_compute_dtype: Dtype = "auto"  # auto: bfloat16 where the GPU has it, else float32
+
+
+class LoraConfig(Section):
+    r: int = Field(16, ge=1)
+    lora_alpha: float = Field(32, gt=0)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: str | list[str] = "all-linear"
+    bias: Literal["none", "all", "lora_only"] = "none"
+
+
+class TokenizeConfig(Section):
+    max_length: int = Field(512, ge=8)
+    completion_only_loss: bool = True
+    # Which end of a too-long prompt to cut: "left" keeps the end of the prompt (its cue, e.g.
+    # "Summary:") and the whole completion; "right" cuts the end of the sequence.
+    truncation_side: Literal["left", "right"] = "left"
+    overlong: Literal["truncate", "drop"] = "truncate"
+    preview_rows: int = Field(3, ge=0)
+
+
+class TrainConfig(Section):
+    seed: int = 42
+    max_steps: int = Field(150, ge=-1)  # -1: train for num_train_epochs instead
+    num_train_epochs: float = Field(1.0, gt=0)
+    per_device_train_batch_size: int = Field(8, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(3e-3, gt=0)
+    lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup",
+                               "cosine_with_restarts"] = "cosine"
+    warmup_steps: float = Field(0.05, ge=0)  # below 1: a fraction of the total steps
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    optim: str = "paged_adamw_8bit"  # needs CUDA; falls back to adamw_torch on CPU (logged)
+    gradient_checkpointing: bool = True
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 > fp16 > fp32 by hardware
+    logging_steps: int = Field(1, ge=1)
+    save_steps: int = Field(50, ge=1)  # checkpoint every N steps; a rerun resumes from the last
+    save_total_limit: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _length(self) -> TrainConfig:
+        if self.max_steps == 0:
+            raise ValueError("max_steps is 0: set a positive number of steps, or -1 to use "
+                             "num_train_epochs")
+        return self
+
+
+class EvaluateConfig(Section):
+    # Generation settings, shared with export's re-scoring:
+    max_new_tokens: int = Field(48, ge=1)
+    per_device_eval_batch_size: int = Field(16, ge=1)
+    max_samples: int | None = Field(None, ge=1)  # score the first N test rows (None: all)
+    # Scoring settings, read by evaluate only:
+    use_stemmer: bool = True
+    bootstrap_samples: int = Field(1000, ge=10)
+    confidence_level: float = Field(0.95, gt=0, lt=1)
+    seed: int = 0
+    preview_rows: int = Field(5, ge=0)
+
+
+class ExportConfig(Section):
+    torch_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    # "dequantized": merge into the 4-bit weights the adapter was trained against, cast up to
+    # torch_dtype (the merged model then reproduces the tuned one); "original": reload the
+    # full-precision checkpoint and merge there (what most tutorials do; drifts a little).
+    merge_into: Literal["dequantized", "original"] = "dequantized"
+    check_prompts: int = Field(4, ge=1)  # test prompts whose logits are compared
+    logits_atol: float = Field(1e-3, gt=0)  # max |merged - (base + adapter)| logit difference
+    rouge_atol: float = Field(0.02, ge=0)  # max |ROUGE-L merged - ROUGE-L adapter|
+
+
+class Params(Section):
+    data: DataConfig
+    prompt: PromptConfig = PromptConfig()
+    model: ModelConfig = ModelConfig()
+    quant: QuantConfig = QuantConfig()
+    lora: LoraConfig = LoraConfig()
+    tokenize: TokenizeConfig = TokenizeConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    export: ExportConfig = ExportConfig()
+
+    @model_validator(mode="after")
+    def _cross(self) -> Params:
+        problems = []
+        if self.evaluate.max_new_tokens >= self.tokenize.max_length:
+            problems.append(f"evaluate.max_new_tokens ({self.evaluate.max_new_tokens}) must be below "
+                            f"tokenize.max_length ({self.tokenize.max_length}) to leave room for the prompt")
+        if self.export.merge_into == "dequantized" and not self.quant.load_in_4bit:
+            problems.append("export.merge_into 'dequantized' needs quant.load_in_4bit: true "
+                            "(with an unquantized base, use 'original')")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    def digest(self, sections: tuple[str, ...] | None = None) -> str:
+        """sha256 of the params (or of the named sections), independent of key order."""
+        dump = self.model_dump(mode="json", include=set(sections) if sections else None)
+        return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()
+
+
+def _key_path(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "(top level)"
+
+
+def _allowed(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names allowed at `loc`'s parent, for suggesting a fix to an unknown key."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def describe(err: ValidationError) -> list[str]:
+    problems = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        key = _key_path(loc)
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed(Params, loc)
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(f"{key}: unknown key{hint}; allowed here: {', '.join(allowed)}")
+        elif e["type"] == "value_error":
+            for line in str(e["ctx"]["error"]).splitlines():
+                problems.append(f"{key}: {line}" if loc else line)
+        else:
+            got = "" if e["type"] == "missing" else f" (got {e['input']!r})"
+            problems.append(f"{key}: {e['msg']}{got}")
+    return problems
+
+
+def parse_params(raw: Any, source: str) -> Params:
+    if not isinstance(raw, dict):
+        raise ConfigError(source, ["the file must be a mapping of sections (data, prompt, model, ...)"])
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(source, describe(err)) from None
+
+
+def read_yaml(path: Path) -> Any:
+    if not path.is_file():
+        raise ConfigError(str(path), ["file not found"])
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(str(path), [f"{where}not valid YAML ({getattr(err, 'problem', err)})"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError(str(path), ["not UTF-8 text"]) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    return parse_params(read_yaml(path), str(path))

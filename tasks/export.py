@@ -1,0 +1,180 @@
+"""export: merge the adapter into a 16/32-bit base and save a standalone model.
+
+Never merges into 4-bit weights. With `export.merge_into: dequantized` the base is the
+4-bit checkpoint the adapter was trained against, dequantized to `export.torch_dtype`, so the
+merged model reproduces the tuned one; `original` reloads the full-precision checkpoint.
+Before saving it checks that the merged logits equal base + adapter on a few test prompts
+(`export.logits_atol`) and that the merged model's ROUGE-L on the test split equals the
+adapter's (`export.rouge_atol`); either failing stops the stage with nothing written.
+
+Reads artifacts/adapter/ and data/prepared/test.jsonl; writes artifacts/merged/ (safetensors,
+tokenizer, generation config, README.md model card, manifest.json) and metrics/export.json.
+
+    finetune export
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from tasks import paths
+from tasks.config import Params
+from tasks.errors import PipelineError
+from tasks.generation import batches, generate, prompt_token_ids, test_rows
+from tasks.io import atomic_path, sha256_path, write_json
+from tasks.scoring import per_example
+
+log = logging.getLogger("finetune.export")
+
+# The params a merged model is made from (evaluate's scoring settings are not among them;
+# dvc.yaml lists exactly these for the export stage).
+LINEAGE = ("data", "prompt", "model", "quant", "lora", "tokenize", "train", "export")
+LIBRARIES = ("torch", "transformers", "peft", "trl", "datasets", "bitsandbytes", "accelerate",
+             "evaluate", "rouge_score", "dvc", "pydantic")
+
+
+def _merge_base(params: Params, tokenizer):
+    import torch
+
+    from tasks.modeling import load_base, match_vocab
+
+    dtype = getattr(torch, params.export.torch_dtype)
+    if params.export.merge_into == "dequantized":
+        base = load_base(params, quantized=True)
+        base = base.dequantize().to(dtype)
+    else:
+        base = load_base(params, quantized=False, torch_dtype=dtype)
+    match_vocab(base, tokenizer)
+    return base
+
+
+def _logits(model, tokenizer, prompts: list[str], params: Params) -> list[Any]:
+    """Last-position logits per prompt, in prompt order."""
+    import torch
+
+    ids = prompt_token_ids(tokenizer, prompts, params.tokenize.max_length)
+    out: list[Any] = [None] * len(prompts)
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        for idx, input_ids, mask in batches(tokenizer, ids, params.evaluate.per_device_eval_batch_size):
+            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
+            for row, i in enumerate(idx):
+                out[i] = logits[row, -1].float().cpu()
+    return out
+
+
+def _rouge_l(outputs: list[str], references: list[str]) -> float:
+    scores = per_example(outputs, references, use_stemmer=True)["rougeL"]
+    return round(sum(scores) / len(scores), 6)
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def manifest(params: Params) -> dict[str, Any]:
+    from tasks.config import ModelConfig
+
+    model: ModelConfig = params.model
+    base = {"name_or_path": model.name_or_path, "revision": model.revision}
+    if model.is_local:
+        base["sha256"] = sha256_path(Path(model.name_or_path))
+    versions = {}
+    for lib in LIBRARIES:
+        try:
+            versions[lib] = metadata.version(lib)
+        except metadata.PackageNotFoundError:
+            versions[lib] = None
+    return {
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": _git("status", "--porcelain", "--untracked-files=no") not in ("", "unknown"),
+        "params_sha256": params.digest(LINEAGE),
+        "params": params.model_dump(mode="json", include=set(LINEAGE)),
+        "inputs": {"base_model": base, "adapter_sha256": sha256_path(paths.ADAPTER),
+                   "test_split_sha256": sha256_path(paths.PREPARED / "test.jsonl")},
+        "libraries": versions,
+    }
+
+
+def model_card(params: Params, scores: dict[str, Any]) -> str:
+    p = params
+    return f"""---
+base_model: {p.model.name_or_path}
+library_name: transformers
+tags: [fine-tuned, lora, {'qlora' if p.quant.load_in_4bit else 'lora'}]
+---
+# Fine-tuned {p.model.name_or_path}
+
+A standalone model: the LoRA adapter trained by this pipeline, merged into
+`{p.model.name_or_path}` (revision `{p.model.revision}`), saved in {p.export.torch_dtype}.
+
+- Data: `{p.data.path}` (revision `{p.data.revision}`), prompt template `{p.prompt.template}`
+- Method: {'QLoRA, 4-bit ' + p.quant.bnb_4bit_quant_type if p.quant.load_in_4bit else 'LoRA'}, r={p.lora.r},
+  lora_alpha={p.lora.lora_alpha}, target_modules={p.lora.target_modules}
+- Training: {p.train.max_steps} steps, learning_rate={p.train.learning_rate},
+  batch {p.train.per_device_train_batch_size} x {p.train.gradient_accumulation_steps}, seed {p.train.seed}
+
+## Test-split ROUGE-L ({scores['num_examples']} examples, greedy, {p.evaluate.max_new_tokens} new tokens)
+
+| model | ROUGE-L |
+|---|---|
+| base | {scores['base']:.4f} |
+| base + adapter | {scores['adapter']:.4f} |
+| merged (this model) | {scores['merged']:.4f} |
+
+Full metrics with confidence intervals are in the pipeline's `metrics/eval.json`;
+provenance (git commit, params hash, input hashes, library versions) in `manifest.json`.
+"""
+
+
+def run(params: Params) -> dict[str, Any]:
+    from peft import PeftModel
+
+    from tasks.modeling import load_tokenizer
+
+    cfg = params.export
+    tokenizer = load_tokenizer(params.model, str(paths.ADAPTER))
+    rows = test_rows(params)
+    prompts = [r["prompt"] for r in rows]
+    references = [r["completion"].strip() for r in rows]
+    model = PeftModel.from_pretrained(_merge_base(params, tokenizer), str(paths.ADAPTER))
+    model.eval()
+    with model.disable_adapter():
+        base_out = generate(model, tokenizer, prompts, params)
+    adapter_out = generate(model, tokenizer, prompts, params)
+    check = prompts[:cfg.check_prompts]
+    before = _logits(model, tokenizer, check, params)
+    merged = model.merge_and_unload()
+    after = _logits(merged, tokenizer, check, params)
+    diff = max(float((a - b).abs().max()) for a, b in zip(before, after, strict=True))
+    if diff > cfg.logits_atol:
+        raise PipelineError(f"merged logits differ from base + adapter by {diff:.3g} "
+                            f"(export.logits_atol = {cfg.logits_atol}): the merge is wrong; "
+                            "nothing was saved")
+    merged_out = generate(merged, tokenizer, prompts, params)
+    scores = {"num_examples": len(rows), "base": _rouge_l(base_out, references),
+              "adapter": _rouge_l(adapter_out, references), "merged": _rouge_l(merged_out, references)}
+    if abs(scores["merged"] - scores["adapter"]) > cfg.rouge_atol:
+        raise PipelineError(f"merged ROUGE-L {scores['merged']} differs from the adapter's "
+                            f"{scores['adapter']} by more than export.rouge_atol = {cfg.rouge_atol}; "
+                            "nothing was saved")
+    merged.generation_config.update(
+        max_new_tokens=params.evaluate.max_new_tokens, do_sample=False,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    with atomic_path(paths.MERGED) as tmp:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").write_text(model_card(params, scores), encoding="utf-8")
+        (tmp / "manifest.json").write_text(json.dumps(manifest(params), indent=2, sort_keys=True) + "\n")
+    metrics = {"logits_max_abs_diff": diff, "rougeL": scores}
+    write_json(paths.METRICS["export"], metrics)
+    log.info("merged model saved to %s: %s", paths.MERGED, metrics)
+    return metrics

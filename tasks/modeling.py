@@ -1,0 +1,101 @@
+"""Loading the tokenizer and the base model the way every stage needs them.
+
+Heavy imports (torch, transformers, peft) stay inside functions so `finetune check` and
+`finetune --help` answer fast.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from tasks.config import ModelConfig, Params
+from tasks.errors import PipelineError
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger("finetune")
+
+
+def device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def bf16_supported() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def compute_dtype(params: Params) -> torch.dtype:
+    """The dtype matmuls run in: bnb's compute dtype, following the training precision."""
+    import torch
+
+    name = params.quant.bnb_4bit_compute_dtype
+    if name == "auto":
+        precision = resolve_precision(params.train.precision)
+        name = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[precision]
+    return getattr(torch, name)
+
+
+def resolve_precision(precision: str) -> str:
+    import torch
+
+    if precision != "auto":
+        return precision
+    if bf16_supported():
+        return "bf16"
+    return "fp16" if torch.cuda.is_available() else "fp32"
+
+
+def _source_kwargs(model: ModelConfig) -> dict[str, Any]:
+    if model.trust_remote_code:
+        log.warning("trust_remote_code is ON: code shipped with %s will run", model.name_or_path)
+    return {"revision": model.revision, "trust_remote_code": model.trust_remote_code}
+
+
+def load_tokenizer(model: ModelConfig, path: str | None = None):
+    """The base model's tokenizer, or the pipeline's own copy at `path` (pad token fixed)."""
+    from transformers import AutoTokenizer
+
+    try:
+        if path is not None:
+            return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(model.name_or_path, **_source_kwargs(model))
+    except (OSError, ValueError) as err:
+        raise PipelineError(f"model.name_or_path: cannot load a tokenizer from "
+                            f"{path or model.name_or_path!r}: {err}") from None
+
+
+def load_base(params: Params, *, quantized: bool, torch_dtype: torch.dtype | None = None):
+    """The base causal LM, in 4-bit NF4 (QLoRA) when `quantized`, else in `torch_dtype`."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dtype = compute_dtype(params)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype or dtype,
+                              "attn_implementation": params.model.attn_implementation,
+                              "use_safetensors": True}
+    if quantized:
+        q = params.quant
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=q.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant, bnb_4bit_compute_dtype=dtype)
+        kwargs["device_map"] = {"": device()}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(params.model.name_or_path,
+                                                     **_source_kwargs(params.model), **kwargs)
+    except (OSError, ValueError) as err:
+        raise PipelineError(f"model.name_or_path: cannot load {params.model.name_or_path!r}: "
+                            f"{err}") from None
+    if not quantized:
+        model.to(device())
+    return model
+
+
+def match_vocab(model, tokenizer) -> None:
+    """Grow the embeddings when tokenize added a pad token the base vocabulary lacks."""
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))

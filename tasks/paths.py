@@ -1,0 +1,17 @@
+"""Where each stage writes: the file contract of dvc.yaml, in one place."""
+
+from pathlib import Path
+
+PREPARED = Path("data/prepared")  # {train,validation,test}.jsonl: {id, prompt, completion}
+TOKENIZED = Path("data/tokenized")  # save_to_disk DatasetDict {train, validation}
+TOKENIZER = TOKENIZED / "tokenizer"  # the tokenizer every later stage loads (pad token fixed)
+LABEL_PREVIEW = Path("reports/label_preview.txt")
+ADAPTER = Path("artifacts/adapter")  # PEFT adapter (safetensors) + tokenizer
+CHECKPOINTS = Path("artifacts/checkpoints")  # resumable trainer checkpoints, not a DVC output
+MERGED = Path("artifacts/merged")  # standalone model: safetensors, tokenizer, card, manifest
+PREDICTIONS = Path("reports/predictions.jsonl")
+EVAL_PREVIEW = Path("reports/eval_preview.md")
+TRAIN_LOG = Path("metrics/train_log.tsv")
+METRICS = {stage: Path(f"metrics/{stage}.json")
+           for stage in ("prepare", "tokenize", "train", "eval", "export")}
+SPLITS = ("train", "validation", "test")
