@@ -26,7 +26,7 @@ from tasks import paths
 from tasks.config import Params
 from tasks.errors import PipelineError
 from tasks.generation import batches, generate, prompt_token_ids, test_rows
-from tasks.io import atomic_path, sha256_path, write_json
+from tasks.io import atomic_path, save_tokenizer, sha256_path, write_json
 from tasks.scoring import per_example
 
 log = logging.getLogger("finetune.export")
@@ -171,7 +171,7 @@ def run(params: Params) -> dict[str, Any]:
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     with atomic_path(paths.MERGED) as tmp:
         merged.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)
         (tmp / "README.md").write_text(model_card(params, scores), encoding="utf-8")
         (tmp / "manifest.json").write_text(json.dumps(manifest(params), indent=2, sort_keys=True) + "\n")
     metrics = {"logits_max_abs_diff": diff, "rougeL": scores}

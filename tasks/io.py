@@ -69,6 +69,23 @@ def sha256_path(path: Path) -> str:
     return h.hexdigest()
 
 
+def save_tokenizer(tokenizer: Any, path: Path) -> None:
+    """save_pretrained, minus the caller's HF_HUB_OFFLINE setting, which would otherwise make
+    the same tokenizer save to different bytes online and offline."""
+    tokenizer.init_kwargs.pop("local_files_only", None)
+    tokenizer.save_pretrained(path)
+
+
+def normalize_adapter_config(path: Path) -> None:
+    """PEFT writes target_modules from a set, in an order that changes between runs; sort
+    it so the same training gives a byte-identical adapter."""
+    config_file = path / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")

@@ -24,7 +24,7 @@ from typing import Any
 from tasks import paths
 from tasks.config import Params
 from tasks.errors import PipelineError
-from tasks.io import atomic_path, sha256_path, write_json
+from tasks.io import atomic_path, normalize_adapter_config, save_tokenizer, sha256_path, write_json
 from tasks.modeling import device, load_base, load_tokenizer, match_vocab, resolve_precision
 from tasks.tokenize import IGNORE_INDEX
 
@@ -151,7 +151,8 @@ def run(params: Params) -> dict[str, Any]:
                             "quant.load_in_4bit: true") from None
     with atomic_path(paths.ADAPTER) as tmp:
         model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        normalize_adapter_config(tmp)
+        save_tokenizer(tokenizer, tmp)
     metrics = {"train_loss": result.training_loss, "final_loss": history[-1]["loss"] if history else None,
                "eval_loss": eval_loss, "steps": result.global_step,
                "tokens_seen": trainer.state.num_input_tokens_seen,
