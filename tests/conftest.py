@@ -1,0 +1,86 @@
+"""Shared fixtures: a tiny model built from a config and a throwaway git + DVC workspace.
+
+Everything is real (DVC, PEFT, bitsandbytes, the Trainer); only the sizes are small.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "data" / "raw" / "dialogues.jsonl"
+BIN = Path(sys.executable).parent
+
+# Small enough that every stage takes seconds on 2 CPU cores.
+TINY_PARAMS: dict[str, dict[str, Any]] = {
+    "data": {"max_rows": 120},
+    "model": {"name_or_path": "models/tiny"},
+    "lora": {"r": 4, "lora_alpha": 8},
+    "tokenize": {"max_length": 160},
+    "train": {"max_steps": 4, "per_device_train_batch_size": 4, "save_steps": 2},
+    "evaluate": {"max_new_tokens": 8, "per_device_eval_batch_size": 8, "max_samples": 6,
+                 "bootstrap_samples": 50},
+    "export": {"check_prompts": 2},
+}
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e.update(PATH=f"{BIN}{os.pathsep}{e.get('PATH', '')}", HF_HUB_OFFLINE="1",
+             DVC_NO_ANALYTICS="1", TOKENIZERS_PARALLELISM="false",
+             GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.com",
+             GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.com")
+    return e
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def shipped_params() -> dict[str, Any]:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A randomly initialised 2-layer Llama (hidden 32) with a BPE tokenizer."""
+    from tasks.smoke_model import build, texts_from_jsonl
+
+    out = tmp_path_factory.mktemp("tiny") / "model"
+    return build(texts_from_jsonl(SAMPLE), out, vocab_size=320, hidden_size=32,
+                 num_attention_heads=2)
+
+
+def make_workspace(dst: Path, tiny_model: Path, params: dict[str, Any] | None = None) -> Path:
+    """A git + DVC repo holding this repository's tracked files, the tiny model and params."""
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
+                           check=True).stdout.split()
+    for f in files:
+        if (REPO / f).is_file() and f != "dvc.lock":
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / f, dst / f)
+    shutil.copytree(tiny_model, dst / "models" / "tiny")
+    (dst / "params.yaml").write_text(yaml.safe_dump(merge(shipped_params(), params or TINY_PARAMS),
+                                                    sort_keys=False))
+    run(["git", "init", "-q"], dst)
+    run(["git", "add", "-A"], dst)
+    run(["git", "commit", "-qm", "workspace"], dst)
+    return dst
