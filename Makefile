@@ -31,5 +31,7 @@ run: setup
 test: setup
 	$(BIN)/pytest
 
+# Pipeline outputs only (DVC's own .gitignore files in those folders stay); not registry/.
 clean:
-	rm -rf data/prepared data/tokenized artifacts reports metrics
+	rm -rf data/prepared data/tokenized artifacts/adapter artifacts/merged artifacts/checkpoints
+	rm -f metrics/*.json metrics/*.tsv reports/*.jsonl reports/*.md reports/*.txt

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tasks.errors import PipelineError
 
-STAGES = ("prepare", "tokenize", "train", "evaluate", "export")
+STAGES = ("prepare", "tokenize", "train", "evaluate", "export", "promote")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from tasks import templates
 from tasks.errors import ConfigError, TemplateError
@@ -141,7 +141,7 @@ class QuantConfig(Section):
     load_in_4bit: bool = True  # QLoRA; false trains LoRA on the unquantized base
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
     bnb_4bit_use_double_quant: bool = True
-    bnb_4bit_compute_dtype: Dtype = "auto"  # auto: bfloat16 where the GPU has it, else float32
+    bnb_4bit_compute_dtype: Dtype = "auto"  # auto: follows train.precision
 
 
 class LoraConfig(Section):
@@ -213,6 +213,12 @@ class ExportConfig(Section):
     rouge_atol: float = Field(0.02, ge=0)  # max |ROUGE-L merged - ROUGE-L adapter|
 
 
+class PromoteConfig(Section):
+    # Promote the exported model (registry/latest.json) only when tuned ROUGE-L minus base
+    # ROUGE-L on the test split is at least this much.
+    min_rougeL_gain: float = 0.0
+
+
 class Params(Section):
     data: DataConfig
     prompt: PromptConfig = PromptConfig()
@@ -223,6 +229,7 @@ class Params(Section):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     export: ExportConfig = ExportConfig()
+    promote: PromoteConfig = PromoteConfig()
 
     @model_validator(mode="after")
     def _cross(self) -> Params:
@@ -302,3 +309,62 @@ def read_yaml(path: Path) -> Any:
 def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     return parse_params(read_yaml(path), str(path))
+
+
+def _partial(model: type[BaseModel]) -> type[BaseModel]:
+    """The same model with every field optional: the shape of an override."""
+    fields: dict[str, Any] = {}
+    for name, info in model.model_fields.items():
+        ann = info.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            ann = _partial(ann)
+        fields[name] = (ann | None, Field(None, description=info.description))
+    return create_model(f"{model.__name__}Override", __config__=ConfigDict(extra="forbid"), **fields)
+
+
+# Overrides of params.yaml values (the Prefect flow's parameter form): any subset of the keys,
+# checked by the full Params model once merged into params.yaml.
+ParamsOverride = _partial(Params)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else value
+    return out
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def apply_overrides(path: Path, overrides: BaseModel | dict[str, Any]) -> dict[str, Any]:
+    """Validate `overrides` merged into the params file and write them into it, keeping its
+    comments (as `dvc exp run -S` does). Returns the changed keys; writes nothing if invalid."""
+    from ruamel.yaml import YAML
+
+    over = overrides.model_dump(exclude_unset=True) if isinstance(overrides, BaseModel) else overrides
+    parse_params(_merge(read_yaml(path) or {}, over), str(path))
+    changed = _flatten(over)
+    if not changed:
+        return changed
+    yml = YAML()
+    doc = yml.load(path.read_text(encoding="utf-8"))
+    for dotted, value in changed.items():
+        node = doc
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            if node.get(key) is None:
+                node[key] = {}
+            node = node[key]
+        node[leaf] = value
+    with path.open("w", encoding="utf-8") as f:
+        yml.dump(doc, f)
+    return changed

@@ -119,7 +119,7 @@ A standalone model: the LoRA adapter trained by this pipeline, merged into
 - Data: `{p.data.path}` (revision `{p.data.revision}`), prompt template `{p.prompt.template}`
 - Method: {'QLoRA, 4-bit ' + p.quant.bnb_4bit_quant_type if p.quant.load_in_4bit else 'LoRA'}, r={p.lora.r},
   lora_alpha={p.lora.lora_alpha}, target_modules={p.lora.target_modules}
-- Training: {p.train.max_steps} steps, learning_rate={p.train.learning_rate},
+- Training: {f"{p.train.max_steps} steps" if p.train.max_steps > 0 else f"{p.train.num_train_epochs} epochs"}, learning_rate={p.train.learning_rate},
   batch {p.train.per_device_train_batch_size} x {p.train.gradient_accumulation_steps}, seed {p.train.seed}
 
 ## Test-split ROUGE-L ({scores['num_examples']} examples, greedy, {p.evaluate.max_new_tokens} new tokens)

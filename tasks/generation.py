@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from tasks.config import Params
+from tasks.errors import PipelineError
 
 
 def prompt_token_ids(tokenizer, prompts: list[str], max_prompt_length: int) -> list[list[int]]:
@@ -39,17 +40,24 @@ def batches(tokenizer, ids: list[list[int]], batch_size: int):
 
 def generate(model, tokenizer, prompts: list[str], params: Params) -> list[str]:
     import torch
+    from tqdm.auto import tqdm
 
     cfg = params.evaluate
     ids = prompt_token_ids(tokenizer, prompts, params.tokenize.max_length - cfg.max_new_tokens)
     outputs: list[str] = [""] * len(prompts)
     device = next(model.parameters()).device
     with torch.inference_mode():
+        progress = tqdm(total=len(ids), desc="generate", unit="example")
         for idx, input_ids, mask in batches(tokenizer, ids, cfg.per_device_eval_batch_size):
-            generated = model.generate(
-                input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                max_new_tokens=cfg.max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
-                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            progress.update(len(idx))
+            try:
+                generated = model.generate(
+                    input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                    max_new_tokens=cfg.max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
+                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            except torch.cuda.OutOfMemoryError:
+                raise PipelineError("CUDA out of memory while generating: lower "
+                                    "evaluate.per_device_eval_batch_size or evaluate.max_new_tokens") from None
             new = generated[:, input_ids.shape[1]:]
             for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True), strict=True):
                 outputs[i] = text.strip()

@@ -12,6 +12,8 @@ MERGED = Path("artifacts/merged")  # standalone model: safetensors, tokenizer, c
 PREDICTIONS = Path("reports/predictions.jsonl")
 EVAL_PREVIEW = Path("reports/eval_preview.md")
 TRAIN_LOG = Path("metrics/train_log.tsv")
+REGISTRY = Path("registry")  # promoted models, one folder each; kept across runs
+LATEST = REGISTRY / "latest.json"  # the promoted model consumers should read
 METRICS = {stage: Path(f"metrics/{stage}.json")
-           for stage in ("prepare", "tokenize", "train", "eval", "export")}
+           for stage in ("prepare", "tokenize", "train", "eval", "export", "promote")}
 SPLITS = ("train", "validation", "test")

@@ -173,8 +173,8 @@ def run(params: Params) -> dict[str, Any]:
     seen_ids: set[str] = set()
     rows_in = 0
     for fixed_split, records in _sources(params):
-        for where, record, bad in records:
-            if d.max_rows is not None and rows_in >= d.max_rows:
+        for number, (where, record, bad) in enumerate(records):
+            if d.max_rows is not None and number >= d.max_rows:
                 break
             rows_in += 1
             try:

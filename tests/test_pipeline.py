@@ -15,7 +15,7 @@ import yaml
 
 from .conftest import make_workspace, run
 
-STAGES = ["prepare", "tokenize", "train", "evaluate", "export"]
+STAGES = ["prepare", "tokenize", "train", "evaluate", "export", "promote"]
 
 
 def ran(output: str) -> list[str]:
@@ -62,7 +62,7 @@ def test_each_stage_writes_exactly_its_outputs(ws):
         "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
         "tokenizer_config.json", "chat_template.jinja", "README.md", "manifest.json"}
     assert files(ws / "metrics") == {"prepare.json", "tokenize.json", "train.json", "train_log.tsv",
-                                     "eval.json", "export.json", ".gitignore"}
+                                     "eval.json", "export.json", "promote.json", ".gitignore"}
     assert files(ws / "reports") == {"predictions.jsonl", "eval_preview.md", "label_preview.txt",
                                      ".gitignore"}
     assert not (ws / "artifacts/checkpoints").exists()
@@ -91,6 +91,8 @@ def test_metrics_contents(ws):
     assert "ROUGE-L" in (ws / "artifacts/merged/README.md").read_text()
     shown = run(["dvc", "metrics", "show", "--json"], ws).stdout
     assert "tuned" in shown and "rougeL" in shown
+    plots = run(["dvc", "plots", "show", "--json"], ws).stdout
+    assert "metrics/train_log.tsv" in plots
 
 
 def test_merged_model_loads_standalone(ws):
@@ -108,9 +110,17 @@ def test_second_repro_is_a_noop(ws):
     assert ran(out) == [] and "Data and pipelines are up to date" in out
 
 
+def test_promotion_gate_result(ws):
+    decision = json.loads((ws / "metrics/promote.json").read_text())
+    gain = decision["rougeL_tuned"] - decision["rougeL_base"]
+    assert decision["promoted"] == (gain >= decision["min_rougeL_gain"])
+    assert (ws / "registry/latest.json").is_file() == decision["promoted"]
+
+
 def test_evaluate_only_param_reruns_only_evaluate(ws):
+    """(and the promotion gate, which reads evaluate's metrics)"""
     set_param(ws, "evaluate", "bootstrap_samples", 60)
-    assert repro(ws) == ["evaluate"]
+    assert repro(ws) == ["evaluate", "promote"]
 
 
 def test_export_param_reruns_only_export(ws):
@@ -120,7 +130,7 @@ def test_export_param_reruns_only_export(ws):
 
 def test_training_param_reruns_train_and_after(ws):
     set_param(ws, "lora", "lora_dropout", 0.1)
-    assert repro(ws) == ["train", "evaluate", "export"]
+    assert repro(ws) == ["train", "evaluate", "export", "promote"]
 
 
 @pytest.mark.parametrize(("change", "stage"), [
@@ -152,6 +162,15 @@ def test_each_input_is_a_dependency(ws, change, stage):
     finally:
         (ws / path).write_text(before)
     assert json.loads(run(["dvc", "status", "--json"], ws).stdout) == {}
+
+
+def test_dvc_experiment_with_a_param_override(ws):
+    run(["git", "add", "-A"], ws)
+    run(["git", "commit", "-qm", "after reruns"], ws)
+    out = run(["dvc", "exp", "run", "-S", "evaluate.bootstrap_samples=70"], ws).stdout
+    assert ran(out) == ["evaluate", "promote"]
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], ws).stdout)
+    assert "bootstrap_samples" in json.dumps(shown) and "70" in json.dumps(shown)
 
 
 def test_forced_training_is_byte_identical(ws):

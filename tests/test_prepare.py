@@ -115,3 +115,19 @@ def test_empty_split_is_an_error(ws):
     write_jsonl(ws / "data/raw/dialogues.jsonl", rows(2))
     with pytest.raises(DataError, match="split is empty"):
         prepare.run(params())
+
+
+def test_chat_template_from_the_models_tokenizer(ws, tiny_model):
+    import shutil
+
+    shutil.copytree(tiny_model, ws / "models/tiny")
+    chats = [{"id": f"c{i}", "conversation": [{"role": "user", "content": f"hi {i}"},
+                                              {"role": "assistant", "content": f"hello {i}"}]}
+             for i in range(40)]
+    write_jsonl(ws / "data/raw/chats.jsonl", chats)
+    p = params(data={"path": "data/raw/chats.jsonl", "columns": {"messages": "conversation"}},
+               prompt={"template": "chat"}, model={"name_or_path": "models/tiny"})
+    assert prepare.run(p)["rows_out"] == 40
+    row = read_split("train")[0]
+    n = row["id"][1:]
+    assert row == {"id": f"c{n}", "prompt": f"<|user|>\nhi {n}\n<|assistant|>\n", "completion": f"hello {n}"}

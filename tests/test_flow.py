@@ -1,0 +1,139 @@
+"""The Prefect flow `finetune` under prefect_test_harness (a real, temporary Prefect API):
+the stages of dvc.yaml as tasks in DVC's order, skips on a second run, UI artifacts, the
+promotion gate, typed overrides, and a failing stage failing the run."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import TINY_PARAMS, env, make_workspace, merge
+
+STAGES = ["prepare", "tokenize", "train", "evaluate", "export", "promote"]
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    # The harness isolates the database but not result storage.
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path_factory.mktemp("results")}):
+        with prefect_test_harness(server_startup_timeout=120):
+            yield
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory, tiny_model, harness):
+    params = merge(TINY_PARAMS, {"promote": {"min_rougeL_gain": -1.0}})  # always promote
+    ws = make_workspace(tmp_path_factory.mktemp("flow"), tiny_model, params)
+    saved_cwd, saved_env = os.getcwd(), dict(os.environ)
+    os.chdir(ws)
+    os.environ.update(env())
+    yield ws
+    os.chdir(saved_cwd)
+    os.environ.clear()
+    os.environ.update(saved_env)
+
+
+def task_runs(state) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    return sorted(runs, key=lambda r: r.start_time)
+
+
+def artifact(key: str):
+    from prefect.artifacts import Artifact
+
+    return Artifact.get(key)
+
+
+@pytest.fixture(scope="module")
+def first_run(ws):
+    from flows.finetune import finetune
+
+    return finetune(return_state=True)
+
+
+def test_stages_run_as_tasks_in_dvc_order(first_run):
+    assert first_run.is_completed()
+    runs = task_runs(first_run)
+    assert [r.name for r in runs] == STAGES
+    assert all(r.state.name == "Completed" for r in runs)
+    summary = first_run.result()
+    assert {s: v["status"] for s, v in summary["stages"].items()} == dict.fromkeys(STAGES, "ran")
+    assert all(v["version"] for v in summary["stages"].values())
+    assert summary["promoted"] is True and Path(summary["latest"]).is_dir()
+    assert set(summary["rouge"]) == {"rouge1", "rouge2", "rougeL", "rougeLsum"}
+
+
+def test_artifacts_for_the_ui(first_run):
+    table = artifact("rouge-base-vs-tuned")
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert [r["metric"] for r in rows] == ["rouge1", "rouge2", "rougeL", "rougeLsum"]
+    assert set(rows[0]) == {"metric", "base", "tuned", "delta", "tuned_ci95"}
+    assert "| reference | base | tuned |" in artifact("sample-predictions").data
+    assert "artifacts/merged" in artifact("exported-model").data
+    assert "PROMOTED" in artifact("promotion").data
+
+
+def test_second_run_skips_every_stage(first_run):
+    from flows.finetune import finetune
+
+    state = finetune(return_state=True)
+    assert state.is_completed()
+    assert [r.state.name for r in task_runs(state)] == ["Skipped"] * len(STAGES)
+    assert {v["status"] for v in state.result()["stages"].values()} == {"skipped"}
+
+
+def test_gate_miss_keeps_previous_model(first_run, ws):
+    from flows.finetune import finetune
+
+    before = json.loads((ws / "registry/latest.json").read_text())
+    state = finetune(overrides={"promote": {"min_rougeL_gain": 5.0}}, return_state=True)
+    summary = state.result()
+    assert summary["promoted"] is False and "not promoted" in summary["promotion"]
+    assert summary["stages"]["promote"]["status"] == "ran"
+    assert summary["stages"]["train"]["status"] == "skipped"
+    assert json.loads((ws / "registry/latest.json").read_text()) == before
+    assert "NOT PROMOTED" in artifact("promotion").data
+    # the override is written into params.yaml, as `dvc exp run -S` does
+    assert yaml.safe_load((ws / "params.yaml").read_text())["promote"]["min_rougeL_gain"] == 5.0
+
+
+def test_invalid_override_fails_before_any_stage(first_run, ws):
+    from flows.finetune import finetune
+
+    before = (ws / "params.yaml").read_text()
+    state = finetune(overrides={"train": {"learning_rate": -1}}, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(Exception, match="train.learning_rate"):
+        state.result()
+    assert task_runs(state) == []
+    assert (ws / "params.yaml").read_text() == before
+
+
+def test_failed_stage_fails_the_run_then_resumes(first_run, ws):
+    from flows.finetune import finetune
+
+    data = ws / "data/raw/dialogues.jsonl"
+    original = data.read_text()
+    data.write_text(original + "{broken\n")
+    try:
+        state = finetune(return_state=True)
+        assert state.is_failed()
+        with pytest.raises(Exception, match=r"stage 'prepare' failed:(.|\n)*dialogues.jsonl line 601"):
+            state.result()
+    finally:
+        data.write_text(original)
+    state = finetune(return_state=True)
+    assert state.is_completed()
+    assert {v["status"] for v in state.result()["stages"].values()} == {"skipped"}
