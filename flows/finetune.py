@@ -102,7 +102,9 @@ def run_stage(stage: str, force: bool = False) -> dict[str, Any] | State:
             if line:
                 logger.info(line)
                 tail.append(line)
-            skipped |= f"Stage '{stage}' didn't change, skipping" in line
+            # Up to date, or restored from DVC's run cache after its outputs went missing.
+            skipped |= f"Stage '{stage}' didn't change, skipping" in line \
+                or f"Stage '{stage}' is cached - skipping run" in line
         code = proc.wait()
     finally:
         if proc.poll() is None:

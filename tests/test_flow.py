@@ -126,11 +126,11 @@ def test_failed_stage_fails_the_run_then_resumes(first_run, ws):
 
     data = ws / "data/raw/dialogues.jsonl"
     original = data.read_text()
-    data.write_text(original + "{broken\n")
+    data.write_text("{broken\n" + original.split("\n", 1)[1])
     try:
         state = finetune(return_state=True)
         assert state.is_failed()
-        with pytest.raises(Exception, match=r"stage 'prepare' failed:(.|\n)*dialogues.jsonl line 601"):
+        with pytest.raises(Exception, match=r"stage 'prepare' failed:(.|\n)*dialogues.jsonl line 1"):
             state.result()
     finally:
         data.write_text(original)

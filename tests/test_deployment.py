@@ -1,0 +1,103 @@
+"""The nightly deployment for real: a `prefect server` on 127.0.0.1, the `gpu` process pool,
+`prefect deploy --all` from prefect.yaml, `prefect deployment run finetune/nightly`, and a
+worker that runs it to Completed. Every process started here is stopped at the end."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from .conftest import env, make_workspace, run
+
+SERVER_START_TIMEOUT = 120
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def api(url: str, path: str, body: dict | None = None):
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(f"{url}{path}", data=data, method="POST" if data else "GET",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    e = {**env(), "PREFECT_HOME": str(home), "PREFECT_API_URL": url}
+    log = (home / "server.log").open("w")
+    proc = subprocess.Popen(["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                            env=e, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT
+        while True:
+            try:
+                api(url, "/health")
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError("prefect server did not start:\n"
+                                         + (home / "server.log").read_text()) from None
+                time.sleep(1)
+        yield {"url": url, "env": e, "home": home}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        log.close()
+
+
+def prefect(args: list[str], cwd: Path, e: dict, timeout: int = 600) -> str:
+    proc = subprocess.run(["prefect", *args], cwd=cwd, env=e, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, f"prefect {' '.join(args)}:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def test_nightly_deployment_runs_on_a_gpu_pool_worker(server, tmp_path_factory, tiny_model):
+    ws = make_workspace(tmp_path_factory.mktemp("deploy"), tiny_model)
+    e = {**server["env"], "PWD": str(ws)}  # prefect.yaml's pull step reads $PWD at deploy time
+    prefect(["work-pool", "create", "gpu", "--type", "process"], ws, e)
+    prefect(["--no-prompt", "deploy", "--all"], ws, e)
+    assert "finetune/nightly" in prefect(["deployment", "ls"], ws, e)
+
+    [deployment] = api(server["url"], "/deployments/filter", {})
+    assert deployment["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
+    # The scheduler must create the nightly runs (it silently does not with SQLAlchemy 2.1).
+    deadline = time.monotonic() + 60
+    while not api(server["url"], "/flow_runs/filter",
+                  {"flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}}}):
+        assert time.monotonic() < deadline, "no scheduled runs were created for the cron schedule"
+        time.sleep(2)
+
+    out = prefect(["deployment", "run", "finetune/nightly"], ws, e)
+    flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
+    worker = subprocess.run(["prefect", "worker", "start", "--pool", "gpu", "--run-once"], cwd=ws,
+                            env=e, capture_output=True, text=True, timeout=900)
+    flow_run = api(server["url"], f"/flow_runs/{flow_run_id}")
+    assert flow_run["state"]["type"] == "COMPLETED", worker.stdout + worker.stderr
+    task_runs = api(server["url"], "/task_runs/filter",
+                    {"flow_runs": {"id": {"any_": [flow_run_id]}}})
+    assert {t["name"] for t in task_runs} == {"prepare", "tokenize", "train", "evaluate", "export",
+                                              "promote"}
+    keys = {a["key"] for a in api(server["url"], "/artifacts/filter",
+                                  {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}})}
+    assert {"rouge-base-vs-tuned", "sample-predictions", "exported-model", "promotion"} <= keys
+    evaluation = json.loads((ws / "metrics/eval.json").read_text())
+    assert set(evaluation) == {"base", "tuned", "delta"}
+    run(["dvc", "status"], ws)  # the worker left a consistent DVC workspace
