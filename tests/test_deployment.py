@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,9 +17,16 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import env, make_workspace, run
+from .conftest import REPO, env, make_workspace, run
 
 SERVER_START_TIMEOUT = 120
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+SCREENSHOTS = REPO / "test-artifacts"
+# Flags that keep headless Chromium off the (closed) network and usable as root.
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-quic", "--window-size=1400,1000", "--virtual-time-budget=20000"]
+COMPLETED: dict[str, str] = {}  # flow run id of the nightly run, for the UI check
 
 
 def free_port() -> int:
@@ -55,7 +63,7 @@ def server(tmp_path_factory):
                     raise AssertionError("prefect server did not start:\n"
                                          + (home / "server.log").read_text()) from None
                 time.sleep(1)
-        yield {"url": url, "env": e, "home": home}
+        yield {"url": url, "env": e, "home": home, "ui": f"http://127.0.0.1:{port}"}
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
@@ -91,6 +99,7 @@ def test_nightly_deployment_runs_on_a_gpu_pool_worker(server, tmp_path_factory, 
                             env=e, capture_output=True, text=True, timeout=900)
     flow_run = api(server["url"], f"/flow_runs/{flow_run_id}")
     assert flow_run["state"]["type"] == "COMPLETED", worker.stdout + worker.stderr
+    COMPLETED["id"], COMPLETED["name"] = flow_run_id, flow_run["name"]
     task_runs = api(server["url"], "/task_runs/filter",
                     {"flow_runs": {"id": {"any_": [flow_run_id]}}})
     assert {t["name"] for t in task_runs} == {"prepare", "tokenize", "train", "evaluate", "export",
@@ -101,3 +110,26 @@ def test_nightly_deployment_runs_on_a_gpu_pool_worker(server, tmp_path_factory, 
     evaluation = json.loads((ws / "metrics/eval.json").read_text())
     assert set(evaluation) == {"base", "tuned", "delta"}
     run(["dvc", "status"], ws)  # the worker left a consistent DVC workspace
+
+
+def chromium(args: list[str], home: Path) -> str:
+    profile = home / f"chromium-{time.monotonic_ns()}"
+    proc = subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
+                          capture_output=True, text=True, timeout=120)
+    return proc.stdout
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (make test installs "
+                    "Debian's chromium where apt-get can run as root)")
+def test_ui_shows_the_deployment_and_the_completed_run(server):
+    if not COMPLETED:
+        pytest.skip("the nightly run did not complete (see the test above)")
+    deployments = chromium(["--dump-dom", f"{server['ui']}/deployments"], server["home"])
+    assert "nightly" in deployments and "finetune" in deployments
+    run_page = f"{server['ui']}/runs/flow-run/{COMPLETED['id']}"
+    dom = chromium(["--dump-dom", run_page], server["home"])
+    assert COMPLETED["name"] in dom and "Completed" in dom
+    SCREENSHOTS.mkdir(exist_ok=True)
+    shot = SCREENSHOTS / "prefect-ui-nightly-run.png"
+    chromium([f"--screenshot={shot}", run_page], server["home"])
+    assert shot.is_file() and shot.stat().st_size > 0
