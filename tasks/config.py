@@ -113,6 +113,8 @@ class ModelConfig(Section):
     name_or_path: str = "models/smoke-llama"  # Hub id or a local directory under models/
     revision: str | None = None  # required for Hub ids: a tag or commit sha
     trust_remote_code: bool = False
+    # Pickle checkpoints (.bin/.pt) can run code when loaded: refused unless this is true.
+    allow_pickle_weights: bool = False
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
 
     @property
@@ -270,7 +272,10 @@ def describe(err: ValidationError) -> list[str]:
     for e in err.errors():
         loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         key = _key_path(loc)
-        if e["type"] == "extra_forbidden":
+        if e["type"] == "extra_forbidden" and "token" in str(loc[-1]).lower():
+            problems.append(f"{key}: tokens never go in params (they would land in dvc.lock, git "
+                            "and the model's manifest); set HF_TOKEN in the environment instead")
+        elif e["type"] == "extra_forbidden":
             allowed = _allowed(Params, loc)
             close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""

@@ -77,7 +77,10 @@ def load_base(params: Params, *, quantized: bool, torch_dtype: torch.dtype | Non
     dtype = compute_dtype(params)
     kwargs: dict[str, Any] = {"dtype": torch_dtype or dtype,
                               "attn_implementation": params.model.attn_implementation,
-                              "use_safetensors": True}
+                              # None lets transformers fall back to pickle .bin weights.
+                              "use_safetensors": None if params.model.allow_pickle_weights else True}
+    if params.model.allow_pickle_weights:
+        log.warning("model.allow_pickle_weights is ON: pickle checkpoints may run code when loaded")
     if quantized:
         q = params.quant
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -88,10 +91,18 @@ def load_base(params: Params, *, quantized: bool, torch_dtype: torch.dtype | Non
         model = AutoModelForCausalLM.from_pretrained(params.model.name_or_path,
                                                      **_source_kwargs(params.model), **kwargs)
     except (OSError, ValueError) as err:
+        hint = ""
+        if not params.model.allow_pickle_weights and "safetensors" in str(err).lower():
+            hint = (" (only safetensors weights are loaded; pickle .bin/.pt checkpoints can run "
+                    "code: convert them, or set model.allow_pickle_weights: true if you trust them)")
         raise PipelineError(f"model.name_or_path: cannot load {params.model.name_or_path!r}: "
-                            f"{err}") from None
+                            f"{err}{hint}") from None
     if not quantized:
         model.to(device())
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None and params.tokenize.max_length > context:
+        raise PipelineError(f"tokenize.max_length ({params.tokenize.max_length}) is past the model's "
+                            f"context of {context} tokens (max_position_embeddings): lower it")
     return model
 
 

@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import shutil
+from pathlib import Path
 from typing import Any
 
 from tasks import paths
@@ -51,10 +52,14 @@ def _resume_checkpoint(params: Params) -> str | None:
     marker = paths.CHECKPOINTS / FINGERPRINT
     fingerprint = _fingerprint(params)
     if marker.is_file() and marker.read_text() == fingerprint:
-        last = get_last_checkpoint(str(paths.CHECKPOINTS))
-        if last:
-            log.info("resuming from %s", last)
-            return last
+        # A kill while a checkpoint was being written leaves it without trainer_state.json,
+        # which the Trainer writes last: drop such partial checkpoints.
+        while (last := get_last_checkpoint(str(paths.CHECKPOINTS))) is not None:
+            if (Path(last) / "trainer_state.json").is_file():
+                log.info("resuming from %s", last)
+                return last
+            log.warning("removing incomplete checkpoint %s", last)
+            shutil.rmtree(last)
     elif paths.CHECKPOINTS.exists():
         log.info("discarding checkpoints of a run with other params or data")
         shutil.rmtree(paths.CHECKPOINTS)
@@ -118,6 +123,7 @@ def training_arguments(params: Params, output_dir: str):
         data_seed=t.seed, save_strategy="steps", logging_strategy="steps",
         include_num_input_tokens_seen="non_padding", remove_unused_columns=False,
         use_cpu=device() == "cpu", report_to="none", disable_tqdm=False,
+        logging_nan_inf_filter=False,  # the History callback must see a non-finite loss to stop
     )
 
 
