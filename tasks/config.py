@@ -332,10 +332,11 @@ def _partial(model: type[BaseModel]) -> type[BaseModel]:
 ParamsOverride = _partial(Params)
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `over` merged in, section by section."""
     out = dict(base)
     for key, value in over.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
             else value
     return out
 
@@ -356,7 +357,7 @@ def apply_overrides(path: Path, overrides: BaseModel | dict[str, Any]) -> dict[s
     from ruamel.yaml import YAML
 
     over = overrides.model_dump(exclude_unset=True) if isinstance(overrides, BaseModel) else overrides
-    parse_params(_merge(read_yaml(path) or {}, over), str(path))
+    parse_params(deep_merge(read_yaml(path) or {}, over), str(path))
     changed = _flatten(over)
     if not changed:
         return changed

@@ -15,9 +15,13 @@ from typing import Any
 import pytest
 import yaml
 
+from tasks.config import deep_merge
+
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "raw" / "dialogues.jsonl"
 BIN = Path(sys.executable).parent
+# Set for every stage the tests run, so they can check it is never written anywhere.
+FAKE_HF_TOKEN = "hf_testTOKENthatMustNeverBeWritten"
 
 # Small enough that every stage takes seconds on 2 CPU cores.
 TINY_PARAMS: dict[str, dict[str, Any]] = {
@@ -35,7 +39,7 @@ TINY_PARAMS: dict[str, dict[str, Any]] = {
 def env() -> dict[str, str]:
     e = dict(os.environ)
     e.update(PATH=f"{BIN}{os.pathsep}{e.get('PATH', '')}", HF_HUB_OFFLINE="1",
-             DVC_NO_ANALYTICS="1", TOKENIZERS_PARALLELISM="false",
+             DVC_NO_ANALYTICS="1", TOKENIZERS_PARALLELISM="false", HF_TOKEN=FAKE_HF_TOKEN,
              GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.com",
              GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.com")
     return e
@@ -48,11 +52,7 @@ def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedPr
     return proc
 
 
-def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+merge = deep_merge
 
 
 def shipped_params() -> dict[str, Any]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import make_workspace, run
+from .conftest import FAKE_HF_TOKEN, make_workspace, run
 
 STAGES = ["prepare", "tokenize", "train", "evaluate", "export", "promote"]
 
@@ -41,11 +41,23 @@ def set_param(ws: Path, section: str, key: str, value) -> None:
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+LOGS: list[str] = []
+
+
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory, tiny_model) -> Path:
     ws = make_workspace(tmp_path_factory.mktemp("pipeline"), tiny_model)
-    assert repro(ws) == STAGES
+    proc = run(["dvc", "repro"], ws)
+    LOGS.append(proc.stdout + proc.stderr)
+    assert ran(proc.stdout) == STAGES
     return ws
+
+
+def test_hub_token_is_never_written(ws):
+    assert LOGS and FAKE_HF_TOKEN not in LOGS[0]
+    for path in ws.rglob("*"):
+        if path.is_file() and not {".git", "tests"} & set(path.relative_to(ws).parts):
+            assert FAKE_HF_TOKEN.encode() not in path.read_bytes(), path
 
 
 def test_each_stage_writes_exactly_its_outputs(ws):

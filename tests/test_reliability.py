@@ -121,3 +121,9 @@ def test_fuzz_prepare_records_become_examples_or_bad_records(record):
         assert err.reason in {"missing_field", "wrong_type", "empty_completion"}
         return
     assert set(example) == {"prompt", "completion"} and example["completion"].strip()
+
+
+def test_prefect_server_binds_to_loopback_by_default():
+    from prefect.settings import get_current_settings
+
+    assert get_current_settings().server.api.host == "127.0.0.1"
