@@ -9,7 +9,7 @@ export DVC_NO_ANALYTICS := 1
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup browser run test check clean
+.PHONY: setup browser run test bench check clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,10 @@ browser:
 
 test: setup browser
 	$(BIN)/pytest
+
+# CPU benchmarks against plain scripts, one JSON object per line (see BENCHMARKS.md).
+bench: setup
+	TQDM_DISABLE=1 $(BIN)/python bench/run.py
 
 # Pipeline outputs only (DVC's own .gitignore files in those folders stay); not registry/.
 clean:

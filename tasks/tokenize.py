@@ -28,6 +28,7 @@ log = logging.getLogger("finetune.tokenize")
 
 IGNORE_INDEX = -100  # label value the loss skips (torch.nn.CrossEntropyLoss's ignore_index)
 PAD_TOKEN = "<|pad|>"  # added only when the tokenizer has no usable pad token
+CHUNK_ROWS = 1000  # rows per batched tokenizer call (and per progress update)
 
 
 def set_pad_token(tokenizer) -> str:
@@ -74,16 +75,27 @@ def encode_pair(prompt_ids: list[int], completion_ids: list[int], eos_id: int, b
     return {"input_ids": prompt + completion, "labels": prompt_labels + completion,
             "prompt_cut": prompt_cut, "completion_cut": completion_cut,
             "eos_in_labels": bool(completion) and completion[-1] == eos_id,
-            "trainable": sum(1 for t in prompt_labels + completion if t != IGNORE_INDEX)}
+            "trainable": len(completion) + (0 if cfg.completion_only_loss else len(prompt))}
+
+
+def token_ids(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+    """Batched ids only: the fast tokenizer's Rust backend directly, skipping the attention
+    masks and offsets `tokenizer(...)` would also build."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
+    return [e.ids for e in backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
 
 
 def prompt_ids(tokenizer, prompts: list[str]) -> list[list[int]]:
     # A chat template writes BOS into the text itself; adding another would double it.
     bos = tokenizer.bos_token
-    plain = [not (bos and p.startswith(bos)) for p in prompts]
-    with_special = tokenizer(prompts, add_special_tokens=True)["input_ids"]
-    without = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    return [w if keep else wo for keep, w, wo in zip(plain, with_special, without, strict=True)]
+    has_bos = [bool(bos) and p.startswith(bos) for p in prompts]
+    with_special = token_ids(tokenizer, prompts, add_special_tokens=True)
+    if not any(has_bos):
+        return with_special
+    without = token_ids(tokenizer, prompts, add_special_tokens=False)
+    return [wo if b else w for b, w, wo in zip(has_bos, with_special, without, strict=True)]
 
 
 def label_preview(tokenizer, example: dict[str, Any]) -> str:
@@ -105,49 +117,52 @@ def label_preview(tokenizer, example: dict[str, Any]) -> str:
 
 def _tokenize_split(rows: list[dict[str, str]], tokenizer, cfg: TokenizeConfig, split: str):
     import datasets
+    from tqdm.auto import tqdm
 
     eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
-
-    def encode_batch(batch: dict[str, list]) -> dict[str, list]:
-        prompts = prompt_ids(tokenizer, batch["prompt"])
-        completions = tokenizer(batch["completion"], add_special_tokens=False)["input_ids"]
-        encoded = [encode_pair(p, c, eos, bos, cfg) for p, c in zip(prompts, completions, strict=True)]
-        return {k: [e[k] for e in encoded] for k in encoded[0]} if encoded else {}
-
-    # datasets fingerprints in-memory data at random; a content hash keeps save_to_disk's
-    # output byte-identical across reruns, so DVC sees an unchanged output.
-    fingerprint = hashlib.sha256(json.dumps([rows, cfg.model_dump(), tokenizer.name_or_path],
-                                            sort_keys=True).encode()).hexdigest()[:16]
-    ds = datasets.Dataset.from_list(rows).map(encode_batch, batched=True,
-                                             remove_columns=["prompt", "completion"],
-                                             desc=f"tokenize {split}", new_fingerprint=fingerprint)
-    cut = [p + c > 0 for p, c in zip(ds["prompt_cut"], ds["completion_cut"], strict=True)]
+    # Plain lists, not datasets.map: the stats read every row, and arrow row access costs
+    # more than the tokenizing itself (bench/run.py tokenize).
+    encoded: list[dict[str, Any]] = []
+    with tqdm(total=len(rows), desc=f"tokenize {split}", unit="row") as progress:
+        for start in range(0, len(rows), CHUNK_ROWS):
+            chunk = rows[start:start + CHUNK_ROWS]
+            prompts = prompt_ids(tokenizer, [r["prompt"] for r in chunk])
+            completions = token_ids(tokenizer, [r["completion"] for r in chunk], add_special_tokens=False)
+            encoded += [{"id": r["id"], **encode_pair(p, c, eos, bos, cfg)}
+                        for r, p, c in zip(chunk, prompts, completions, strict=True)]
+            progress.update(len(chunk))
+    prompt_cut = [e["prompt_cut"] for e in encoded]
+    completion_cut = [e["completion_cut"] for e in encoded]
     stats: dict[str, Any] = {
-        "rows_in": len(ds),
-        "rows_over_max_length": sum(cut),
-        "prompt_tokens_cut": {"total": sum(ds["prompt_cut"]), "max": max(ds["prompt_cut"], default=0)},
-        "completion_tokens_cut": {"total": sum(ds["completion_cut"]),
-                                  "max": max(ds["completion_cut"], default=0)},
-        "rows_without_eos_label": sum(not e for e in ds["eos_in_labels"]),
+        "rows_in": len(encoded),
+        "rows_over_max_length": sum(p + c > 0 for p, c in zip(prompt_cut, completion_cut, strict=True)),
+        "prompt_tokens_cut": {"total": sum(prompt_cut), "max": max(prompt_cut, default=0)},
+        "completion_tokens_cut": {"total": sum(completion_cut), "max": max(completion_cut, default=0)},
+        "rows_without_eos_label": sum(not e["eos_in_labels"] for e in encoded),
     }
     if cfg.overlong == "drop":
-        ds = ds.filter(lambda row: row["prompt_cut"] + row["completion_cut"] == 0,
-                       new_fingerprint=f"{fingerprint}-fits")
+        kept = [e for e in encoded if e["prompt_cut"] + e["completion_cut"] == 0]
     else:
-        empty = [i for i, n in zip(ds["id"], ds["trainable"], strict=True) if n == 0]
+        kept = encoded
+        empty = [e["id"] for e in encoded if e["trainable"] == 0]
         if empty:
             raise DataError(f"{split} rows {empty[:5]} ({len(empty)} in all) have no trainable token "
                             f"left after truncation to tokenize.max_length={cfg.max_length}: raise "
                             "max_length, use truncation_side: left, or overlong: drop")
-    if len(ds) == 0 and split == "train":
+    if not kept and split == "train":
         raise DataError(f"no {split} rows left after tokenize.overlong=drop at max_length={cfg.max_length}")
-    lengths = [len(x) for x in ds["input_ids"]]
-    stats.update(rows_out=len(ds), rows_dropped=stats["rows_in"] - len(ds),
-                 tokens=sum(lengths), trainable_tokens=sum(ds["trainable"]),
+    lengths = [len(e["input_ids"]) for e in kept]
+    stats.update(rows_out=len(kept), rows_dropped=len(encoded) - len(kept),
+                 tokens=sum(lengths), trainable_tokens=sum(e["trainable"] for e in kept),
                  max_tokens=max(lengths, default=0),
                  mean_tokens=round(sum(lengths) / len(lengths), 2) if lengths else 0)
-    ds = ds.remove_columns(["prompt_cut", "completion_cut", "eos_in_labels", "trainable"])
-    return ds, stats
+    columns = ("id", "input_ids", "labels")
+    # datasets fingerprints in-memory data at random; a content hash keeps save_to_disk's
+    # output byte-identical across reruns, so DVC sees an unchanged output.
+    fingerprint = hashlib.sha256(json.dumps([rows, cfg.model_dump(), tokenizer.name_or_path],
+                                            sort_keys=True).encode()).hexdigest()[:16]
+    ds = datasets.Dataset.from_dict({c: [e[c] for e in kept] for c in columns})
+    return ds.select_columns(list(columns), new_fingerprint=fingerprint), stats
 
 
 def run(params: Params) -> dict[str, Any]:

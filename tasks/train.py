@@ -127,29 +127,45 @@ def training_arguments(params: Params, output_dir: str):
     )
 
 
-def run(params: Params) -> dict[str, Any]:
+def build_trainer(params: Params, output_dir: str, history: list[dict[str, Any]]):
+    """The model, data and Trainer of the train stage (also what bench/ measures)."""
     import datasets
-    import torch
     from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
 
     set_seed(params.train.seed)
     tokenizer = load_tokenizer(params.model, str(paths.TOKENIZER))
     data = datasets.load_from_disk(str(paths.TOKENIZED)).remove_columns("id")
-    resume = _resume_checkpoint(params)
     model = _model(params, tokenizer)
-    trainable, total = model.get_nb_trainable_parameters()
-    log.info("trainable parameters: %d of %d (%.2f%%)", trainable, total, 100 * trainable / total)
-    history: list[dict[str, Any]] = []
-    trainer = Trainer(
-        model=model, args=training_arguments(params, str(paths.CHECKPOINTS)),
+    return Trainer(
+        model=model, args=training_arguments(params, output_dir),
         train_dataset=data["train"], eval_dataset=data.get("validation"),
+        # Pads each batch to its own longest row, never to max_length.
         data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX,
                                              padding="longest"),
         processing_class=tokenizer, callbacks=[_history_callback(history)],
     )
+
+
+def run(params: Params) -> dict[str, Any]:
+    import torch
+
+    from transformers import AutoConfig
+
+    from tasks.memory import preflight
+    from tasks.modeling import compute_dtype
+
+    config = AutoConfig.from_pretrained(params.model.name_or_path, revision=params.model.revision,
+                                        trust_remote_code=params.model.trust_remote_code)
+    estimate = preflight(params, config, str(compute_dtype(params)).removeprefix("torch."), device())
+    resume = _resume_checkpoint(params)
+    history: list[dict[str, Any]] = []
+    trainer = build_trainer(params, str(paths.CHECKPOINTS), history)
+    model, tokenizer = trainer.model, trainer.processing_class
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info("trainable parameters: %d of %d (%.2f%%)", trainable, total, 100 * trainable / total)
     try:
         result = trainer.train(resume_from_checkpoint=resume)
-        eval_loss = trainer.evaluate()["eval_loss"] if "validation" in data else None
+        eval_loss = trainer.evaluate()["eval_loss"] if trainer.eval_dataset is not None else None
     except torch.cuda.OutOfMemoryError:
         raise PipelineError("CUDA out of memory: lower train.per_device_train_batch_size (raise "
                             "gradient_accumulation_steps to keep the effective batch), lower "
@@ -162,7 +178,8 @@ def run(params: Params) -> dict[str, Any]:
     metrics = {"train_loss": result.training_loss, "final_loss": history[-1]["loss"] if history else None,
                "eval_loss": eval_loss, "steps": result.global_step,
                "tokens_seen": trainer.state.num_input_tokens_seen,
-               "trainable_params": trainable, "total_params": total}
+               "trainable_params": trainable, "total_params": total,
+               "estimated_peak_memory_gib": estimate["total"]}
     with atomic_path(paths.TRAIN_LOG) as tmp:
         rows = ["step\tloss\tlearning_rate\ttokens_seen"]
         rows += [f"{h['step']}\t{h['loss']}\t{h['learning_rate']}\t{h['tokens_seen']}" for h in history]

@@ -1,0 +1,257 @@
+"""Benchmarks: the pipeline against plain code doing the same work, side by side in one run.
+
+Each benchmark warms up, repeats, alternates ours and the baseline, and prints one JSON
+object (name, ours, baseline, unit, ratio = ours / baseline, settings). Everything runs in a
+temporary copy of the repository, prepared with the shipped params.yaml (the quickstart).
+
+    make bench                                  # all of them
+    python bench/run.py train tokenize evaluate orchestration
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+WARMUP_STEPS = 5  # training steps excluded from the rate (allocations, first-step compiles)
+TRAIN_STEPS = 40
+REPEATS = 3
+TOKENIZE_COPIES = 10  # the 477 train rows, repeated, so one pass takes long enough to time
+EVAL_PROMPTS = 48
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1", "TQDM_DISABLE": "1",
+            "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
+
+
+def sh(cmd: list[str], cwd: Path) -> float:
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return time.perf_counter() - start
+
+
+def workspace() -> Path:
+    """A git repo with the tracked files (plus bench/), prepared and tokenized."""
+    ws = Path(tempfile.mkdtemp(prefix="finetune-bench-"))
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
+                           check=True).stdout.split()
+    for f in files + [str(p.relative_to(REPO)) for p in (REPO / "bench").glob("*.py")]:
+        (ws / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / f, ws / f)
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qm", "bench"],
+                ["finetune", "prepare"], ["finetune", "tokenize"]):
+        sh(cmd, ws)
+    return ws
+
+
+def report(name: str, ours: float, baseline: float, unit: str, **settings: Any) -> dict[str, Any]:
+    result = {"name": name, "ours": round(ours, 3), "baseline": round(baseline, 3), "unit": unit,
+              "ratio": round(ours / baseline, 3), **settings}
+    print(json.dumps(result), flush=True)
+    return result
+
+
+# ---- train -------------------------------------------------------------------------------
+
+class StepTimer:
+    """A TrainerCallback: non-padding tokens/s after the warm-up steps, and peak RSS."""
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class _Timer(TrainerCallback):
+            marks: list[tuple[float, int]] = []
+
+            def on_step_end(self, args, state, control, **kwargs):
+                self.marks.append((time.perf_counter(), state.num_input_tokens_seen))
+
+            def on_train_end(self, args, state, control, **kwargs):
+                (t0, n0), (t1, n1) = self.marks[WARMUP_STEPS - 1], self.marks[-1]
+                peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+                Path(os.environ["BENCH_OUT"]).write_text(json.dumps(
+                    {"tokens_per_s": (n1 - n0) / (t1 - t0), "peak_rss_mib": peak}))
+
+        return _Timer()
+
+
+def _train_ours(steps: int) -> None:
+    """Runs inside the workspace: the train stage's own Trainer, no checkpoints."""
+    from tasks import train
+    from tasks.config import load_params
+
+    params = load_params()
+    params = params.model_copy(update={"train": params.train.model_copy(
+        update={"max_steps": steps, "save_steps": steps + 1})})
+    trainer = train.build_trainer(params, tempfile.mkdtemp(), [])
+    trainer.add_callback(StepTimer())
+    trainer.train()
+
+
+def bench_train(ws: Path) -> dict[str, Any]:
+    from tasks.config import load_params
+
+    params = load_params(ws / "params.yaml")
+    t = params.train
+    commands = {
+        "ours": [sys.executable, "bench/run.py", "_train-ours", "--steps", str(TRAIN_STEPS)],
+        "baseline": [sys.executable, "bench/plain_train.py", "--steps", str(TRAIN_STEPS),
+                     "--max-length", str(params.tokenize.max_length),
+                     "--batch-size", str(t.per_device_train_batch_size),
+                     "--lr", str(t.learning_rate), "--callback", "bench.run:StepTimer"],
+    }
+    runs: dict[str, list[dict[str, float]]] = {"ours": [], "baseline": []}
+    for _ in range(REPEATS):
+        for impl, cmd in commands.items():
+            out = ws / f"bench-{impl}.json"
+            subprocess.run(cmd, cwd=ws, env={**env(), "BENCH_OUT": str(out)}, check=True,
+                           capture_output=True)
+            runs[impl].append(json.loads(out.read_text()))
+    med = {k: statistics.median(r["tokens_per_s"] for r in v) for k, v in runs.items()}
+    peak = {k: statistics.median(r["peak_rss_mib"] for r in v) for k, v in runs.items()}
+    return report("train", med["ours"], med["baseline"], "non-padding tokens/s",
+                  peak_rss_mib=peak, steps=TRAIN_STEPS, warmup_steps=WARMUP_STEPS, repeats=REPEATS,
+                  batch=t.per_device_train_batch_size, max_length=params.tokenize.max_length,
+                  model=params.model.name_or_path, quant="nf4" if params.quant.load_in_4bit else None,
+                  device="cpu", baseline_is="bench/plain_train.py (pad to max_length)")
+
+
+# ---- tokenize ------------------------------------------------------------------------------
+
+def bench_tokenize(ws: Path) -> dict[str, Any]:
+    import datasets
+
+    from tasks import paths, tokenize
+    from tasks.config import load_params
+    from tasks.io import read_jsonl
+    from tasks.modeling import load_tokenizer
+
+    datasets.disable_progress_bars()
+    params = load_params(ws / "params.yaml")
+    rows = read_jsonl(ws / paths.PREPARED / "train.jsonl") * TOKENIZE_COPIES
+    rows = [{**r, "id": f"{r['id']}-{i}"} for i, r in enumerate(rows)]
+    tok = load_tokenizer(params.model, str(ws / params.model.name_or_path))
+    tokenize.set_pad_token(tok)
+
+    def ours() -> None:
+        tokenize._tokenize_split(rows, tok, params.tokenize, "train")
+
+    def raw() -> None:
+        tok([r["prompt"] + r["completion"] for r in rows])
+
+    times: dict[str, list[float]] = {"ours": [], "baseline": []}
+    ours(), raw()  # warm-up
+    for _ in range(REPEATS + 2):
+        for impl, fn in (("ours", ours), ("baseline", raw)):
+            start = time.perf_counter()
+            fn()
+            times[impl].append(time.perf_counter() - start)
+    rate = {k: len(rows) / statistics.median(v) for k, v in times.items()}
+    return report("tokenize", rate["ours"], rate["baseline"], "rows/s", rows=len(rows),
+                  repeats=REPEATS + 2, baseline_is="one batched tokenizer call on prompt+completion")
+
+
+# ---- evaluate ------------------------------------------------------------------------------
+
+def bench_evaluate(ws: Path) -> dict[str, Any]:
+    import torch
+
+    from tasks import generation, paths
+    from tasks.config import load_params
+    from tasks.io import read_jsonl
+    from tasks.modeling import load_base, load_tokenizer
+
+    cwd = os.getcwd()
+    os.chdir(ws)
+    try:
+        params = load_params()
+        tok = load_tokenizer(params.model, str(paths.TOKENIZER))
+        model = load_base(params, quantized=params.quant.load_in_4bit).eval()
+        prompts = [r["prompt"] for r in read_jsonl(paths.PREPARED / "test.jsonl")][:EVAL_PROMPTS]
+        new_tokens = params.evaluate.max_new_tokens
+
+        def ours(ps: list[str]) -> list[str]:
+            return generation.generate(model, tok, ps, params)
+
+        def per_example(ps: list[str]) -> list[str]:
+            out = []
+            with torch.inference_mode():
+                for p in ps:
+                    enc = tok(p, return_tensors="pt")
+                    gen = model.generate(**enc, max_new_tokens=new_tokens, do_sample=False,
+                                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                    out.append(tok.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+            return out
+
+        def count(texts: list[str]) -> int:
+            return sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
+
+        ours(prompts[:4]), per_example(prompts[:4])  # warm-up
+        rates: dict[str, list[float]] = {"ours": [], "baseline": []}
+        for _ in range(REPEATS):
+            for impl, fn in (("ours", ours), ("baseline", per_example)):
+                start = time.perf_counter()
+                texts = fn(prompts)
+                rates[impl].append(count(texts) / (time.perf_counter() - start))
+    finally:
+        os.chdir(cwd)
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    return report("evaluate", med["ours"], med["baseline"], "generated tokens/s", prompts=len(prompts),
+                  max_new_tokens=new_tokens, batch=params.evaluate.per_device_eval_batch_size,
+                  repeats=REPEATS, baseline_is="model.generate one example at a time")
+
+
+# ---- orchestration -------------------------------------------------------------------------
+
+def bench_orchestration(ws: Path) -> list[dict[str, Any]]:
+    from flows.finetune import dvc_stages
+
+    stages = dvc_stages(ws)
+    compute = sum(sh(["finetune", s], ws) for s in stages)
+    dvc = sh(["dvc", "repro", "--force"], ws)
+    flow = sh([sys.executable, "-c", "from flows.finetune import finetune; finetune(force=True)"], ws)
+    results = []
+    for name, wall in (("orchestration-dvc", dvc), ("orchestration-prefect", flow)):
+        results.append(report(name, wall, compute, "s (quickstart wall time vs the stages run directly)",
+                              overhead_share=round((wall - compute) / wall, 4), stages=stages,
+                              note="prefect: includes starting Prefect's temporary local server"))
+    return results
+
+
+BENCHES = {"train": bench_train, "tokenize": bench_tokenize, "evaluate": bench_evaluate,
+           "orchestration": bench_orchestration}
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["_train-ours"]:
+        _train_ours(int(sys.argv[3]))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", choices=[[], *BENCHES], default=list(BENCHES))
+    args = parser.parse_args()
+    ws = workspace()
+    try:
+        for name in args.names or BENCHES:
+            BENCHES[name](ws)
+    finally:
+        shutil.rmtree(ws, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

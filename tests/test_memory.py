@@ -1,0 +1,46 @@
+"""Memory preflight: the estimate's arithmetic and the refusal message."""
+
+import pytest
+from transformers import LlamaConfig
+
+from tasks.config import parse_params
+from tasks.errors import PipelineError
+from tasks.memory import check_fits, estimate
+
+from .conftest import merge, shipped_params
+
+# Llama-3.1-8B's shape; meta-device instantiation needs no weights.
+LLAMA_8B = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8)
+
+
+def params(**over):
+    return parse_params(merge(shipped_params(), over), "p")
+
+
+def test_qlora_estimate_for_an_8b_model():
+    est = estimate(params(tokenize={"max_length": 2048}, train={"per_device_train_batch_size": 1}),
+                   LLAMA_8B, "bfloat16")
+    assert 5.0 < est["base_weights"] < 5.6  # ~7B linear weights in NF4 + 1B of embeddings in bf16
+    assert est["total"] == pytest.approx(sum(v for k, v in est.items() if k != "total"), abs=1e-3)
+
+
+def test_4bit_base_is_about_a_quarter_of_bf16():
+    quantized = estimate(params(), LLAMA_8B, "bfloat16")["base_weights"]
+    full = estimate(params(quant={"load_in_4bit": False}, export={"merge_into": "original"}),
+                    LLAMA_8B, "bfloat16")["base_weights"]
+    assert 0.25 < quantized / full < 0.40
+
+
+def test_rank_and_batch_move_the_right_parts():
+    small = estimate(params(lora={"r": 8}), LLAMA_8B, "bfloat16")
+    big = estimate(params(lora={"r": 64}, train={"per_device_train_batch_size": 16}), LLAMA_8B, "bfloat16")
+    assert big["adapter_and_optimizer"] == pytest.approx(8 * small["adapter_and_optimizer"], rel=1e-2)
+    assert big["logits"] == pytest.approx(2 * small["logits"], rel=1e-3)
+    assert big["base_weights"] == small["base_weights"]
+
+
+def test_refuses_when_the_estimate_exceeds_the_device():
+    check_fits(7.9, 8.0)
+    with pytest.raises(PipelineError, match=r"needs about 9.0 GiB but the GPU has 8.0 GiB free: lower"):
+        check_fits(9.0, 8.0)
