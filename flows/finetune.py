@@ -52,7 +52,7 @@ def dvc_stages(root: Path = Path(".")) -> list[str]:
     declared = list(yaml.safe_load((root / "dvc.yaml").read_text())["stages"])
     with Repo(str(root)) as repo:
         graph = repo.index.graph.reverse()  # edges: dependency -> dependent
-        names = {s: s.addressing for s in graph.nodes}
+        names = {s: s.name for s in graph.nodes}
         order = nx.lexicographical_topological_sort(graph, key=lambda s: declared.index(names[s]))
         return [names[s] for s in order]
 
