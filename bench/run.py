@@ -91,26 +91,26 @@ class StepTimer:
         return _Timer()
 
 
-def _train_ours(steps: int) -> None:
+def _train_ours(steps: int, sampling: str) -> None:
     """Runs inside the workspace: the train stage's own Trainer, no checkpoints."""
     from tasks import train
     from tasks.config import load_params
 
     params = load_params()
     params = params.model_copy(update={"train": params.train.model_copy(
-        update={"max_steps": steps, "save_steps": steps + 1})})
+        update={"max_steps": steps, "save_steps": steps + 1, "train_sampling_strategy": sampling})})
     trainer = train.build_trainer(params, tempfile.mkdtemp(), [])
     trainer.add_callback(StepTimer())
     trainer.train()
 
 
-def bench_train(ws: Path) -> dict[str, Any]:
+def bench_train(ws: Path, sampling: str = "random") -> dict[str, Any]:
     from tasks.config import load_params
 
     params = load_params(ws / "params.yaml")
     t = params.train
     commands = {
-        "ours": [sys.executable, "bench/run.py", "_train-ours", "--steps", str(TRAIN_STEPS)],
+        "ours": [sys.executable, "bench/run.py", "_train-ours", "--steps", str(TRAIN_STEPS), sampling],
         "baseline": [sys.executable, "bench/plain_train.py", "--steps", str(TRAIN_STEPS),
                      "--max-length", str(params.tokenize.max_length),
                      "--batch-size", str(t.per_device_train_batch_size),
@@ -125,11 +125,11 @@ def bench_train(ws: Path) -> dict[str, Any]:
             runs[impl].append(json.loads(out.read_text()))
     med = {k: statistics.median(r["tokens_per_s"] for r in v) for k, v in runs.items()}
     peak = {k: statistics.median(r["peak_rss_mib"] for r in v) for k, v in runs.items()}
-    return report("train", med["ours"], med["baseline"], "non-padding tokens/s",
+    return report("train" if sampling == "random" else f"train-{sampling}", med["ours"], med["baseline"], "non-padding tokens/s",
                   peak_rss_mib=peak, steps=TRAIN_STEPS, warmup_steps=WARMUP_STEPS, repeats=REPEATS,
                   batch=t.per_device_train_batch_size, max_length=params.tokenize.max_length,
                   model=params.model.name_or_path, quant="nf4" if params.quant.load_in_4bit else None,
-                  device="cpu", baseline_is="bench/plain_train.py (pad to max_length)")
+                  device="cpu", sampling=sampling, baseline_is="bench/plain_train.py (pad to max_length)")
 
 
 # ---- tokenize ------------------------------------------------------------------------------
@@ -234,13 +234,14 @@ def bench_orchestration(ws: Path) -> list[dict[str, Any]]:
     return results
 
 
-BENCHES = {"train": bench_train, "tokenize": bench_tokenize, "evaluate": bench_evaluate,
+BENCHES = {"train": bench_train,
+           "train-group_by_length": lambda ws: bench_train(ws, "group_by_length"), "tokenize": bench_tokenize, "evaluate": bench_evaluate,
            "orchestration": bench_orchestration}
 
 
 def main() -> None:
     if sys.argv[1:2] == ["_train-ours"]:
-        _train_ours(int(sys.argv[3]))
+        _train_ours(int(sys.argv[3]), sys.argv[4])
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", choices=[[], *BENCHES], default=list(BENCHES))

@@ -179,6 +179,11 @@ class TrainConfig(Section):
     optim: str = "paged_adamw_8bit"  # needs CUDA; falls back to adamw_torch on CPU (logged)
     gradient_checkpointing: bool = True
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 > fp16 > fp32 by hardware
+    # "group_by_length" batches rows of similar length together (less padding per batch).
+    train_sampling_strategy: Literal["random", "group_by_length"] = "random"
+    torch_compile: bool = False  # compile the model with torch.compile (first steps are slower)
+    use_liger_kernel: bool = False  # Liger's fused kernels; needs the liger-kernel package (CUDA)
+    tf32: Literal["auto"] | bool = "auto"  # auto: on for GPUs that have TF32 (Ampere and newer)
     logging_steps: int = Field(1, ge=1)
     save_steps: int = Field(50, ge=1)  # checkpoint every N steps; a rerun resumes from the last
     save_total_limit: int = Field(2, ge=1)

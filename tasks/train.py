@@ -108,15 +108,33 @@ def _model(params: Params, tokenizer):
     return model
 
 
+def _tf32(setting: str | bool) -> bool | None:
+    import torch
+
+    ampere = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
+    if setting == "auto":
+        return True if ampere else None  # None: leave torch's default (TF32 needs CUDA)
+    if setting and not ampere:
+        raise PipelineError("train.tf32 is true but this machine has no GPU with TF32 "
+                            "(Ampere or newer): use auto")
+    return setting
+
+
 def training_arguments(params: Params, output_dir: str):
     from transformers import TrainingArguments
 
     t = params.train
     precision = resolve_precision(t.precision)
-    fields = t.model_dump(exclude={"precision", "optim", "gradient_checkpointing"})
+    fields = t.model_dump(exclude={"precision", "optim", "gradient_checkpointing", "tf32"})
+    if t.use_liger_kernel:
+        import importlib.util
+
+        if importlib.util.find_spec("liger_kernel") is None:
+            raise PipelineError("train.use_liger_kernel is true but the liger-kernel package is not "
+                                "installed (pip install liger-kernel, on a CUDA machine)")
     return TrainingArguments(
         output_dir=output_dir, **fields, optim=_optim(t.optim),
-        bf16=precision == "bf16", fp16=precision == "fp16",
+        bf16=precision == "bf16", fp16=precision == "fp16", tf32=_tf32(t.tf32),
         gradient_checkpointing=t.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         full_determinism=device() == "cpu",  # CUDA kernels would pay for it in speed

@@ -85,3 +85,28 @@ def test_diverging_loss_stops_with_the_step(ws):
     assert out.returncode == 2
     assert "error: training loss is" in out.stderr and "at step" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_length_grouped_batches_train_to_a_similar_loss(ws):
+    """A throughput feature must not change what is learned beyond noise."""
+    import json
+
+    baseline = json.loads((ws / "metrics/train.json").read_text())["train_loss"]
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    params["train"]["train_sampling_strategy"] = "group_by_length"
+    (ws / "grouped.yaml").write_text(yaml.safe_dump(params))
+    out = train(ws, "--params", "grouped.yaml")
+    assert out.returncode == 0, out.stderr
+    grouped = json.loads((ws / "metrics/train.json").read_text())["train_loss"]
+    assert abs(grouped - baseline) / baseline < 0.05  # same data, same steps: within 5%
+
+
+def test_tf32_and_liger_need_their_hardware(ws):
+    from tasks.errors import PipelineError
+    from tasks.train import training_arguments
+
+    raw = yaml.safe_load((ws / "params.yaml").read_text())
+    for key, needle in (("tf32", "no GPU with TF32"), ("use_liger_kernel", "liger-kernel package")):
+        bad = parse_params(merge(raw, {"train": {key: True}}), "p")
+        with pytest.raises(PipelineError, match=needle):
+            training_arguments(bad, str(ws / "unused"))
