@@ -91,26 +91,29 @@ class StepTimer:
         return _Timer()
 
 
-def _train_ours(steps: int, sampling: str) -> None:
+def _train_ours(steps: int, overrides: str) -> None:
     """Runs inside the workspace: the train stage's own Trainer, no checkpoints."""
     from tasks import train
     from tasks.config import load_params
 
     params = load_params()
     params = params.model_copy(update={"train": params.train.model_copy(
-        update={"max_steps": steps, "save_steps": steps + 1, "train_sampling_strategy": sampling})})
+        update={"max_steps": steps, "save_steps": steps + 1, **json.loads(overrides)})})
     trainer = train.build_trainer(params, tempfile.mkdtemp(), [])
     trainer.add_callback(StepTimer())
     trainer.train()
 
 
-def bench_train(ws: Path, sampling: str = "random") -> dict[str, Any]:
+def bench_train(ws: Path, name: str = "train", **overrides: Any) -> dict[str, Any]:
+    """The train stage with the shipped params plus `overrides` (train section) against
+    bench/plain_train.py."""
     from tasks.config import load_params
 
     params = load_params(ws / "params.yaml")
-    t = params.train
+    t = params.train.model_copy(update=overrides)
     commands = {
-        "ours": [sys.executable, "bench/run.py", "_train-ours", "--steps", str(TRAIN_STEPS), sampling],
+        "ours": [sys.executable, "bench/run.py", "_train-ours", "--steps", str(TRAIN_STEPS),
+                 json.dumps(overrides)],
         "baseline": [sys.executable, "bench/plain_train.py", "--steps", str(TRAIN_STEPS),
                      "--max-length", str(params.tokenize.max_length),
                      "--batch-size", str(t.per_device_train_batch_size),
@@ -125,11 +128,12 @@ def bench_train(ws: Path, sampling: str = "random") -> dict[str, Any]:
             runs[impl].append(json.loads(out.read_text()))
     med = {k: statistics.median(r["tokens_per_s"] for r in v) for k, v in runs.items()}
     peak = {k: statistics.median(r["peak_rss_mib"] for r in v) for k, v in runs.items()}
-    return report("train" if sampling == "random" else f"train-{sampling}", med["ours"], med["baseline"], "non-padding tokens/s",
+    return report(name, med["ours"], med["baseline"], "non-padding tokens/s",
                   peak_rss_mib=peak, steps=TRAIN_STEPS, warmup_steps=WARMUP_STEPS, repeats=REPEATS,
                   batch=t.per_device_train_batch_size, max_length=params.tokenize.max_length,
                   model=params.model.name_or_path, quant="nf4" if params.quant.load_in_4bit else None,
-                  device="cpu", sampling=sampling, baseline_is="bench/plain_train.py (pad to max_length)")
+                  device="cpu", padding_free=t.padding_free, sampling=t.train_sampling_strategy,
+                  baseline_is="bench/plain_train.py (pad to max_length)")
 
 
 # ---- tokenize ------------------------------------------------------------------------------
@@ -234,9 +238,15 @@ def bench_orchestration(ws: Path) -> list[dict[str, Any]]:
     return results
 
 
-BENCHES = {"train": bench_train,
-           "train-group_by_length": lambda ws: bench_train(ws, "group_by_length"), "tokenize": bench_tokenize, "evaluate": bench_evaluate,
-           "orchestration": bench_orchestration}
+BENCHES = {
+    "train": bench_train,  # shipped params: padding-free batches
+    "train-padded": lambda ws: bench_train(ws, "train-padded", padding_free=False),
+    "train-group_by_length": lambda ws: bench_train(ws, "train-group_by_length", padding_free=False,
+                                                    train_sampling_strategy="group_by_length"),
+    "tokenize": bench_tokenize,
+    "evaluate": bench_evaluate,
+    "orchestration": bench_orchestration,
+}
 
 
 def main() -> None:

@@ -5,6 +5,11 @@ so a flow run and a `dvc repro` do the same work and write the same dvc.lock. Pr
 schedules, retries, logs, the UI's artifacts (ROUGE table, sample predictions, the exported
 model) and work pools.
 
+Across machines, DVC's default remote is the artifact exchange: with `remote`, each task
+restores its inputs from the remote's run cache and pushes its outputs. With
+`gpu_deployment`, the train stage runs as the `finetune-stage` flow on another work pool (in
+another checkout), and this run then restores train's result from the remote and goes on.
+
     python -m flows.finetune                       # one local run
     prefect deployment run finetune/nightly        # through a worker (see prefect.yaml)
 """
@@ -27,6 +32,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Completed, State
 
 from tasks import paths
+from tasks.cli import RESTORE_ONLY_ENV
 from tasks.config import ParamsOverride, apply_overrides
 
 # Retries where failures can be transient (a preempted GPU host, a flaky filesystem).
@@ -35,6 +41,7 @@ RETRIES: dict[str, int] = {"train": 2}
 RETRY_DELAY_SECONDS = [30, 120]
 USER_ERROR_EXIT = 2  # tasks.cli exits 2 for errors the user can fix
 TAIL_LINES = 40  # lines of a failed stage's output quoted in the error
+DEFAULT_GPU_STAGES = ("train",)  # what a split run sends to the GPU pool by default
 
 
 class StageFailed(RuntimeError):
@@ -80,16 +87,21 @@ def _retry_unless_user_error(task, task_run, state) -> bool:
     return False
 
 
-@task(log_prints=True)
-def run_stage(stage: str, force: bool = False) -> dict[str, Any] | State:
-    """`dvc repro --single-item STAGE`, its output streamed to the task's log."""
+def upstream(stage: str, root: Path = Path(".")) -> list[str]:
+    """The stages whose outputs `stage` reads (direct dependencies in DVC's graph)."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        graph = repo.index.graph  # edges: dependent -> dependency
+        [node] = [s for s in graph.nodes if s.name == stage]
+        return sorted(s.name for s in graph.successors(node))
+
+
+def _stream(cmd: list[str], env: dict[str, str], stage: str) -> tuple[int, str, bool]:
+    """Runs `cmd` in its own process group with its output in the task log; returns the exit
+    code, the output's tail and whether DVC skipped `stage` (up to date or restored)."""
     logger = get_run_logger()
-    cmd = ["dvc", "repro", "--single-item", stage, *(["--force"] if force else [])]
     logger.info("$ %s", " ".join(cmd))
-    # The stage commands (`finetune ...`) live beside this interpreter, which a worker may
-    # have started without activating the venv; progress bars would flood the UI log.
-    env = {**os.environ, "TQDM_DISABLE": "1",
-           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
     # Own process group: cancelling the flow must stop the stage's process too, not only dvc.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env, start_new_session=True)
@@ -110,13 +122,41 @@ def run_stage(stage: str, force: bool = False) -> dict[str, Any] | State:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait()
-    if code != 0:
-        text = "\n".join(tail)
-        raise StageFailed(stage, f"exited with {USER_ERROR_EXIT}" in text, text)
+    return code, "\n".join(tail), skipped
+
+
+@task(log_prints=True)
+def run_stage(stage: str, force: bool = False, remote: bool = False,
+              restore_only: bool = False) -> dict[str, Any] | State:
+    """`dvc repro --single-item STAGE`, its output streamed to the task's log.
+
+    With `remote`, DVC's default remote is the artifact exchange between machines: the
+    stage's inputs are first restored (`dvc repro --pull` of the stages it reads, from the
+    run cache another worker pushed), and its outputs and run-cache entry are pushed after.
+    `restore_only` takes the stage's result from the remote and refuses to compute it here."""
+    # The stage commands (`finetune ...`) live beside this interpreter, which a worker may
+    # have started without activating the venv; progress bars would flood the UI log.
+    env = {**os.environ, "TQDM_DISABLE": "1",
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    commands = []
+    if remote and (inputs := upstream(stage)):
+        commands.append((["dvc", "repro", "--pull", *inputs], env))
+    repro = ["dvc", "repro", "--single-item", stage, *(["--pull"] if remote else []),
+             *(["--force"] if force and not restore_only else [])]
+    commands.append((repro, {**env, RESTORE_ONLY_ENV: stage} if restore_only else env))
+    if remote and not restore_only:
+        commands.append((["dvc", "push", "--run-cache", stage], env))
+    skipped = False
+    for cmd, cmd_env in commands:
+        code, tail, skipped_now = _stream(cmd, cmd_env, stage)
+        if code != 0:
+            raise StageFailed(stage, f"exited with {USER_ERROR_EXIT}" in tail, tail)
+        skipped |= cmd is repro and skipped_now
     result = {"stage": stage, "status": "skipped" if skipped else "ran",
               "version": stage_version(stage)}
     if skipped:
-        return Completed(message=f"{stage} is up to date: no work done", name="Skipped", data=result)
+        how = "restored from the remote" if restore_only else "up to date"
+        return Completed(message=f"{stage} is {how}: no work done here", name="Skipped", data=result)
     return result
 
 
@@ -157,32 +197,90 @@ def publish(stage: str) -> dict[str, Any]:
     return {}
 
 
+def _stage_options(stage: str) -> dict[str, Any]:
+    options: dict[str, Any] = {"name": stage, "task_run_name": stage}
+    if RETRIES.get(stage):
+        options.update(retries=RETRIES[stage], retry_delay_seconds=RETRY_DELAY_SECONDS,
+                       retry_condition_fn=_retry_unless_user_error)
+    return options
+
+
+def _apply(overrides: ParamsOverride | None) -> None:
+    if overrides is not None:
+        changed = apply_overrides(Path("params.yaml"), overrides)
+        get_run_logger().info("params.yaml overrides: %s", changed)
+
+
+def _on_other_pool(deployment: str, stage: str, force: bool,
+                   overrides: ParamsOverride | None) -> None:
+    """Runs `stage` through the `finetune-stage` deployment `deployment` (another work pool,
+    another checkout) and waits for it."""
+    from prefect.deployments import run_deployment
+
+    parameters: dict[str, Any] = {"stage": stage, "force": force}
+    if overrides is not None:
+        parameters["overrides"] = overrides.model_dump(mode="json", exclude_unset=True)
+    child = run_deployment(deployment, parameters=parameters, timeout=None)
+    if not child.state or not child.state.is_completed():
+        raise StageFailed(stage, False, f"{deployment} run {child.name} ended "
+                          f"{child.state.name if child.state else 'without a state'}")
+
+
 @flow(name="finetune", log_prints=True)
-def finetune(overrides: ParamsOverride | None = None, force: bool = False) -> dict[str, Any]:
+def finetune(overrides: ParamsOverride | None = None, force: bool = False, remote: bool = False,
+             gpu_deployment: str | None = None,
+             gpu_stages: tuple[str, ...] = DEFAULT_GPU_STAGES) -> dict[str, Any]:
     """Run the fine-tuning pipeline of dvc.yaml.
 
     Args:
         overrides: values to change in params.yaml before running (validated like params.yaml;
             written to it, as `dvc exp run -S` does).
         force: rerun every stage even when DVC finds it up to date.
+        remote: exchange artifacts through DVC's default remote: pull each stage's inputs
+            before it runs, push its outputs (and run-cache entry) after.
+        gpu_deployment: a deployment of the `finetune-stage` flow (e.g. "finetune-stage/gpu")
+            that runs `gpu_stages` on its own work pool; needs `remote`.
+        gpu_stages: the stages sent to `gpu_deployment`.
     """
     logger = get_run_logger()
-    if overrides is not None:
-        changed = apply_overrides(Path("params.yaml"), overrides)
-        logger.info("params.yaml overrides: %s", changed)
+    if gpu_deployment and not remote:
+        raise ValueError("gpu_deployment needs remote: true (the stages' artifacts travel "
+                         "between the two pools through the DVC remote)")
+    _apply(overrides)
     summary: dict[str, Any] = {"stages": {}}
     for stage in dvc_stages():
-        options: dict[str, Any] = {"name": stage, "task_run_name": stage}
-        if RETRIES.get(stage):
-            options.update(retries=RETRIES[stage], retry_delay_seconds=RETRY_DELAY_SECONDS,
-                           retry_condition_fn=_retry_unless_user_error)
-        state = run_stage.with_options(**options)(stage, force, return_state=True)
+        elsewhere = bool(gpu_deployment) and stage in gpu_stages
+        if elsewhere:
+            _on_other_pool(gpu_deployment, stage, force, overrides)
+        state = run_stage.with_options(**_stage_options(stage))(
+            stage, force, remote, restore_only=elsewhere, return_state=True)
         result = state.result()  # raises the stage's error, failing the flow run
         summary["stages"][stage] = {k: result[k] for k in ("status", "version")}
+        if elsewhere:
+            summary["stages"][stage]["status"] = "ran on " + gpu_deployment
         summary.update(publish(stage))
     if summary.get("promoted") is False:
         logger.warning("not promoted: %s", summary["promotion"])
     return summary
+
+
+@flow(name="finetune-stage", log_prints=True)
+def finetune_stage(stage: str, force: bool = False,
+                   overrides: ParamsOverride | None = None) -> dict[str, Any]:
+    """Run one stage of dvc.yaml in this checkout, its inputs pulled from and its outputs
+    pushed to DVC's default remote: what `finetune` sends to another work pool.
+
+    Args:
+        stage: the dvc.yaml stage to run (e.g. train).
+        force: rerun it even when DVC finds it up to date.
+        overrides: the parent run's params.yaml overrides, applied here too.
+    """
+    if stage not in dvc_stages():
+        raise ValueError(f"no stage {stage!r} in dvc.yaml")
+    _apply(overrides)
+    result = run_stage.with_options(**_stage_options(stage))(stage, force, remote=True,
+                                                             return_state=True).result()
+    return {k: result[k] for k in ("stage", "status", "version")}
 
 
 if __name__ == "__main__":

@@ -11,12 +11,16 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
 from tasks.errors import PipelineError
 
 STAGES = ("prepare", "tokenize", "train", "evaluate", "export", "promote")
+# Stages (comma-separated) this machine must not compute: the Prefect flow sets it while
+# restoring a stage another worker ran (flows/finetune.py).
+RESTORE_ONLY_ENV = "FINETUNE_RESTORE_ONLY"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,6 +58,16 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         params = load_params(args.params)
         setup_logging()
+        if args.command in os.environ.get(RESTORE_ONLY_ENV, "").split(","):
+            raise PipelineError(
+                f"the {args.command} stage's result was to come from the DVC remote (another "
+                "worker runs it and pushes it), but the remote holds no result for these inputs "
+                f"and params: check that worker's run and that both checkouts have the same "
+                "code, data and params.yaml")
+        if args.command == "train" and params.train.num_processes > 1 and "LOCAL_RANK" not in os.environ:
+            from tasks.train import launch
+
+            return launch(params, args.params)
         importlib.import_module(f"tasks.{args.command}").run(params)
         return 0
     if args.command == "score":

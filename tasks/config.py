@@ -170,6 +170,9 @@ class TrainConfig(Section):
     num_train_epochs: float = Field(1.0, gt=0)
     per_device_train_batch_size: int = Field(8, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
+    # Data-parallel processes on this host (one per GPU; gloo processes on a CPU-only host).
+    # The effective batch is per_device_train_batch_size * gradient_accumulation_steps * this.
+    num_processes: int = Field(1, ge=1)
     learning_rate: float = Field(3e-3, gt=0)
     lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup",
                                "cosine_with_restarts"] = "cosine"
@@ -181,6 +184,10 @@ class TrainConfig(Section):
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 > fp16 > fp32 by hardware
     # "group_by_length" batches rows of similar length together (less padding per batch).
     train_sampling_strategy: Literal["random", "group_by_length"] = "random"
+    # Concatenate each batch into one row with position ids restarting at every example: no
+    # padding is computed. The attention mask built from those position ids keeps examples
+    # apart; train checks that on the model before the first step and refuses if it leaks.
+    padding_free: bool = True
     torch_compile: bool = False  # compile the model with torch.compile (first steps are slower)
     use_liger_kernel: bool = False  # Liger's fused kernels; needs the liger-kernel package (CUDA)
     tf32: Literal["auto"] | bool = "auto"  # auto: on for GPUs that have TF32 (Ampere and newer)

@@ -7,6 +7,7 @@ Heavy imports (torch, transformers, peft) stay inside functions so `finetune che
 from __future__ import annotations
 
 import logging
+import os
 from typing import TYPE_CHECKING, Any
 
 from tasks.config import ModelConfig, Params
@@ -22,6 +23,14 @@ def device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def process_device() -> str:
+    """This process's device: its own GPU (LOCAL_RANK) when a launcher started one process
+    per GPU, so QLoRA's 4-bit weights are placed on that GPU only."""
+    if device() == "cuda":
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return "cpu"
 
 
 def bf16_supported() -> bool:
@@ -86,7 +95,7 @@ def load_base(params: Params, *, quantized: bool, torch_dtype: torch.dtype | Non
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type=q.bnb_4bit_quant_type,
             bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant, bnb_4bit_compute_dtype=dtype)
-        kwargs["device_map"] = {"": device()}
+        kwargs["device_map"] = {"": process_device()}
     try:
         model = AutoModelForCausalLM.from_pretrained(params.model.name_or_path,
                                                      **_source_kwargs(params.model), **kwargs)
@@ -98,12 +107,28 @@ def load_base(params: Params, *, quantized: bool, torch_dtype: torch.dtype | Non
         raise PipelineError(f"model.name_or_path: cannot load {params.model.name_or_path!r}: "
                             f"{err}{hint}") from None
     if not quantized:
-        model.to(device())
+        model.to(process_device())
+    elif device() == "cpu":
+        _one_cpu_path(model)
     context = getattr(model.config, "max_position_embeddings", None)
     if context is not None and params.tokenize.max_length > context:
         raise PipelineError(f"tokenize.max_length ({params.tokenize.max_length}) is past the model's "
                             f"context of {context} tokens (max_position_embeddings): lower it")
     return model
+
+
+def _one_cpu_path(model) -> None:
+    """Keeps 4-bit layers on bitsandbytes' fp32 dequantize-and-matmul path on every CPU.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights in eval mode for a bf16
+    kernel: evaluate's logits would then differ by ~1e-2 from the path training used and from
+    other CPUs (export's merged-vs-adapter check fails), and it breaks on layers narrower than
+    its 64-feature blocks."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def match_vocab(model, tokenizer) -> None:

@@ -1,8 +1,8 @@
 """train: QLoRA (4-bit NF4 base + LoRA adapters) or plain LoRA with PEFT and the
 transformers Trainer.
 
-The data is already tokenized and label-masked, so the plain Trainer with a dynamic-padding
-collator is all that is needed (TRL's SFTTrainer would re-derive the same). Checkpoints go
+The data is already tokenized and label-masked, so the plain Trainer with a padding-free (or
+dynamic-padding) collator is all that is needed (TRL's SFTTrainer would re-derive the same). Checkpoints go
 to artifacts/checkpoints every `train.save_steps`; rerunning after an interruption resumes
 from the last one when params and data are unchanged, and the checkpoints are removed once
 the adapter is saved.
@@ -33,6 +33,10 @@ log = logging.getLogger("finetune.train")
 
 FINGERPRINT = "fingerprint.txt"  # in CHECKPOINTS: what the checkpoints were trained from
 CPU_OPTIM = "adamw_torch"  # bitsandbytes' paged/8-bit optimizers need CUDA
+PACKING_CHECK_ROWS = 3  # training rows packed into one sequence to test that they stay apart
+# Largest |packed - separate| logit difference allowed, relative to the largest |logit|, by
+# compute dtype: rounding noise is far below these, attention across examples far above.
+PACKING_RTOL = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 1e-2}
 
 
 def _fingerprint(params: Params) -> str:
@@ -99,6 +103,9 @@ def _model(params: Params, tokenizer):
 
     quantized = params.quant.load_in_4bit
     model = load_base(params, quantized=quantized)
+    # Training never reuses a KV cache, and with one the attention mask ignores the restarting
+    # position ids that keep padding-free examples apart.
+    model.config.use_cache = False
     match_vocab(model, tokenizer)
     if quantized:
         model = prepare_model_for_kbit_training(
@@ -125,7 +132,8 @@ def training_arguments(params: Params, output_dir: str):
 
     t = params.train
     precision = resolve_precision(t.precision)
-    fields = t.model_dump(exclude={"precision", "optim", "gradient_checkpointing", "tf32"})
+    fields = t.model_dump(exclude={"precision", "optim", "gradient_checkpointing", "tf32",
+                                   "padding_free", "num_processes"})
     if t.use_liger_kernel:
         import importlib.util
 
@@ -141,14 +149,65 @@ def training_arguments(params: Params, output_dir: str):
         data_seed=t.seed, save_strategy="steps", logging_strategy="steps",
         include_num_input_tokens_seen="non_padding", remove_unused_columns=False,
         use_cpu=device() == "cpu", report_to="none", disable_tqdm=False,
+        ddp_backend="gloo" if device() == "cpu" and t.num_processes > 1 else None,
         logging_nan_inf_filter=False,  # the History callback must see a non-finite loss to stop
     )
+
+
+def _collator(params: Params, tokenizer):
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+
+    if params.train.padding_free:
+        # Labels at each example's first token become -100, so no example is trained to
+        # predict the next one's start.
+        return DataCollatorWithFlattening(separator_id=IGNORE_INDEX)
+    # Pads each batch to its own longest row, never to max_length.
+    return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding="longest")
+
+
+def check_padding_free(model, rows, dtype: str) -> float:
+    """Refuses padding-free training on a model whose attention leaks across packed examples.
+
+    Runs a few training rows one by one and packed into one sequence; a model that derives its
+    attention mask from the restarting position ids gives the same logits both ways. Returns
+    the relative difference seen."""
+    import torch
+
+    from transformers import DataCollatorWithFlattening
+
+    examples = [{"input_ids": r["input_ids"]} for r in rows]
+    packed = DataCollatorWithFlattening(return_tensors="pt")(examples)
+    # The model stays in training mode (bitsandbytes repacks 4-bit weights for CPU inference
+    # in eval mode) with only its dropout layers off, so both passes are the same function.
+    was_training = model.training
+    model.train()
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    for m in dropouts:
+        m.eval()
+    try:
+        with torch.no_grad():
+            device = next(model.parameters()).device
+            together = model(input_ids=packed["input_ids"].to(device),
+                             position_ids=packed["position_ids"].to(device)).logits[0].float()
+            apart = torch.cat([model(input_ids=torch.tensor([e["input_ids"]], device=device)).logits[0]
+                               for e in examples]).float()
+    finally:
+        model.train(was_training)
+    diff = ((together - apart).abs().max() / apart.abs().max().clamp_min(1e-6)).item()
+    if diff > PACKING_RTOL[dtype]:
+        raise PipelineError(
+            f"train.padding_free is true but this model's attention ({model.config.model_type}, "
+            f"{model.config._attn_implementation}) lets packed examples see each other (logits "
+            f"differ by {diff:.2g} relative): this architecture does not build its attention mask "
+            "from position ids; set train.padding_free: false")
+    log.info("padding-free check: packed and separate logits agree (relative difference %.2g)", diff)
+    return diff
 
 
 def build_trainer(params: Params, output_dir: str, history: list[dict[str, Any]]):
     """The model, data and Trainer of the train stage (also what bench/ measures)."""
     import datasets
-    from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
+    from transformers import Trainer, set_seed
 
     set_seed(params.train.seed)
     tokenizer = load_tokenizer(params.model, str(paths.TOKENIZER))
@@ -157,11 +216,39 @@ def build_trainer(params: Params, output_dir: str, history: list[dict[str, Any]]
     return Trainer(
         model=model, args=training_arguments(params, output_dir),
         train_dataset=data["train"], eval_dataset=data.get("validation"),
-        # Pads each batch to its own longest row, never to max_length.
-        data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX,
-                                             padding="longest"),
+        data_collator=_collator(params, tokenizer),
         processing_class=tokenizer, callbacks=[_history_callback(history)],
     )
+
+
+def launch(params: Params, params_file: Path) -> int:
+    """Runs `finetune train` as train.num_processes data-parallel processes on this host
+    (torch's elastic launcher, what torchrun is) and returns the exit code: 2 when a process
+    stopped on a user error (it has printed the message), 1 for anything else."""
+    import sys
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    n = params.train.num_processes
+    log.info("launching %d training processes (%s)", n, "nccl" if device() == "cuda" else "gloo")
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=n, run_id=uuid.uuid4().hex,
+                          rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0)
+    try:
+        elastic_launch(config, entrypoint=sys.executable)(
+            "-m", "tasks.cli", "train", "--params", str(params_file))
+    except ChildFailedError as err:
+        codes = {f.exitcode for f in err.failures.values()}
+        return 2 if 2 in codes else 1
+    return 0
+
+
+def _check_world(params: Params, args) -> None:
+    if args.world_size != params.train.num_processes:
+        raise PipelineError(f"train.num_processes is {params.train.num_processes} but this run has "
+                            f"{args.world_size} processes (WORLD_SIZE): the effective batch would "
+                            "differ from params.yaml; run `finetune train` without a launcher")
 
 
 def run(params: Params) -> dict[str, Any]:
@@ -175,12 +262,17 @@ def run(params: Params) -> dict[str, Any]:
     config = AutoConfig.from_pretrained(params.model.name_or_path, revision=params.model.revision,
                                         trust_remote_code=params.model.trust_remote_code)
     estimate = preflight(params, config, str(compute_dtype(params)).removeprefix("torch."), device())
-    resume = _resume_checkpoint(params)
     history: list[dict[str, Any]] = []
     trainer = build_trainer(params, str(paths.CHECKPOINTS), history)
+    _check_world(params, trainer.args)
+    with trainer.args.main_process_first(desc="checkpoint check"):
+        resume = _resume_checkpoint(params)
     model, tokenizer = trainer.model, trainer.processing_class
     trainable, total = model.get_nb_trainable_parameters()
     log.info("trainable parameters: %d of %d (%.2f%%)", trainable, total, 100 * trainable / total)
+    if params.train.padding_free:
+        rows = trainer.train_dataset.select(range(min(PACKING_CHECK_ROWS, len(trainer.train_dataset))))
+        check_padding_free(model, rows, str(compute_dtype(params)).removeprefix("torch."))
     try:
         result = trainer.train(resume_from_checkpoint=resume)
         eval_loss = trainer.evaluate()["eval_loss"] if trainer.eval_dataset is not None else None
@@ -189,6 +281,8 @@ def run(params: Params) -> dict[str, Any]:
                             "gradient_accumulation_steps to keep the effective batch), lower "
                             "tokenize.max_length, keep train.gradient_checkpointing: true, or use "
                             "quant.load_in_4bit: true") from None
+    if not trainer.is_world_process_zero():
+        return {}  # the first process writes the outputs
     with atomic_path(paths.ADAPTER) as tmp:
         model.save_pretrained(tmp)
         normalize_adapter_config(tmp)

@@ -20,6 +20,8 @@ from .conftest import SAMPLE, TINY_PARAMS, env, merge, shipped_params
 
 STEPS = 8
 KILL_AFTER = "checkpoint-4"
+PADDING_FREE_RTOL = 0.01  # train_loss, padding-free vs padded batches
+DDP_LOSS_RTOL = 0.05  # train_loss, 2 processes vs 1 (same effective batch, other data order)
 
 
 def adapter_digest(ws: Path) -> str:
@@ -50,6 +52,19 @@ def ws(tmp_path_factory, tiny_model):
 def train(ws: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["finetune", "train", *extra], cwd=ws, env=env(), capture_output=True,
                           text=True, timeout=600)
+
+
+def train_metrics(ws: Path, **train_params) -> dict:
+    """metrics/train.json of a run with the workspace's params plus `train_params`."""
+    import json
+
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    params["train"].update(train_params)
+    variant = ws / "variant.yaml"
+    variant.write_text(yaml.safe_dump(params))
+    out = train(ws, "--params", variant.name)
+    assert out.returncode == 0, out.stderr
+    return {**json.loads((ws / "metrics/train.json").read_text()), "stderr": out.stderr}
 
 
 def test_killed_training_resumes_to_the_same_adapter(ws):
@@ -89,16 +104,61 @@ def test_diverging_loss_stops_with_the_step(ws):
 
 def test_length_grouped_batches_train_to_a_similar_loss(ws):
     """A throughput feature must not change what is learned beyond noise."""
-    import json
-
-    baseline = json.loads((ws / "metrics/train.json").read_text())["train_loss"]
-    params = yaml.safe_load((ws / "params.yaml").read_text())
-    params["train"]["train_sampling_strategy"] = "group_by_length"
-    (ws / "grouped.yaml").write_text(yaml.safe_dump(params))
-    out = train(ws, "--params", "grouped.yaml")
-    assert out.returncode == 0, out.stderr
-    grouped = json.loads((ws / "metrics/train.json").read_text())["train_loss"]
+    baseline = train_metrics(ws)["train_loss"]
+    grouped = train_metrics(ws, train_sampling_strategy="group_by_length")["train_loss"]
     assert abs(grouped - baseline) / baseline < 0.05  # same data, same steps: within 5%
+
+
+def test_padding_free_batches_train_to_the_same_loss(ws):
+    """Packing a batch into one row with restarting position ids is the same computation as
+    padding it: the same loss up to float rounding."""
+    packed = train_metrics(ws, padding_free=True)
+    assert "padding-free check: packed and separate logits agree" in packed["stderr"]
+    padded = train_metrics(ws, padding_free=False)["train_loss"]
+    assert abs(packed["train_loss"] - padded) / padded < PADDING_FREE_RTOL
+
+
+def test_padding_free_is_refused_where_attention_leaks_across_examples():
+    """OPT builds its causal mask without looking at position ids, so packed examples would
+    attend to each other: the check must catch that; Llama's must pass."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig
+
+    from tasks.errors import PipelineError
+    from tasks.train import check_padding_free
+
+    rows = [{"input_ids": [5, 6, 7, 8, 9]}, {"input_ids": [10, 11, 12]}, {"input_ids": [13, 14]}]
+    small = {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2}
+    llama = AutoModelForCausalLM.from_config(LlamaConfig(**small, intermediate_size=64, use_cache=False))
+    assert check_padding_free(llama, rows, "float32") < 1e-5
+    opt = AutoModelForCausalLM.from_config(OPTConfig(**small, ffn_dim=64, word_embed_proj_dim=32,
+                                                     use_cache=False))
+    with pytest.raises(PipelineError, match="train.padding_free: false"):
+        check_padding_free(opt, rows, "float32")
+
+
+def test_two_data_parallel_processes_train_like_one(ws):
+    """train.num_processes: 2 runs two gloo processes on this CPU host; with the per-process
+    batch halved the effective batch is unchanged, and so, up to data order, is the loss."""
+    one = train_metrics(ws)
+    batch = yaml.safe_load((ws / "params.yaml").read_text())["train"]["per_device_train_batch_size"]
+    two = train_metrics(ws, num_processes=2, per_device_train_batch_size=batch // 2)
+    assert "launching 2 training processes (gloo)" in two["stderr"]
+    assert two["steps"] == one["steps"]
+    assert two["tokens_seen"] == pytest.approx(one["tokens_seen"], rel=0.25)  # both ranks counted
+    assert abs(two["train_loss"] - one["train_loss"]) / one["train_loss"] < DDP_LOSS_RTOL
+    assert (ws / "artifacts/adapter/adapter_model.safetensors").is_file()
+
+
+def test_a_launcher_with_another_process_count_is_refused(ws):
+    env_ = {**env(), "LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1",
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533"}
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    params["train"]["num_processes"] = 2
+    (ws / "two.yaml").write_text(yaml.safe_dump(params))
+    out = subprocess.run(["finetune", "train", "--params", "two.yaml"], cwd=ws, env=env_,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 2
+    assert "train.num_processes is 2 but this run has 1 processes" in out.stderr
 
 
 def test_tf32_and_liger_need_their_hardware(ws):
