@@ -9,7 +9,7 @@ export DVC_NO_ANALYTICS := 1
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup browser run test bench check clean
+.PHONY: setup browser postgres run test bench check clean
 
 setup: $(STAMP)
 
@@ -35,7 +35,13 @@ browser:
 	  && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
 	  || echo "chromium could not be installed: the Prefect UI test will be skipped"
 
-test: setup browser
+# The scale-out test runs a Prefect server on Debian's PostgreSQL; same rule as the browser.
+postgres:
+	@command -v /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	  && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; } \
+	  || echo "postgresql could not be installed: the PostgreSQL test will be skipped"
+
+test: setup browser postgres
 	$(BIN)/pytest
 
 # CPU benchmarks against plain scripts, one JSON object per line (see BENCHMARKS.md).

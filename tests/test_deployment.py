@@ -4,6 +4,7 @@ worker that runs it to Completed. Every process started here is stopped at the e
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -43,12 +44,13 @@ def api(url: str, path: str, body: dict | None = None):
         return json.loads(resp.read())
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    home = tmp_path_factory.mktemp("prefect-home")
+@contextlib.contextmanager
+def prefect_server(home: Path, **settings: str):
+    """`prefect server start` on 127.0.0.1 and a free port, with PREFECT_HOME at `home` and
+    any other Prefect settings; yields the env that points clients at it."""
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
-    e = {**env(), "PREFECT_HOME": str(home), "PREFECT_API_URL": url}
+    e = {**env(), "PREFECT_HOME": str(home), "PREFECT_API_URL": url, **settings}
     log = (home / "server.log").open("w")
     proc = subprocess.Popen(["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                             env=e, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -70,6 +72,12 @@ def server(tmp_path_factory):
         log.close()
 
 
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with prefect_server(tmp_path_factory.mktemp("prefect-home")) as s:
+        yield s
+
+
 def prefect(args: list[str], cwd: Path, e: dict, timeout: int = 600) -> str:
     proc = subprocess.run(["prefect", *args], cwd=cwd, env=e, capture_output=True, text=True,
                           timeout=timeout)
@@ -80,12 +88,17 @@ def prefect(args: list[str], cwd: Path, e: dict, timeout: int = 600) -> str:
 def test_nightly_deployment_runs_on_a_gpu_pool_worker(server, tmp_path_factory, tiny_model):
     ws = make_workspace(tmp_path_factory.mktemp("deploy"), tiny_model)
     e = {**server["env"], "PWD": str(ws)}  # prefect.yaml's pull step reads $PWD at deploy time
-    prefect(["work-pool", "create", "gpu", "--type", "process"], ws, e)
+    for pool in ("gpu", "cpu"):
+        prefect(["work-pool", "create", pool, "--type", "process"], ws, e)
     prefect(["--no-prompt", "deploy", "--all"], ws, e)
-    assert "finetune/nightly" in prefect(["deployment", "ls"], ws, e)
+    listed = prefect(["deployment", "ls"], ws, e)
+    assert all(d in listed for d in ("finetune/nightly", "finetune/nightly-split", "finetune-stage/gpu"))
 
-    [deployment] = api(server["url"], "/deployments/filter", {})
+    deployments = {d["name"]: d for d in api(server["url"], "/deployments/filter", {})}
+    deployment = deployments["nightly"]
     assert deployment["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
+    assert deployment["schedules"][0]["active"]
+    assert not deployments["nightly-split"]["schedules"][0]["active"]  # one nightly at a time
     # The scheduler must create the nightly runs (it silently does not with SQLAlchemy 2.1).
     deadline = time.monotonic() + 60
     while not api(server["url"], "/flow_runs/filter",

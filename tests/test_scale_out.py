@@ -1,0 +1,149 @@
+"""Past one machine, for real: a Prefect server on PostgreSQL (Debian's package, on
+loopback), a `cpu` and a `gpu` process pool with one worker each, each worker in its own
+clone, and a local directory as the DVC remote between the clones.
+
+The `nightly-split` deployment runs prepare and tokenize in clone A (the cpu pool), sends
+train to the `finetune-stage/gpu` deployment, which runs it in clone B and pushes the
+adapter, and finishes evaluate, export and promote in clone A from the remote."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import env, make_workspace, run
+from .test_deployment import api, free_port, prefect, prefect_server
+
+PG_BIN = Path("/usr/lib/postgresql")
+WORKER_TIMEOUT = 900
+
+
+def _postgres_bin() -> Path | None:
+    found = sorted(PG_BIN.glob("*/bin/pg_ctl"))
+    return found[-1].parent if found else None
+
+
+def _as_postgres_user() -> list[str]:
+    # initdb refuses to run as root; Debian's package creates the `postgres` user for this.
+    return ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    pg = _postgres_bin()
+    if pg is None:
+        pytest.skip("PostgreSQL is not installed (make test installs Debian's postgresql where "
+                    "apt-get can run as root)")
+    # Not under pytest's temporary tree: that is private to root, and the server runs as
+    # the postgres user.
+    data = Path(tempfile.mkdtemp(prefix="finetune-pg-"))
+    if os.geteuid() == 0:
+        shutil.chown(data, "postgres", "postgres")
+    port = free_port()
+    as_pg = _as_postgres_user()
+    try:
+        for cmd in ([str(pg / "initdb"), "-D", str(data), "--auth=trust", "-U", "prefect"],
+                    [str(pg / "pg_ctl"), "-D", str(data), "-l", str(data / "server.log"),
+                     "-o", f"-h 127.0.0.1 -p {port} -k {data}", "-w", "start"]):
+            proc = subprocess.run([*as_pg, *cmd], capture_output=True, text=True)
+            assert proc.returncode == 0, f"{cmd[0]}:\n{proc.stdout}\n{proc.stderr}"
+        subprocess.run(["psql", "-h", "127.0.0.1", "-p", str(port), "-U", "prefect", "-d",
+                        "postgres", "-c", "CREATE DATABASE prefect"], check=True, capture_output=True)
+        yield {"url": f"postgresql+asyncpg://prefect@127.0.0.1:{port}/prefect", "port": port}
+    finally:
+        subprocess.run([*as_pg, str(pg / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"],
+                       capture_output=True)
+        shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def pg_server(postgres, tmp_path_factory):
+    with prefect_server(tmp_path_factory.mktemp("prefect-home-pg"),
+                        PREFECT_API_DATABASE_CONNECTION_URL=postgres["url"]) as s:
+        yield {**s, "postgres": postgres}
+
+
+def test_split_pools_exchange_artifacts_through_the_dvc_remote(pg_server, tmp_path_factory,
+                                                               tiny_model):
+    remote = tmp_path_factory.mktemp("dvc-remote")
+    clones = {}
+    for name in ("a", "b"):
+        ws = make_workspace(tmp_path_factory.mktemp(f"clone-{name}"), tiny_model)
+        run(["dvc", "remote", "add", "--local", "-d", "shared", str(remote)], ws)
+        clones[name] = ws
+    a, b = clones["a"], clones["b"]
+    e = pg_server["env"]
+    for pool in ("cpu", "gpu"):
+        prefect(["work-pool", "create", pool, "--type", "process"], a, e)
+    # Each deployment is made from the checkout its worker uses (prefect.yaml's pull step).
+    prefect(["--no-prompt", "deploy", "--name", "nightly-split"], a, {**e, "PWD": str(a)})
+    prefect(["--no-prompt", "deploy", "--name", "gpu"], b, {**e, "PWD": str(b)})
+
+    out = prefect(["deployment", "run", "finetune/nightly-split"], a, e)
+    flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
+    # The gpu worker keeps polling: the train run it takes is created only once the parent
+    # run reaches train.
+    gpu_log = (b / "gpu-worker.log").open("w")
+    gpu_worker = subprocess.Popen(["prefect", "worker", "start", "--pool", "gpu"], cwd=b,
+                                  env={**e, "PREFECT_WORKER_QUERY_SECONDS": "2"}, stdout=gpu_log,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        cpu_worker = subprocess.run(["prefect", "worker", "start", "--pool", "cpu", "--run-once"],
+                                    cwd=a, env=e, capture_output=True, text=True,
+                                    timeout=WORKER_TIMEOUT)
+    finally:
+        os.killpg(gpu_worker.pid, signal.SIGTERM)
+        gpu_worker.wait(timeout=60)
+        gpu_log.close()
+    gpu_out = (b / "gpu-worker.log").read_text()
+    flow_run = api(pg_server["url"], f"/flow_runs/{flow_run_id}")
+    assert flow_run["state"]["type"] == "COMPLETED", cpu_worker.stdout + cpu_worker.stderr + gpu_out
+
+    # train ran in clone B only: A restored it from the remote, B never computed the rest.
+    runs = api(pg_server["url"], "/flow_runs/filter", {})
+    child = [r for r in runs if r.get("parent_task_run_id") and r["id"] != flow_run_id]
+    assert len(child) == 1 and child[0]["state"]["type"] == "COMPLETED"
+    assert (a / "artifacts/adapter/adapter_model.safetensors").is_file()
+    assert (a / "metrics/eval.json").is_file() and not (b / "metrics/eval.json").exists()
+    lock_a = yaml.safe_load((a / "dvc.lock").read_text())["stages"]
+    lock_b = yaml.safe_load((b / "dvc.lock").read_text())["stages"]
+    assert set(lock_b) == {"prepare", "tokenize", "train"}
+    for stage in lock_b:
+        assert lock_a[stage] == lock_b[stage], stage
+
+    # B catches up from the remote alone (nothing recomputed but promote, which DVC never
+    # caches) and both clones end with the same dvc.lock.
+    caught_up = run(["dvc", "repro", "--pull"], b)
+    ran = re.findall(r"Running stage '(\w+)'", caught_up.stdout + caught_up.stderr)
+    assert ran == ["promote"], caught_up.stdout
+    lock_b = yaml.safe_load((b / "dvc.lock").read_text())["stages"]
+    assert lock_a == lock_b
+
+    # The runs live in PostgreSQL.
+    count = subprocess.run(["psql", "-h", "127.0.0.1", "-p", str(pg_server["postgres"]["port"]),
+                            "-U", "prefect", "-d", "prefect", "-tAc", "SELECT count(*) FROM flow_run"],
+                           capture_output=True, text=True, check=True).stdout
+    assert int(count) >= 2
+    assert json.loads((a / "metrics/promote.json").read_text())["promoted"] in (True, False)
+
+
+def test_a_stage_expected_from_the_remote_is_never_computed_here(tmp_path, tiny_model):
+    """The parent of a split run restores train from the remote; if the GPU worker's result
+    is not there, it must fail with a message, not start training on the CPU host."""
+    ws = make_workspace(tmp_path, tiny_model)
+    run(["dvc", "repro", "tokenize"], ws)
+    proc = subprocess.run(["dvc", "repro", "--single-item", "train"], cwd=ws,
+                          env={**env(), "FINETUNE_RESTORE_ONLY": "train"}, capture_output=True,
+                          text=True)
+    assert proc.returncode != 0
+    assert "train stage's result was to come from the DVC remote" in proc.stdout + proc.stderr
+    assert not (ws / "artifacts/adapter").exists()
