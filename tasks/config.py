@@ -154,6 +154,20 @@ class LoraConfig(Section):
     bias: Literal["none", "all", "lora_only"] = "none"
 
 
+PROMPT_LEARNING = ("prompt_tuning", "prefix_tuning", "p_tuning")
+UNQUANTIZED_ONLY = ("loha", "lokr")  # PEFT implements them for plain nn.Linear layers only
+
+
+class PeftMethodConfig(Section):
+    # lora (QLoRA with quant.load_in_4bit), dora, adalora, loha, lokr and ia3 adapt the layers
+    # in lora.target_modules (with lora.r / lora_alpha / lora_dropout where the method has
+    # them) and can be merged into the base; prompt_tuning, prefix_tuning and p_tuning learn
+    # virtual tokens in front of the input and leave the base untouched (not mergeable).
+    method: Literal["lora", "dora", "adalora", "loha", "lokr", "ia3", *PROMPT_LEARNING] = "lora"
+    num_virtual_tokens: int = Field(16, ge=1)  # soft prompts only
+    adalora_target_r: int = Field(4, ge=1)  # AdaLoRA prunes from lora.r down to this average rank
+
+
 class TokenizeConfig(Section):
     max_length: int = Field(512, ge=8)
     completion_only_loss: bool = True
@@ -185,9 +199,11 @@ class TrainConfig(Section):
     # "group_by_length" batches rows of similar length together (less padding per batch).
     train_sampling_strategy: Literal["random", "group_by_length"] = "random"
     # Concatenate each batch into one row with position ids restarting at every example: no
-    # padding is computed. The attention mask built from those position ids keeps examples
-    # apart; train checks that on the model before the first step and refuses if it leaks.
-    padding_free: bool = True
+    # padding is computed, and the attention mask derived from the position ids keeps examples
+    # apart (train checks that on the model before the first step). auto: on with
+    # flash_attention_2, whose varlen kernels attend within each example only; off with sdpa
+    # and eager, which build a dense mask over the whole packed row (slower: BENCHMARKS.md).
+    padding_free: Literal["auto"] | bool = "auto"
     torch_compile: bool = False  # compile the model with torch.compile (first steps are slower)
     use_liger_kernel: bool = False  # Liger's fused kernels; needs the liger-kernel package (CUDA)
     tf32: Literal["auto"] | bool = "auto"  # auto: on for GPUs that have TF32 (Ampere and newer)
@@ -239,6 +255,7 @@ class Params(Section):
     model: ModelConfig = ModelConfig()
     quant: QuantConfig = QuantConfig()
     lora: LoraConfig = LoraConfig()
+    peft: PeftMethodConfig = PeftMethodConfig()
     tokenize: TokenizeConfig = TokenizeConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
@@ -254,6 +271,23 @@ class Params(Section):
         if self.export.merge_into == "dequantized" and not self.quant.load_in_4bit:
             problems.append("export.merge_into 'dequantized' needs quant.load_in_4bit: true "
                             "(with an unquantized base, use 'original')")
+        method = self.peft.method
+        if method in UNQUANTIZED_ONLY and self.quant.load_in_4bit:
+            problems.append(f"peft.method {method} has no 4-bit (bitsandbytes) implementation in "
+                            "PEFT: set quant.load_in_4bit: false (and export.merge_into: original)")
+        if method in PROMPT_LEARNING and self.train.padding_free is True:
+            problems.append(f"peft.method {method} puts virtual tokens in front of each sequence, "
+                            "which packing would share between examples: set train.padding_free: false")
+        if method == "prefix_tuning" and self.train.gradient_checkpointing:
+            problems.append("peft.method prefix_tuning feeds its prefixes as a KV cache, which PEFT "
+                            "cannot combine with gradient checkpointing: set "
+                            "train.gradient_checkpointing: false")
+        if method == "adalora" and self.train.max_steps < 1:
+            problems.append("peft.method adalora schedules its rank budget over train.max_steps: "
+                            "set a positive train.max_steps")
+        if method == "adalora" and self.peft.adalora_target_r > self.lora.r:
+            problems.append(f"peft.adalora_target_r ({self.peft.adalora_target_r}) must not exceed "
+                            f"lora.r ({self.lora.r}), the rank AdaLoRA starts from")
         if problems:
             raise ValueError("\n".join(problems))
         return self

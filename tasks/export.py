@@ -1,4 +1,5 @@
-"""export: merge the adapter into a 16/32-bit base and save a standalone model.
+"""export: merge the adapter into a 16/32-bit base and save a standalone model (or, for soft
+prompts, which have no weights to merge, the adapter with a card saying so).
 
 Never merges into 4-bit weights. With `export.merge_into: dequantized` the base is the
 4-bit checkpoint the adapter was trained against, dequantized to `export.torch_dtype`, so the
@@ -23,17 +24,18 @@ from pathlib import Path
 from typing import Any
 
 from tasks import paths
+from tasks.adapters import mergeable
 from tasks.config import Params
 from tasks.errors import PipelineError
 from tasks.generation import batches, generate, prompt_token_ids, test_rows
-from tasks.io import atomic_path, save_tokenizer, sha256_path, write_json
+from tasks.io import atomic_path, normalize_adapter_config, save_tokenizer, sha256_path, write_json
 from tasks.scoring import per_example
 
 log = logging.getLogger("finetune.export")
 
 # The params a merged model is made from (evaluate's scoring settings are not among them;
 # dvc.yaml lists exactly these for the export stage).
-LINEAGE = ("data", "prompt", "model", "quant", "lora", "tokenize", "train", "export")
+LINEAGE = ("data", "prompt", "model", "quant", "lora", "peft", "tokenize", "train", "export")
 LIBRARIES = ("torch", "transformers", "peft", "trl", "datasets", "bitsandbytes", "accelerate",
              "evaluate", "rouge_score", "dvc", "pydantic")
 
@@ -47,6 +49,9 @@ def _merge_base(params: Params, tokenizer):
     if params.export.merge_into == "dequantized":
         base = load_base(params, quantized=True)
         base = base.dequantize().to(dtype)
+        # dequantize() leaves this flag set, and PEFT then refuses to merge IA3 into the
+        # (no longer 4-bit) weights.
+        base.is_loaded_in_4bit = False
     else:
         base = load_base(params, quantized=False, torch_dtype=dtype)
     match_vocab(base, tokenizer)
@@ -104,21 +109,37 @@ def manifest(params: Params) -> dict[str, Any]:
     }
 
 
+def _method(p: Params) -> str:
+    quant = f", on the 4-bit {p.quant.bnb_4bit_quant_type} base" if p.quant.load_in_4bit else ""
+    if not mergeable(p):
+        return f"{p.peft.method}, {p.peft.num_virtual_tokens} virtual tokens{quant}"
+    rank = "" if p.peft.method == "ia3" else f" r={p.lora.r}, lora_alpha={p.lora.lora_alpha},"
+    return f"{p.peft.method}{quant},{rank} target_modules={p.lora.target_modules}"
+
+
 def model_card(params: Params, scores: dict[str, Any]) -> str:
     p = params
+    if mergeable(p):
+        what = (f"A standalone model: the {p.peft.method} adapter trained by this pipeline, merged into\n"
+                f"`{p.model.name_or_path}` (revision `{p.model.revision}`), saved in {p.export.torch_dtype}.")
+        last = "| merged (this model) | {:.4f} |".format(scores["merged"])
+    else:
+        what = (f"**Not a standalone model.** {p.peft.method} learns virtual tokens that are fed in front "
+                f"of every input;\nthere are no weights to merge. This folder is the adapter: load it "
+                f"on its base,\n`{p.model.name_or_path}` (revision `{p.model.revision}`), with\n"
+                "`peft.AutoPeftModelForCausalLM.from_pretrained(this_folder)`.")
+        last = ""
     return f"""---
 base_model: {p.model.name_or_path}
-library_name: transformers
-tags: [fine-tuned, lora, {'qlora' if p.quant.load_in_4bit else 'lora'}]
+library_name: {'transformers' if mergeable(p) else 'peft'}
+tags: [fine-tuned, {p.peft.method}{', qlora' if p.quant.load_in_4bit and p.peft.method == 'lora' else ''}]
 ---
 # Fine-tuned {p.model.name_or_path}
 
-A standalone model: the LoRA adapter trained by this pipeline, merged into
-`{p.model.name_or_path}` (revision `{p.model.revision}`), saved in {p.export.torch_dtype}.
+{what}
 
 - Data: `{p.data.path}` (revision `{p.data.revision}`), prompt template `{p.prompt.template}`
-- Method: {'QLoRA, 4-bit ' + p.quant.bnb_4bit_quant_type if p.quant.load_in_4bit else 'LoRA'}, r={p.lora.r},
-  lora_alpha={p.lora.lora_alpha}, target_modules={p.lora.target_modules}
+- Method: {_method(p)}
 - Training: {f"{p.train.max_steps} steps" if p.train.max_steps > 0 else f"{p.train.num_train_epochs} epochs"}, learning_rate={p.train.learning_rate},
   batch {p.train.per_device_train_batch_size} x {p.train.gradient_accumulation_steps}, seed {p.train.seed}
 
@@ -128,11 +149,22 @@ A standalone model: the LoRA adapter trained by this pipeline, merged into
 |---|---|
 | base | {scores['base']:.4f} |
 | base + adapter | {scores['adapter']:.4f} |
-| merged (this model) | {scores['merged']:.4f} |
+{last}
 
 Full metrics with confidence intervals are in the pipeline's `metrics/eval.json`;
 provenance (git commit, params hash, input hashes, library versions) in `manifest.json`.
 """
+
+
+def _save(model, tokenizer, params: Params, scores: dict[str, Any]) -> None:
+    with atomic_path(paths.MERGED) as tmp:
+        model.save_pretrained(tmp)
+        if not mergeable(params):
+            normalize_adapter_config(tmp)
+        save_tokenizer(tokenizer, tmp)
+        (tmp / "README.md").write_text(model_card(params, scores), encoding="utf-8")
+        lineage = {**manifest(params), "merged": mergeable(params)}
+        (tmp / "manifest.json").write_text(json.dumps(lineage, indent=2, sort_keys=True) + "\n")
 
 
 def run(params: Params) -> dict[str, Any]:
@@ -150,6 +182,15 @@ def run(params: Params) -> dict[str, Any]:
     with model.disable_adapter():
         base_out = generate(model, tokenizer, prompts, params)
     adapter_out = generate(model, tokenizer, prompts, params)
+    scores = {"num_examples": len(rows), "base": _rouge_l(base_out, references),
+              "adapter": _rouge_l(adapter_out, references)}
+    if not mergeable(params):
+        log.warning("peft.method %s cannot be merged (virtual tokens, not weights): exporting "
+                    "the adapter, to be loaded on %s", params.peft.method, params.model.name_or_path)
+        _save(model, tokenizer, params, scores)
+        metrics = {"merged": False, "rougeL": scores}
+        write_json(paths.METRICS["export"], metrics)
+        return metrics
     check = prompts[:cfg.check_prompts]
     before = _logits(model, tokenizer, check, params)
     merged = model.merge_and_unload()
@@ -159,9 +200,7 @@ def run(params: Params) -> dict[str, Any]:
         raise PipelineError(f"merged logits differ from base + adapter by {diff:.3g} "
                             f"(export.logits_atol = {cfg.logits_atol}): the merge is wrong; "
                             "nothing was saved")
-    merged_out = generate(merged, tokenizer, prompts, params)
-    scores = {"num_examples": len(rows), "base": _rouge_l(base_out, references),
-              "adapter": _rouge_l(adapter_out, references), "merged": _rouge_l(merged_out, references)}
+    scores["merged"] = _rouge_l(generate(merged, tokenizer, prompts, params), references)
     if abs(scores["merged"] - scores["adapter"]) > cfg.rouge_atol:
         raise PipelineError(f"merged ROUGE-L {scores['merged']} differs from the adapter's "
                             f"{scores['adapter']} by more than export.rouge_atol = {cfg.rouge_atol}; "
@@ -169,12 +208,8 @@ def run(params: Params) -> dict[str, Any]:
     merged.generation_config.update(
         max_new_tokens=params.evaluate.max_new_tokens, do_sample=False,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    with atomic_path(paths.MERGED) as tmp:
-        merged.save_pretrained(tmp)
-        save_tokenizer(tokenizer, tmp)
-        (tmp / "README.md").write_text(model_card(params, scores), encoding="utf-8")
-        (tmp / "manifest.json").write_text(json.dumps(manifest(params), indent=2, sort_keys=True) + "\n")
-    metrics = {"logits_max_abs_diff": diff, "rougeL": scores}
+    _save(merged, tokenizer, params, scores)
+    metrics = {"merged": True, "logits_max_abs_diff": diff, "rougeL": scores}
     write_json(paths.METRICS["export"], metrics)
     log.info("merged model saved to %s: %s", paths.MERGED, metrics)
     return metrics

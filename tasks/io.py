@@ -77,12 +77,13 @@ def save_tokenizer(tokenizer: Any, path: Path) -> None:
 
 
 def normalize_adapter_config(path: Path) -> None:
-    """PEFT writes target_modules from a set, in an order that changes between runs; sort
-    it so the same training gives a byte-identical adapter."""
+    """PEFT writes module lists from sets, in an order that changes between runs; sort them
+    so the same training gives a byte-identical adapter."""
     config_file = path / "adapter_config.json"
     config = json.loads(config_file.read_text())
-    if isinstance(config.get("target_modules"), list):
-        config["target_modules"] = sorted(config["target_modules"])
+    for key in ("target_modules", "feedforward_modules"):
+        if isinstance(config.get(key), list):
+            config[key] = sorted(config[key])
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 

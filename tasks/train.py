@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from tasks import paths
-from tasks.config import Params
+from tasks.adapters import adalora_callback
+from tasks.config import PROMPT_LEARNING, Params
 from tasks.errors import PipelineError
 from tasks.io import atomic_path, normalize_adapter_config, save_tokenizer, sha256_path, write_json
 from tasks.modeling import device, load_base, load_tokenizer, match_vocab, resolve_precision
@@ -43,7 +44,7 @@ def _fingerprint(params: Params) -> str:
     import hashlib
 
     sections = {k: getattr(params, k).model_dump(mode="json")
-                for k in ("model", "quant", "lora", "train")}
+                for k in ("model", "quant", "lora", "peft", "train")}
     payload = json.dumps(sections, sort_keys=True) + sha256_path(paths.TOKENIZED)
     return hashlib.sha256(payload.encode()).hexdigest()
 
@@ -99,7 +100,9 @@ def _history_callback(history: list[dict[str, Any]]):
 
 
 def _model(params: Params, tokenizer):
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    from tasks.adapters import peft_config, settle
 
     quantized = params.quant.load_in_4bit
     model = load_base(params, quantized=quantized)
@@ -111,7 +114,8 @@ def _model(params: Params, tokenizer):
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=params.train.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **params.lora.model_dump()))
+    model = get_peft_model(model, peft_config(params))
+    settle(model)
     return model
 
 
@@ -154,10 +158,18 @@ def training_arguments(params: Params, output_dir: str):
     )
 
 
+def padding_free(params: Params) -> bool:
+    setting = params.train.padding_free
+    if setting == "auto":
+        return (params.model.attn_implementation == "flash_attention_2"
+                and params.peft.method not in PROMPT_LEARNING)
+    return setting
+
+
 def _collator(params: Params, tokenizer):
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
-    if params.train.padding_free:
+    if padding_free(params):
         # Labels at each example's first token become -100, so no example is trained to
         # predict the next one's start.
         return DataCollatorWithFlattening(separator_id=IGNORE_INDEX)
@@ -213,11 +225,14 @@ def build_trainer(params: Params, output_dir: str, history: list[dict[str, Any]]
     tokenizer = load_tokenizer(params.model, str(paths.TOKENIZER))
     data = datasets.load_from_disk(str(paths.TOKENIZED)).remove_columns("id")
     model = _model(params, tokenizer)
+    callbacks = [_history_callback(history)]
+    if params.peft.method == "adalora":
+        callbacks.append(adalora_callback())
     return Trainer(
         model=model, args=training_arguments(params, output_dir),
         train_dataset=data["train"], eval_dataset=data.get("validation"),
         data_collator=_collator(params, tokenizer),
-        processing_class=tokenizer, callbacks=[_history_callback(history)],
+        processing_class=tokenizer, callbacks=callbacks,
     )
 
 
@@ -270,7 +285,7 @@ def run(params: Params) -> dict[str, Any]:
     model, tokenizer = trainer.model, trainer.processing_class
     trainable, total = model.get_nb_trainable_parameters()
     log.info("trainable parameters: %d of %d (%.2f%%)", trainable, total, 100 * trainable / total)
-    if params.train.padding_free:
+    if padding_free(params):
         rows = trainer.train_dataset.select(range(min(PACKING_CHECK_ROWS, len(trainer.train_dataset))))
         check_padding_free(model, rows, str(compute_dtype(params)).removeprefix("torch."))
     try:

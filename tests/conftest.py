@@ -84,3 +84,24 @@ def make_workspace(dst: Path, tiny_model: Path, params: dict[str, Any] | None = 
     run(["git", "add", "-A"], dst)
     run(["git", "commit", "-qm", "workspace"], dst)
     return dst
+
+
+def tokenized_dir(root: Path, tiny_model: Path, raw: dict[str, Any]) -> Path:
+    """`root` with the tiny model, the sample data and params.yaml (`raw`), prepared and
+    tokenized in-process: for tests of train and later stages that need no git or DVC."""
+    from tasks import prepare, tokenize
+    from tasks.config import parse_params
+
+    shutil.copytree(tiny_model, root / "models/tiny")
+    (root / "data/raw").mkdir(parents=True)
+    shutil.copy(SAMPLE, root / "data/raw/dialogues.jsonl")
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        params = parse_params(raw, "params.yaml")
+        prepare.run(params)
+        tokenize.run(params)
+    finally:
+        os.chdir(cwd)
+    return root

@@ -96,9 +96,10 @@ def test_metrics_contents(ws):
     assert train["steps"] == 4 and train["tokens_seen"] > 0
     assert (ws / "metrics/train_log.tsv").read_text().splitlines()[0] == "step\tloss\tlearning_rate\ttokens_seen"
     export = json.loads((ws / "metrics/export.json").read_text())
-    assert export["logits_max_abs_diff"] <= 1e-3
+    assert export["merged"] is True and export["logits_max_abs_diff"] <= 1e-3
     manifest = json.loads((ws / "artifacts/merged/manifest.json").read_text())
-    assert set(manifest) == {"git_commit", "git_dirty", "params_sha256", "params", "inputs", "libraries"}
+    assert set(manifest) == {"git_commit", "git_dirty", "params_sha256", "params", "inputs", "libraries",
+                             "merged"}
     assert len(manifest["git_commit"]) == 40 and manifest["inputs"]["base_model"]["sha256"]
     assert "ROUGE-L" in (ws / "artifacts/merged/README.md").read_text()
     shown = run(["dvc", "metrics", "show", "--json"], ws).stdout

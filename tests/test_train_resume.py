@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks import prepare, tokenize
 from tasks.config import parse_params
 
-from .conftest import SAMPLE, TINY_PARAMS, env, merge, shipped_params
+from .conftest import TINY_PARAMS, env, merge, shipped_params, tokenized_dir
 
 STEPS = 8
 KILL_AFTER = "checkpoint-4"
@@ -30,23 +29,8 @@ def adapter_digest(ws: Path) -> str:
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory, tiny_model):
-    import os
-
-    ws = tmp_path_factory.mktemp("resume")
-    shutil.copytree(tiny_model, ws / "models/tiny")
-    (ws / "data/raw").mkdir(parents=True)
-    shutil.copy(SAMPLE, ws / "data/raw/dialogues.jsonl")
     raw = merge(shipped_params(), merge(TINY_PARAMS, {"train": {"max_steps": STEPS, "save_steps": 2}}))
-    (ws / "params.yaml").write_text(yaml.safe_dump(raw))
-    cwd = os.getcwd()
-    os.chdir(ws)
-    try:
-        params = parse_params(raw, "params.yaml")
-        prepare.run(params)
-        tokenize.run(params)
-    finally:
-        os.chdir(cwd)
-    return ws
+    return tokenized_dir(tmp_path_factory.mktemp("resume"), tiny_model, raw)
 
 
 def train(ws: Path, *extra: str) -> subprocess.CompletedProcess[str]:

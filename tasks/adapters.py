@@ -1,0 +1,73 @@
+"""The PEFT method of params `peft.method`, built from the `lora` and `peft` sections.
+
+One place turns params into a PEFT config, so train, evaluate and export agree on what
+an adapter is and whether it can be merged into the base.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tasks.config import PROMPT_LEARNING, Params
+
+TASK_TYPE = "CAUSAL_LM"
+
+
+def mergeable(params: Params) -> bool:
+    """Soft prompts are extra inputs, not weight deltas: there is nothing to merge."""
+    return params.peft.method not in PROMPT_LEARNING
+
+
+def peft_config(params: Params):
+    from peft import (AdaLoraConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig,
+                      PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig)
+
+    method, lora = params.peft.method, params.lora
+    if method in ("lora", "dora"):
+        return LoraConfig(task_type=TASK_TYPE, use_dora=method == "dora", **lora.model_dump())
+    if method == "adalora":
+        return AdaLoraConfig(task_type=TASK_TYPE, init_r=lora.r, target_r=params.peft.adalora_target_r,
+                             lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
+                             target_modules=lora.target_modules, bias=lora.bias,
+                             total_step=params.train.max_steps)
+    if method in ("loha", "lokr"):
+        cls = LoHaConfig if method == "loha" else LoKrConfig
+        return cls(task_type=TASK_TYPE, r=lora.r, alpha=lora.lora_alpha,
+                   rank_dropout=lora.lora_dropout, target_modules=lora.target_modules)
+    if method == "ia3":
+        return IA3Config(task_type=TASK_TYPE, target_modules=lora.target_modules)
+    virtual: dict[str, Any] = {"task_type": TASK_TYPE,
+                               "num_virtual_tokens": params.peft.num_virtual_tokens}
+    cls = {"prompt_tuning": PromptTuningConfig, "prefix_tuning": PrefixTuningConfig,
+           "p_tuning": PromptEncoderConfig}[method]
+    return cls(**virtual)
+
+
+def settle(model) -> None:
+    """Makes the adapter config that will be saved loadable again.
+
+    PEFT resolves IA3's `all-linear` to full module paths but keeps its default feedforward
+    modules as short names (`down_proj`), and then refuses its own saved config because they
+    are not a subset; name the same modules by their full paths."""
+    config = model.peft_config["default"]
+    if config.peft_type == "IA3" and config.feedforward_modules and isinstance(config.target_modules, set):
+        short = set(config.feedforward_modules)
+        config.feedforward_modules = {t for t in config.target_modules if t.rsplit(".", 1)[-1] in short}
+
+
+def adalora_callback():
+    """AdaLoRA reallocates ranks from the gradients after every optimizer step; the Trainer
+    does not do that by itself."""
+    from transformers import TrainerCallback
+
+    class AdaLoraBudget(TrainerCallback):
+        def __init__(self):
+            self.model = None
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            self.model = model
+
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            self.model.base_model.update_and_allocate(state.global_step)
+
+    return AdaLoraBudget()
