@@ -3,6 +3,7 @@
     finetune check                      # validate params.yaml, list every problem
     finetune prepare|tokenize|train|evaluate|export
     finetune score --predictions P --references R [--field NAME]
+    finetune push --repo-id ORG/NAME     # upload artifacts/merged to the Hub (HF_TOKEN)
     finetune smoke-model                # rebuild the offline smoke model in models/
 """
 
@@ -39,6 +40,11 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--bootstrap-samples", type=int, default=1000)
     score.add_argument("--confidence-level", type=float, default=0.95)
     score.add_argument("--seed", type=int, default=0)
+    push = sub.add_parser("push", help="upload the exported model to the Hugging Face Hub")
+    push.add_argument("--repo-id", required=True, help="e.g. my-org/my-model")
+    push.add_argument("--folder", type=Path, default=Path("artifacts/merged"),
+                      help="an exported model: artifacts/merged or a registry/<hash> folder")
+    push.add_argument("--private", action="store_true", help="create the repo as private")
     smoke = sub.add_parser("smoke-model", help="rebuild the randomly initialised smoke model")
     smoke.add_argument("--data", type=Path, default=Path("data/raw/dialogues.jsonl"))
     smoke.add_argument("--out", type=Path, default=Path("models/smoke-llama"))
@@ -79,6 +85,13 @@ def _dispatch(args: argparse.Namespace) -> int:
                        bootstrap_samples=args.bootstrap_samples,
                        confidence_level=args.confidence_level, seed=args.seed)
         print(json.dumps(result, indent=2, sort_keys=True))
+        return 0
+    if args.command == "push":
+        from tasks import push
+        from tasks.io import setup_logging
+
+        setup_logging()
+        print(json.dumps(push.run(args.repo_id, args.folder, args.private)))
         return 0
     if args.command == "smoke-model":
         from tasks.smoke_model import build, texts_from_jsonl

@@ -127,3 +127,39 @@ def test_prefect_server_binds_to_loopback_by_default():
     from prefect.settings import get_current_settings
 
     assert get_current_settings().server.api.host == "127.0.0.1"
+
+
+def test_push_is_skipped_offline_and_refused_without_a_token(tmp_path):
+    """`finetune push` never uploads with HF_HUB_OFFLINE set, needs HF_TOKEN otherwise, and
+    a failed upload ends in one line that does not show the token."""
+    import json
+    import subprocess
+
+    from .conftest import FAKE_HF_TOKEN, env
+
+    exported = tmp_path / "artifacts/merged"
+    exported.mkdir(parents=True)
+    (exported / "README.md").write_text("# card\n")
+    (exported / "manifest.json").write_text(json.dumps({"params_sha256": "ab" * 32, "git_commit": "c" * 40}))
+
+    def push(*extra: str, **environ: str) -> subprocess.CompletedProcess[str]:
+        e = {**env(), **environ}
+        for key in [k for k, v in environ.items() if v is None]:
+            e.pop(key)
+        return subprocess.run(["finetune", "push", "--repo-id", "org/model", *extra], cwd=tmp_path,
+                              env=e, capture_output=True, text=True, timeout=120)
+
+    offline = push(HF_HUB_OFFLINE="1")
+    assert offline.returncode == 0 and json.loads(offline.stdout) == {"pushed": False, "reason": "offline"}
+    assert "not pushing artifacts/merged to org/model" in offline.stderr
+
+    no_token = push(HF_HUB_OFFLINE="0", HF_TOKEN=None)
+    assert no_token.returncode == 2 and "set HF_TOKEN" in no_token.stderr
+
+    not_exported = push("--folder", "nowhere", HF_HUB_OFFLINE="1")
+    assert not_exported.returncode == 2 and "not an exported model" in not_exported.stderr
+
+    # No network here: the upload itself fails, with the reason and without the token.
+    failed = push(HF_HUB_OFFLINE="0")
+    assert failed.returncode == 2 and "push to org/model failed" in failed.stderr
+    assert FAKE_HF_TOKEN not in failed.stdout + failed.stderr and "Traceback" not in failed.stderr
