@@ -169,6 +169,14 @@ def _rouge_rows(evaluation: dict[str, Any]) -> list[dict[str, Any]]:
 
 def publish(stage: str) -> dict[str, Any]:
     """UI artifacts for a finished stage; stable keys so runs compare over time."""
+    if stage == "align":
+        alignment = json.loads(paths.METRICS["align"].read_text())
+        if not alignment["enabled"]:
+            return {}
+        rows = [{"metric": k, "held_out": v} for k, v in alignment["held_out"].items()]
+        create_table_artifact(key="preference-alignment", table=rows,
+                              description="DPO on held-out preference pairs (rewards vs the SFT model)")
+        return {"alignment": alignment["held_out"]}
     if stage == "evaluate":
         evaluation = json.loads(paths.METRICS["eval"].read_text())
         rows = _rouge_rows(evaluation)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tasks.errors import PipelineError
 
-STAGES = ("prepare", "tokenize", "train", "evaluate", "export", "promote")
+STAGES = ("prepare", "tokenize", "train", "align", "evaluate", "export", "promote")
 # Stages (comma-separated) this machine must not compute: the Prefect flow sets it while
 # restoring a stage another worker ran (flows/finetune.py).
 RESTORE_ONLY_ENV = "FINETUNE_RESTORE_ONLY"

@@ -219,6 +219,28 @@ class TrainConfig(Section):
         return self
 
 
+class AlignConfig(Section):
+    # Preference tuning with TRL's DPO, starting from the SFT adapter. Off by default: the
+    # stage then only records that it is off.
+    enabled: bool = False
+    # Records with the data's template fields (data.columns applies) plus `chosen` and
+    # `rejected` completions, under data/raw/; the id's split (data.split) decides which
+    # pairs are held out for the reported reward accuracy and margins.
+    path: str = "data/raw/preferences.jsonl"
+    beta: float = Field(0.1, gt=0)  # strength of the KL pull towards the reference (the SFT model)
+    max_steps: int = Field(30, ge=1)
+    per_device_train_batch_size: int = Field(4, ge=1)
+    per_device_eval_batch_size: int = Field(8, ge=1)
+    learning_rate: float = Field(5e-4, gt=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _local(self) -> AlignConfig:
+        if not Path(self.path).as_posix().startswith("data/raw/"):
+            raise ValueError(f"path: {self.path} must be under data/raw/ (the folder dvc.yaml tracks)")
+        return self
+
+
 class EvaluateConfig(Section):
     # Generation settings, shared with export's re-scoring:
     max_new_tokens: int = Field(48, ge=1)
@@ -258,6 +280,7 @@ class Params(Section):
     peft: PeftMethodConfig = PeftMethodConfig()
     tokenize: TokenizeConfig = TokenizeConfig()
     train: TrainConfig = TrainConfig()
+    align: AlignConfig = AlignConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     export: ExportConfig = ExportConfig()
     promote: PromoteConfig = PromoteConfig()
@@ -282,6 +305,9 @@ class Params(Section):
             problems.append("peft.method prefix_tuning feeds its prefixes as a KV cache, which PEFT "
                             "cannot combine with gradient checkpointing: set "
                             "train.gradient_checkpointing: false")
+        if self.align.enabled and (self.prompt.template == "chat" or method != "lora"):
+            problems.append("align.enabled needs prompt.template other than chat and peft.method "
+                            "lora (the DPO stage supports those so far)")
         if method == "adalora" and self.train.max_steps < 1:
             problems.append("peft.method adalora schedules its rank budget over train.max_steps: "
                             "set a positive train.max_steps")

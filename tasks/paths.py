@@ -7,6 +7,7 @@ TOKENIZED = Path("data/tokenized")  # save_to_disk DatasetDict {train, validatio
 TOKENIZER = TOKENIZED / "tokenizer"  # the tokenizer every later stage loads (pad token fixed)
 LABEL_PREVIEW = Path("reports/label_preview.txt")
 ADAPTER = Path("artifacts/adapter")  # PEFT adapter (safetensors) + tokenizer
+ALIGNED = Path("artifacts/aligned")  # DPO-tuned adapter (or a note when align is off)
 CHECKPOINTS = Path("artifacts/checkpoints")  # resumable trainer checkpoints, not a DVC output
 MERGED = Path("artifacts/merged")  # standalone model: safetensors, tokenizer, card, manifest
 PREDICTIONS = Path("reports/predictions.jsonl")
@@ -15,5 +16,5 @@ TRAIN_LOG = Path("metrics/train_log.tsv")
 REGISTRY = Path("registry")  # promoted models, one folder each; kept across runs
 LATEST = REGISTRY / "latest.json"  # the promoted model consumers should read
 METRICS = {stage: Path(f"metrics/{stage}.json")
-           for stage in ("prepare", "tokenize", "train", "eval", "export", "promote")}
+           for stage in ("prepare", "tokenize", "train", "align", "eval", "export", "promote")}
 SPLITS = ("train", "validation", "test")

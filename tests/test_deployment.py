@@ -115,8 +115,8 @@ def test_nightly_deployment_runs_on_a_gpu_pool_worker(server, tmp_path_factory, 
     COMPLETED["id"], COMPLETED["name"] = flow_run_id, flow_run["name"]
     task_runs = api(server["url"], "/task_runs/filter",
                     {"flow_runs": {"id": {"any_": [flow_run_id]}}})
-    assert {t["name"] for t in task_runs} == {"prepare", "tokenize", "train", "evaluate", "export",
-                                              "promote"}
+    assert {t["name"] for t in task_runs} == {"prepare", "tokenize", "train", "align", "evaluate",
+                                              "export", "promote"}
     keys = {a["key"] for a in api(server["url"], "/artifacts/filter",
                                   {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}})}
     assert {"rouge-base-vs-tuned", "sample-predictions", "exported-model", "promotion"} <= keys

@@ -13,7 +13,7 @@ import yaml
 
 from .conftest import TINY_PARAMS, env, make_workspace, merge
 
-STAGES = ["prepare", "tokenize", "train", "evaluate", "export", "promote"]
+STAGES = ["prepare", "tokenize", "train", "align", "evaluate", "export", "promote"]
 
 
 @pytest.fixture(scope="module")

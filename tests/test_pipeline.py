@@ -15,7 +15,7 @@ import yaml
 
 from .conftest import FAKE_HF_TOKEN, make_workspace, run
 
-STAGES = ["prepare", "tokenize", "train", "evaluate", "export", "promote"]
+STAGES = ["prepare", "tokenize", "train", "align", "evaluate", "export", "promote"]
 
 
 def ran(output: str) -> list[str]:
@@ -74,7 +74,8 @@ def test_each_stage_writes_exactly_its_outputs(ws):
         "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
         "tokenizer_config.json", "chat_template.jinja", "README.md", "manifest.json"}
     assert files(ws / "metrics") == {"prepare.json", "tokenize.json", "train.json", "train_log.tsv",
-                                     "eval.json", "export.json", "promote.json", ".gitignore"}
+                                     "align.json", "eval.json", "export.json", "promote.json", ".gitignore"}
+    assert files(ws / "artifacts/aligned") == {"README.md"}  # align.enabled is false by default
     assert files(ws / "reports") == {"predictions.jsonl", "eval_preview.md", "label_preview.txt",
                                      ".gitignore"}
     assert not (ws / "artifacts/checkpoints").exists()
@@ -151,7 +152,7 @@ def test_export_param_reruns_only_export(ws):
 
 def test_training_param_reruns_train_and_after(ws):
     set_param(ws, "lora", "lora_dropout", 0.1)
-    assert repro(ws) == ["train", "evaluate", "export", "promote"]
+    assert repro(ws) == ["train", "align", "evaluate", "export", "promote"]
 
 
 @pytest.mark.parametrize(("change", "stage"), [
