@@ -6,11 +6,18 @@ an adapter is and whether it can be merged into the base.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from tasks import paths
 from tasks.config import PROMPT_LEARNING, Params
 
 TASK_TYPE = "CAUSAL_LM"
+
+
+def tuned_adapter(params: Params) -> Path:
+    """The adapter evaluate and export use: the DPO-aligned one when align is on, else SFT's."""
+    return paths.ALIGNED if params.align.enabled else paths.ADAPTER
 
 
 def mergeable(params: Params) -> bool:

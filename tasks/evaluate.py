@@ -1,5 +1,6 @@
 """evaluate: generate on the test split with the base model and with the tuned model (base
-+ adapter), and score both with ROUGE-1/2/L/Lsum side by side.
++ adapter: SFT's, or the DPO-aligned one when align is on), and score both with
+ROUGE-1/2/L/Lsum side by side.
 
 Both generations use one loaded base (quantized as in training): the base's outputs come
 from the same model with the adapter switched off. Reads artifacts/adapter/ and
@@ -24,15 +25,18 @@ log = logging.getLogger("finetune.evaluate")
 
 
 def load_tuned(params: Params):
-    """The base model, quantized as in training, with the trained adapter attached."""
+    """The base model, quantized as in training, with the tuned adapter attached (SFT's, or
+    the DPO-aligned one when align is on)."""
     from peft import PeftModel
 
+    from tasks.adapters import tuned_adapter
     from tasks.modeling import load_base, load_tokenizer, match_vocab
 
-    tokenizer = load_tokenizer(params.model, str(paths.ADAPTER))
+    adapter = tuned_adapter(params)
+    tokenizer = load_tokenizer(params.model, str(adapter))
     base = load_base(params, quantized=params.quant.load_in_4bit)
     match_vocab(base, tokenizer)
-    model = PeftModel.from_pretrained(base, str(paths.ADAPTER))
+    model = PeftModel.from_pretrained(base, str(adapter))
     model.eval()
     return model, tokenizer
 

@@ -8,7 +8,7 @@ Before saving it checks that the merged logits equal base + adapter on a few tes
 (`export.logits_atol`) and that the merged model's ROUGE-L on the test split equals the
 adapter's (`export.rouge_atol`); either failing stops the stage with nothing written.
 
-Reads artifacts/adapter/ and data/prepared/test.jsonl; writes artifacts/merged/ (safetensors,
+Reads artifacts/adapter/ (artifacts/aligned/ when align is on) and data/prepared/test.jsonl; writes artifacts/merged/ (safetensors,
 tokenizer, generation config, README.md model card, manifest.json) and metrics/export.json.
 
     finetune export
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks import paths
-from tasks.adapters import mergeable
+from tasks.adapters import mergeable, tuned_adapter
 from tasks.config import Params
 from tasks.errors import PipelineError
 from tasks.generation import batches, generate, prompt_token_ids, test_rows
@@ -35,7 +35,8 @@ log = logging.getLogger("finetune.export")
 
 # The params a merged model is made from (evaluate's scoring settings are not among them;
 # dvc.yaml lists exactly these for the export stage).
-LINEAGE = ("data", "prompt", "model", "quant", "lora", "peft", "tokenize", "train", "export")
+LINEAGE = ("data", "prompt", "model", "quant", "lora", "peft", "tokenize", "train", "align",
+           "export")
 LIBRARIES = ("torch", "transformers", "peft", "trl", "datasets", "bitsandbytes", "accelerate",
              "evaluate", "rouge_score", "dvc", "pydantic")
 
@@ -103,7 +104,8 @@ def manifest(params: Params) -> dict[str, Any]:
         "git_dirty": _git("status", "--porcelain", "--untracked-files=no") not in ("", "unknown"),
         "params_sha256": params.digest(LINEAGE),
         "params": params.model_dump(mode="json", include=set(LINEAGE)),
-        "inputs": {"base_model": base, "adapter_sha256": sha256_path(paths.ADAPTER),
+        "inputs": {"base_model": base, "adapter": str(tuned_adapter(params)),
+                   "adapter_sha256": sha256_path(tuned_adapter(params)),
                    "test_split_sha256": sha256_path(paths.PREPARED / "test.jsonl")},
         "libraries": versions,
     }
@@ -139,7 +141,7 @@ tags: [fine-tuned, {p.peft.method}{', qlora' if p.quant.load_in_4bit and p.peft.
 {what}
 
 - Data: `{p.data.path}` (revision `{p.data.revision}`), prompt template `{p.prompt.template}`
-- Method: {_method(p)}
+- Method: {_method(p)}{f"; then DPO on `{p.align.path}` (beta {p.align.beta}, {p.align.max_steps} steps)" if p.align.enabled else ""}
 - Training: {f"{p.train.max_steps} steps" if p.train.max_steps > 0 else f"{p.train.num_train_epochs} epochs"}, learning_rate={p.train.learning_rate},
   batch {p.train.per_device_train_batch_size} x {p.train.gradient_accumulation_steps}, seed {p.train.seed}
 
@@ -173,11 +175,12 @@ def run(params: Params) -> dict[str, Any]:
     from tasks.modeling import load_tokenizer
 
     cfg = params.export
-    tokenizer = load_tokenizer(params.model, str(paths.ADAPTER))
+    adapter = tuned_adapter(params)
+    tokenizer = load_tokenizer(params.model, str(adapter))
     rows = test_rows(params)
     prompts = [r["prompt"] for r in rows]
     references = [r["completion"].strip() for r in rows]
-    model = PeftModel.from_pretrained(_merge_base(params, tokenizer), str(paths.ADAPTER))
+    model = PeftModel.from_pretrained(_merge_base(params, tokenizer), str(adapter))
     model.eval()
     with model.disable_adapter():
         base_out = generate(model, tokenizer, prompts, params)

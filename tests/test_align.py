@@ -67,6 +67,24 @@ def test_dpo_trains_from_the_sft_adapter_and_reports_held_out_rewards(trained, m
     assert list(model.peft_config) == ["default"]  # TRL's frozen "ref" copy is not saved
 
 
+def test_evaluate_and_export_use_the_aligned_adapter_when_align_is_on(trained, monkeypatch):
+    from tasks import evaluate, export
+    from tasks.io import sha256_path
+
+    monkeypatch.chdir(trained)
+    params = params_with(trained, enabled=True, max_steps=STEPS)
+    if not Path("artifacts/aligned/adapter_config.json").is_file():
+        align.run(params)
+    small = params.model_copy(update={"evaluate": params.evaluate.model_copy(
+        update={"max_samples": 2, "max_new_tokens": 4})})
+    assert set(evaluate.run(small)) == {"base", "tuned", "delta"}
+    export.run(small)
+    manifest = json.loads(Path("artifacts/merged/manifest.json").read_text())
+    assert manifest["inputs"]["adapter"] == "artifacts/aligned"
+    assert manifest["inputs"]["adapter_sha256"] == sha256_path(Path("artifacts/aligned"))
+    assert "then DPO on" in Path("artifacts/merged/README.md").read_text()
+
+
 def test_held_out_pairs_follow_the_data_split(trained, monkeypatch):
     from tasks.prepare import _split_of
 
