@@ -1,0 +1,236 @@
+"""GPU benchmark (issue 5, item 3): the train stage's QLoRA path on a randomly initialised
+Llama config against the tutorial way, side by side in one run, with MFU and peak memory
+against the preflight estimate. No weights are downloaded: the config is built here.
+
+    python bench/gpu.py --model llama-3.2-1b --seq 2048 --batch 4 --steps 30
+    python bench/gpu.py --model llama-3.2-1b --mode lora-bf16     # LoRA on a bf16 base
+    python bench/gpu.py --model tiny --steps 8                    # a CPU check of this script
+
+Rows have random lengths between seq/4 and seq (as real data has), all tokens trainable;
+tokens/s counts non-padding tokens after `--warmup` steps. "ours" is tasks.train.build_trainer
+with the given params (padding per batch, or padding-free with flash_attention_2); the
+baseline pads every row to seq, as the usual tutorial does. One JSON line per
+implementation, then one with the ratio.
+
+MFU = tokens/s x FLOPs per token / peak FLOP/s, where FLOPs per token = 4N (forward 2N plus
+input-gradient backward 2N, the frozen base has no weight gradients; the adapter's are
+negligible) + attention (6 L s d: causal QK^T and AV forward, twice that backward, at the
+mean row length s), against both the H100's 989 TFLOP/s dense bf16 and a bf16 matmul peak
+measured here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+H100_BF16_TFLOPS = 989.0
+CONFIGS = {  # Llama 3.x shapes; only the architecture matters for speed and memory
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                         tie_word_embeddings=True, max_position_embeddings=8192),
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                         tie_word_embeddings=False, max_position_embeddings=8192),
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4, vocab_size=1024, tie_word_embeddings=True,
+                 max_position_embeddings=4096),
+}
+MATMUL_SIZE = 8192
+MATMUL_REPEATS = 50
+
+
+def measured_matmul_tflops() -> float | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    a = torch.randn(MATMUL_SIZE, MATMUL_SIZE, device="cuda", dtype=torch.bfloat16)
+    for _ in range(5):
+        a @ a
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(MATMUL_REPEATS):
+        a @ a
+    torch.cuda.synchronize()
+    return 2 * MATMUL_SIZE ** 3 * MATMUL_REPEATS / (time.perf_counter() - start) / 1e12
+
+
+def workspace(args) -> Path:
+    """A directory the train stage can run in: models/bench (random weights), the smoke
+    tokenizer as data/tokenized/tokenizer, and random token rows as data/tokenized."""
+    import datasets
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    ws = Path(tempfile.mkdtemp(prefix="finetune-gpu-bench-"))
+    config = LlamaConfig(**CONFIGS[args.model], torch_dtype="bfloat16")
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(ws / "models/bench")
+    del model
+    tokenizer = AutoTokenizer.from_pretrained(REPO / "models/smoke-llama")
+    tokenizer.save_pretrained(ws / "models/bench")
+    tokenizer.save_pretrained(ws / "data/tokenized/tokenizer")
+    rng = random.Random(0)
+    rows = []
+    for _ in range(args.batch * (args.steps + 1)):
+        n = rng.randint(args.seq // 4, args.seq)
+        ids = [rng.randrange(config.vocab_size) for _ in range(n)]
+        rows.append({"input_ids": ids, "attention_mask": [1] * n, "labels": ids, "id": str(len(rows))})
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(ws / "data/tokenized")
+    return ws
+
+
+def params_for(args):
+    import yaml
+
+    from tasks.config import parse_params
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["model"].update(name_or_path="models/bench", attn_implementation=args.attn)
+    raw["quant"]["load_in_4bit"] = args.mode == "qlora"
+    raw["export"]["merge_into"] = "dequantized" if args.mode == "qlora" else "original"
+    raw["tokenize"]["max_length"] = args.seq
+    raw["evaluate"]["max_new_tokens"] = 16
+    raw["train"].update(max_steps=args.steps, per_device_train_batch_size=args.batch,
+                        save_steps=args.steps + 1, learning_rate=2e-4, logging_steps=1,
+                        padding_free=args.padding_free)
+    return parse_params(raw, "bench params")
+
+
+def timed(trainer, args) -> dict:
+    import bench.run as run
+
+    out = Path(tempfile.mkstemp(suffix=".json")[1])
+    os.environ["BENCH_OUT"] = str(out)
+    run.WARMUP_STEPS = args.warmup
+    trainer.add_callback(run.StepTimer())
+    _reset_peak()
+    trainer.train()
+    result = json.loads(out.read_text())
+    result["peak_gib"] = _peak_gib()
+    return result
+
+
+def _reset_peak() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gib() -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
+def ours(args, params) -> dict:
+    from tasks import train
+
+    return timed(train.build_trainer(params, tempfile.mkdtemp(), []), args)
+
+
+def baseline(args, params) -> dict:
+    """The tutorial: the same 4-bit (or bf16) model, PEFT LoRA, every row padded to seq."""
+    import datasets
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, DataCollatorForSeq2Seq,
+                              Trainer, TrainingArguments)
+
+    from tasks.modeling import load_tokenizer
+
+    tok = load_tokenizer(params.model, "data/tokenized/tokenizer")
+    data = datasets.load_from_disk("data/tokenized")["train"].remove_columns("id")
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16) if args.mode == "qlora" else None
+    model = AutoModelForCausalLM.from_pretrained("models/bench", quantization_config=quant,
+                                                 dtype=torch.bfloat16, attn_implementation="sdpa",
+                                                 device_map={"": 0} if torch.cuda.is_available() else None)
+    if quant is not None:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, LoraConfig(r=params.lora.r, lora_alpha=params.lora.lora_alpha,
+                                             lora_dropout=params.lora.lora_dropout,
+                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+    cuda = torch.cuda.is_available()
+    trainer = Trainer(
+        model=model, train_dataset=data,
+        data_collator=DataCollatorForSeq2Seq(tok, padding="max_length", max_length=args.seq),
+        args=TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch,
+                               max_steps=args.steps, learning_rate=2e-4, save_strategy="no",
+                               gradient_checkpointing=True, bf16=cuda, report_to="none",
+                               optim="paged_adamw_8bit" if cuda else "adamw_torch",
+                               include_num_input_tokens_seen="non_padding", use_cpu=not cuda,
+                               remove_unused_columns=False, disable_tqdm=True))
+    return timed(trainer, args)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(CONFIGS), default="llama-3.2-1b")
+    parser.add_argument("--mode", choices=("qlora", "lora-bf16"), default="qlora")
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--attn", default="sdpa", choices=("sdpa", "flash_attention_2", "eager"))
+    parser.add_argument("--padding-free", default="auto", type=lambda v: v if v == "auto" else v == "true")
+    parser.add_argument("--only", choices=("ours", "baseline"))
+    args = parser.parse_args()
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tasks.memory import estimate
+
+    ws = workspace(args)
+    os.chdir(ws)
+    try:
+        params = params_for(args)
+        config = AutoConfig.from_pretrained("models/bench")
+        est = estimate(params, config, "bfloat16")["total"]
+        peak = measured_matmul_tflops()
+        results = {}
+        for name, fn in (("ours", ours), ("baseline", baseline)):
+            if args.only in (None, name):
+                results[name] = fn(args, params)
+        layers, hidden = config.num_hidden_layers, config.hidden_size
+        with torch.device("meta"):
+            n = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+        mean_len = (args.seq // 4 + args.seq) / 2
+        flops_per_token = 4 * n + 6 * layers * mean_len * hidden
+        for name, r in results.items():
+            tps = r["tokens_per_s"]
+            print(json.dumps({"name": f"gpu-train-{name}", "model": args.model, "mode": args.mode,
+                              "seq": args.seq, "batch": args.batch, "steps": args.steps,
+                              "tokens_per_s": round(tps, 1), "peak_gib": r["peak_gib"],
+                              "estimate_gib": est, "peak_over_estimate": (round(r["peak_gib"] / est, 3)
+                                                                          if r["peak_gib"] else None),
+                              "mfu_vs_989": round(tps * flops_per_token / (H100_BF16_TFLOPS * 1e12), 4),
+                              "mfu_vs_measured": round(tps * flops_per_token / (peak * 1e12), 4) if peak else None,
+                              "measured_matmul_tflops": round(peak, 1) if peak else None,
+                              "params": n, "attn": args.attn}), flush=True)
+        if len(results) == 2:
+            print(json.dumps({"name": "gpu-train-ratio", "ratio": round(
+                results["ours"]["tokens_per_s"] / results["baseline"]["tokens_per_s"], 3)}))
+    finally:
+        os.chdir(REPO)
+        shutil.rmtree(ws, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
