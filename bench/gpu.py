@@ -110,12 +110,11 @@ def params_for(args):
 
 
 def timed(trainer, args) -> dict:
-    import bench.run as run
+    from bench.run import StepTimer
 
     out = Path(tempfile.mkstemp(suffix=".json")[1])
     os.environ["BENCH_OUT"] = str(out)
-    run.WARMUP_STEPS = args.warmup
-    trainer.add_callback(run.StepTimer())
+    trainer.add_callback(StepTimer(args.warmup))
     _reset_peak()
     trainer.train()
     result = json.loads(out.read_text())

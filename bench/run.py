@@ -77,17 +77,18 @@ def report(name: str, ours: float, baseline: float, unit: str, **settings: Any) 
 class StepTimer:
     """A TrainerCallback: non-padding tokens/s after the warm-up steps, and peak RSS."""
 
-    def __new__(cls):
+    def __new__(cls, warmup_steps: int = WARMUP_STEPS):
         from transformers import TrainerCallback
 
         class _Timer(TrainerCallback):
-            marks: list[tuple[float, int]] = []
+            def __init__(self):
+                self.marks: list[tuple[float, int]] = []  # per timer: one process may run several
 
             def on_step_end(self, args, state, control, **kwargs):
                 self.marks.append((time.perf_counter(), state.num_input_tokens_seen))
 
             def on_train_end(self, args, state, control, **kwargs):
-                (t0, n0), (t1, n1) = self.marks[WARMUP_STEPS - 1], self.marks[-1]
+                (t0, n0), (t1, n1) = self.marks[warmup_steps - 1], self.marks[-1]
                 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
                 Path(os.environ["BENCH_OUT"]).write_text(json.dumps(
                     {"tokens_per_s": (n1 - n0) / (t1 - t0), "peak_rss_mib": peak}))

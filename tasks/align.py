@@ -18,6 +18,7 @@ holds a note) so the DAG is the same either way.
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -43,12 +44,13 @@ def pairs(params: Params) -> dict[str, list[dict[str, str]]]:
         raise DataError(f"align.path: {path} does not exist")
     tpl = templates.resolve(params.prompt.template, params.prompt.completion)
     answer_fields = templates.fields_of(tpl.completion)
+    id_column = params.data.id_column or "id"
     out: dict[str, list[dict[str, str]]] = {"train": [], "held_out": []}
     for where, record, bad in READERS[path.suffix.lower()](path):
         if bad is not None:
             raise DataError(f"{where}: {bad}")
         assert record is not None
-        missing = [f for f in (params.data.id_column or "id", *PAIR_FIELDS) if not record.get(f)]
+        missing = [f for f in (id_column, *PAIR_FIELDS) if not record.get(f)]
         if missing:
             raise DataError(f"{where}: missing field {missing[0]!r} (preference records need "
                             f"an id, the template's input fields, chosen and rejected)")
@@ -59,7 +61,7 @@ def pairs(params: Params) -> dict[str, list[dict[str, str]]]:
                 rendered[field] = _to_example(params, tpl, None, where, {**record, **answer})
         except BadRecord as err:
             raise DataError(str(err)) from None
-        row_id = str(record[params.data.id_column or "id"])
+        row_id = str(record[id_column])
         split = "train" if _split_of(row_id, params) == "train" else "held_out"
         out[split].append({"id": row_id, "prompt": rendered["chosen"]["prompt"],
                            "chosen": rendered["chosen"]["completion"],
@@ -73,22 +75,16 @@ def pairs(params: Params) -> dict[str, list[dict[str, str]]]:
 
 def _trainer(params: Params, data: dict[str, list[dict[str, str]]], output_dir: str):
     import datasets
-    from peft import PeftModel, prepare_model_for_kbit_training
+    from peft import PeftModel
     from trl import DPOConfig, DPOTrainer
 
-    from tasks.modeling import device, load_base, load_tokenizer, match_vocab, resolve_precision
-    from tasks.train import _optim
+    from tasks.modeling import device, load_tokenizer, resolve_precision
+    from tasks.train import _optim, trainable_base
 
     a, t = params.align, params.train
     tokenizer = load_tokenizer(params.model, str(paths.ADAPTER))
-    base = load_base(params, quantized=params.quant.load_in_4bit)
-    base.config.use_cache = False
-    match_vocab(base, tokenizer)
-    if params.quant.load_in_4bit:
-        base = prepare_model_for_kbit_training(
-            base, use_gradient_checkpointing=t.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = PeftModel.from_pretrained(base, str(paths.ADAPTER), is_trainable=True)
+    model = PeftModel.from_pretrained(trainable_base(params, tokenizer), str(paths.ADAPTER),
+                                      is_trainable=True)
     precision = resolve_precision(t.precision)
     args = DPOConfig(
         output_dir=output_dir, beta=a.beta, max_steps=a.max_steps, learning_rate=a.learning_rate,
@@ -122,7 +118,7 @@ def run(params: Params) -> dict[str, Any]:
         result = trainer.train()
         held_out = trainer.evaluate()
     loss = result.training_loss
-    if loss != loss:  # NaN
+    if math.isnan(loss):
         raise PipelineError("DPO loss is nan: lower align.learning_rate or align.beta")
     with atomic_path(paths.ALIGNED) as tmp:
         trainer.model.save_pretrained(tmp, selected_adapters=["default"])

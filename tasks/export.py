@@ -8,8 +8,9 @@ Before saving it checks that the merged logits equal base + adapter on a few tes
 (`export.logits_atol`) and that the merged model's ROUGE-L on the test split equals the
 adapter's (`export.rouge_atol`); either failing stops the stage with nothing written.
 
-Reads artifacts/adapter/ (artifacts/aligned/ when align is on) and data/prepared/test.jsonl; writes artifacts/merged/ (safetensors,
-tokenizer, generation config, README.md model card, manifest.json) and metrics/export.json.
+Reads artifacts/adapter/ (artifacts/aligned/ when align is on) and data/prepared/test.jsonl;
+writes artifacts/merged/ (safetensors, tokenizer, generation config, README.md model card,
+manifest.json) and metrics/export.json.
 
     finetune export
 """
@@ -90,6 +91,7 @@ def manifest(params: Params) -> dict[str, Any]:
     from tasks.config import ModelConfig
 
     model: ModelConfig = params.model
+    adapter = tuned_adapter(params)
     base = {"name_or_path": model.name_or_path, "revision": model.revision}
     if model.is_local:
         base["sha256"] = sha256_path(Path(model.name_or_path))
@@ -104,8 +106,8 @@ def manifest(params: Params) -> dict[str, Any]:
         "git_dirty": _git("status", "--porcelain", "--untracked-files=no") not in ("", "unknown"),
         "params_sha256": params.digest(LINEAGE),
         "params": params.model_dump(mode="json", include=set(LINEAGE)),
-        "inputs": {"base_model": base, "adapter": str(tuned_adapter(params)),
-                   "adapter_sha256": sha256_path(tuned_adapter(params)),
+        "inputs": {"base_model": base, "adapter": str(adapter),
+                   "adapter_sha256": sha256_path(adapter),
                    "test_split_sha256": sha256_path(paths.PREPARED / "test.jsonl")},
         "libraries": versions,
     }
@@ -114,9 +116,13 @@ def manifest(params: Params) -> dict[str, Any]:
 def _method(p: Params) -> str:
     quant = f", on the 4-bit {p.quant.bnb_4bit_quant_type} base" if p.quant.load_in_4bit else ""
     if not mergeable(p):
-        return f"{p.peft.method}, {p.peft.num_virtual_tokens} virtual tokens{quant}"
-    rank = "" if p.peft.method == "ia3" else f" r={p.lora.r}, lora_alpha={p.lora.lora_alpha},"
-    return f"{p.peft.method}{quant},{rank} target_modules={p.lora.target_modules}"
+        method = f"{p.peft.method}, {p.peft.num_virtual_tokens} virtual tokens{quant}"
+    else:
+        rank = "" if p.peft.method == "ia3" else f" r={p.lora.r}, lora_alpha={p.lora.lora_alpha},"
+        method = f"{p.peft.method}{quant},{rank} target_modules={p.lora.target_modules}"
+    if p.align.enabled:
+        method += f"; then DPO on `{p.align.path}` (beta {p.align.beta}, {p.align.max_steps} steps)"
+    return method
 
 
 def model_card(params: Params, scores: dict[str, Any]) -> str:
@@ -141,7 +147,7 @@ tags: [fine-tuned, {p.peft.method}{', qlora' if p.quant.load_in_4bit and p.peft.
 {what}
 
 - Data: `{p.data.path}` (revision `{p.data.revision}`), prompt template `{p.prompt.template}`
-- Method: {_method(p)}{f"; then DPO on `{p.align.path}` (beta {p.align.beta}, {p.align.max_steps} steps)" if p.align.enabled else ""}
+- Method: {_method(p)}
 - Training: {f"{p.train.max_steps} steps" if p.train.max_steps > 0 else f"{p.train.num_train_epochs} epochs"}, learning_rate={p.train.learning_rate},
   batch {p.train.per_device_train_batch_size} x {p.train.gradient_accumulation_steps}, seed {p.train.seed}
 

@@ -2,8 +2,8 @@
 transformers Trainer.
 
 The data is already tokenized and label-masked, so the plain Trainer with a padding-free (or
-dynamic-padding) collator is all that is needed (TRL's SFTTrainer would re-derive the same). Checkpoints go
-to artifacts/checkpoints every `train.save_steps`; rerunning after an interruption resumes
+dynamic-padding) collator is all that is needed (TRL's SFTTrainer would re-derive the same).
+Checkpoints go to artifacts/checkpoints every `train.save_steps`; rerunning after an interruption resumes
 from the last one when params and data are unchanged, and the checkpoints are removed once
 the adapter is saved.
 
@@ -99,10 +99,9 @@ def _history_callback(history: list[dict[str, Any]]):
     return History()
 
 
-def _model(params: Params, tokenizer):
-    from peft import get_peft_model, prepare_model_for_kbit_training
-
-    from tasks.adapters import peft_config, settle
+def trainable_base(params: Params, tokenizer):
+    """The base model made ready for adapter training (also what align starts from)."""
+    from peft import prepare_model_for_kbit_training
 
     quantized = params.quant.load_in_4bit
     model = load_base(params, quantized=quantized)
@@ -114,7 +113,15 @@ def _model(params: Params, tokenizer):
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=params.train.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(model, peft_config(params))
+    return model
+
+
+def _model(params: Params, tokenizer):
+    from peft import get_peft_model
+
+    from tasks.adapters import peft_config, settle
+
+    model = get_peft_model(trainable_base(params, tokenizer), peft_config(params))
     settle(model)
     return model
 
@@ -276,7 +283,8 @@ def run(params: Params) -> dict[str, Any]:
 
     config = AutoConfig.from_pretrained(params.model.name_or_path, revision=params.model.revision,
                                         trust_remote_code=params.model.trust_remote_code)
-    estimate = preflight(params, config, str(compute_dtype(params)).removeprefix("torch."), device())
+    dtype = str(compute_dtype(params)).removeprefix("torch.")
+    estimate = preflight(params, config, dtype, device())
     history: list[dict[str, Any]] = []
     trainer = build_trainer(params, str(paths.CHECKPOINTS), history)
     _check_world(params, trainer.args)
@@ -287,7 +295,7 @@ def run(params: Params) -> dict[str, Any]:
     log.info("trainable parameters: %d of %d (%.2f%%)", trainable, total, 100 * trainable / total)
     if padding_free(params):
         rows = trainer.train_dataset.select(range(min(PACKING_CHECK_ROWS, len(trainer.train_dataset))))
-        check_padding_free(model, rows, str(compute_dtype(params)).removeprefix("torch."))
+        check_padding_free(model, rows, dtype)
     try:
         result = trainer.train(resume_from_checkpoint=resume)
         eval_loss = trainer.evaluate()["eval_loss"] if trainer.eval_dataset is not None else None
