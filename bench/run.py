@@ -162,7 +162,7 @@ def bench_tokenize(ws: Path) -> dict[str, Any]:
     tokenize.set_pad_token(tok)
 
     def ours() -> None:
-        tokenize._tokenize_split(rows, tok, params.tokenize, "train")
+        tokenize._tokenize_split(rows, tok, params, "train")
 
     def raw() -> None:
         tok([r["prompt"] + r["completion"] for r in rows])

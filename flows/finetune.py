@@ -160,7 +160,7 @@ def run_stage(stage: str, force: bool = False, remote: bool = False,
     return result
 
 
-def _rouge_rows(evaluation: dict[str, Any]) -> list[dict[str, Any]]:
+def _score_rows(evaluation: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"metric": t, "base": evaluation["base"][t]["mean"], "tuned": evaluation["tuned"][t]["mean"],
              "delta": evaluation["delta"][t],
              "tuned_ci95": f"[{evaluation['tuned'][t]['ci_low']}, {evaluation['tuned'][t]['ci_high']}]"}
@@ -179,12 +179,13 @@ def publish(stage: str) -> dict[str, Any]:
         return {"alignment": alignment["held_out"]}
     if stage == "evaluate":
         evaluation = json.loads(paths.METRICS["eval"].read_text())
-        rows = _rouge_rows(evaluation)
-        create_table_artifact(key="rouge-base-vs-tuned", table=rows,
-                              description="ROUGE F-measure on the test split, base vs tuned")
+        rows = _score_rows(evaluation)
+        # The task's metrics: ROUGE F-measures, or accuracy and macro-F1 for classification.
+        create_table_artifact(key="scores-base-vs-tuned", table=rows,
+                              description="Test-split scores, base vs tuned")
         create_markdown_artifact(key="sample-predictions", markdown=paths.EVAL_PREVIEW.read_text(),
                                  description="A few test examples: reference, base, tuned")
-        return {"rouge": {r["metric"]: {k: r[k] for k in ("base", "tuned", "delta")} for r in rows}}
+        return {"scores": {r["metric"]: {k: r[k] for k in ("base", "tuned", "delta")} for r in rows}}
     if stage == "export":
         lock = yaml.safe_load(Path("dvc.lock").read_text())["stages"]
         md5 = {o["path"]: o["md5"] for s in ("train", "export") for o in lock[s]["outs"]}

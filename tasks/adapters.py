@@ -12,7 +12,10 @@ from typing import Any
 from tasks import paths
 from tasks.config import PROMPT_LEARNING, Params
 
-TASK_TYPE = "CAUSAL_LM"
+# PEFT's task type of each model.task. SEQ_CLS also trains the new classification head in
+# full and saves it with the adapter (PEFT's modules_to_save).
+TASK_TYPES = {"causal_lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM",
+              "sequence_classification": "SEQ_CLS"}
 
 
 def tuned_adapter(params: Params) -> Path:
@@ -30,20 +33,21 @@ def peft_config(params: Params):
                       PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig)
 
     method, lora = params.peft.method, params.lora
+    task_type = TASK_TYPES[params.model.task]
     if method in ("lora", "dora"):
-        return LoraConfig(task_type=TASK_TYPE, use_dora=method == "dora", **lora.model_dump())
+        return LoraConfig(task_type=task_type, use_dora=method == "dora", **lora.model_dump())
     if method == "adalora":
-        return AdaLoraConfig(task_type=TASK_TYPE, init_r=lora.r, target_r=params.peft.adalora_target_r,
+        return AdaLoraConfig(task_type=task_type, init_r=lora.r, target_r=params.peft.adalora_target_r,
                              lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
                              target_modules=lora.target_modules, bias=lora.bias,
                              total_step=params.train.max_steps)
     if method in ("loha", "lokr"):
         cls = LoHaConfig if method == "loha" else LoKrConfig
-        return cls(task_type=TASK_TYPE, r=lora.r, alpha=lora.lora_alpha,
+        return cls(task_type=task_type, r=lora.r, alpha=lora.lora_alpha,
                    rank_dropout=lora.lora_dropout, target_modules=lora.target_modules)
     if method == "ia3":
-        return IA3Config(task_type=TASK_TYPE, target_modules=lora.target_modules)
-    virtual: dict[str, Any] = {"task_type": TASK_TYPE,
+        return IA3Config(task_type=task_type, target_modules=lora.target_modules)
+    virtual: dict[str, Any] = {"task_type": task_type,
                                "num_virtual_tokens": params.peft.num_virtual_tokens}
     cls = {"prompt_tuning": PromptTuningConfig, "prefix_tuning": PrefixTuningConfig,
            "p_tuning": PromptEncoderConfig}[method]
@@ -58,8 +62,10 @@ def settle(model) -> None:
     are not a subset; name the same modules by their full paths."""
     config = model.peft_config["default"]
     if config.peft_type == "IA3" and config.feedforward_modules and isinstance(config.target_modules, set):
+        # PEFT matches feedforward names as suffixes (BERT's is `output.dense`).
         short = set(config.feedforward_modules)
-        config.feedforward_modules = {t for t in config.target_modules if t.rsplit(".", 1)[-1] in short}
+        config.feedforward_modules = {t for t in config.target_modules
+                                      if any(t == f or t.endswith(f".{f}") for f in short)}
 
 
 def adalora_callback():

@@ -4,7 +4,7 @@
     finetune prepare|tokenize|train|evaluate|export
     finetune score --predictions P --references R [--field NAME]
     finetune push --repo-id ORG/NAME     # upload artifacts/merged to the Hub (HF_TOKEN)
-    finetune smoke-model                # rebuild the offline smoke model in models/
+    finetune smoke-model [--arch t5|bert] # rebuild an offline smoke model in models/
 """
 
 from __future__ import annotations
@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     smoke = sub.add_parser("smoke-model", help="rebuild the randomly initialised smoke model")
     smoke.add_argument("--data", type=Path, default=Path("data/raw/dialogues.jsonl"))
     smoke.add_argument("--out", type=Path, default=Path("models/smoke-llama"))
+    smoke.add_argument("--arch", choices=("llama", "t5", "bert"), default="llama",
+                       help="llama (causal_lm), t5 (seq2seq) or bert (sequence_classification)")
     return parser
 
 
@@ -96,7 +98,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "smoke-model":
         from tasks.smoke_model import build, texts_from_jsonl
 
-        print(build(texts_from_jsonl(args.data), args.out))
+        print(build(texts_from_jsonl(args.data), args.out, arch=args.arch))
         return 0
     raise AssertionError(args.command)
 

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator,
+                      model_validator)
 
 from tasks import templates
 from tasks.errors import ConfigError, TemplateError
@@ -109,7 +110,18 @@ class PromptConfig(Section):
         return list(dict.fromkeys(templates.fields_of(tpl.prompt + alternatives + tpl.completion)))
 
 
+TASKS = ("causal_lm", "seq2seq", "sequence_classification")
+GENERATIVE = ("causal_lm", "seq2seq")
+
+
 class ModelConfig(Section):
+    # What the model learns: causal_lm (a decoder-only LM continues the prompt), seq2seq (an
+    # encoder-decoder such as T5 writes the completion from the prompt) or
+    # sequence_classification (a new head picks one of `labels` for the prompt text).
+    task: Literal[TASKS] = "causal_lm"
+    # sequence_classification only: the class names, in head order. A record's completion
+    # must render to one of them, or to its index (0, 1, ...) for integer-coded data.
+    labels: list[str] | None = None
     name_or_path: str = "models/smoke-llama"  # Hub id or a local directory under models/
     revision: str | None = None  # required for Hub ids: a tag or commit sha
     trust_remote_code: bool = False
@@ -133,7 +145,20 @@ class ModelConfig(Section):
         elif self.revision is None:
             raise ValueError(f"{self.name_or_path!r} is a Hub id: pin `revision` (a tag or commit "
                              "sha) so reruns use the same weights")
+        if self.task == "sequence_classification":
+            if not self.labels or len(self.labels) < 2 or len(set(self.labels)) != len(self.labels):
+                raise ValueError("task sequence_classification needs `labels`: two or more distinct "
+                                 "class names, e.g. [negative, positive]")
+        elif self.labels is not None:
+            raise ValueError(f"labels is for task sequence_classification only (task is {self.task}); "
+                             "remove it")
         return self
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _label_names(cls, value: Any) -> Any:
+        # YAML reads [0, 1] as numbers; class names are text.
+        return [str(v) for v in value] if isinstance(value, list) else value
 
 
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
@@ -262,13 +287,16 @@ class ExportConfig(Section):
     merge_into: Literal["dequantized", "original"] = "dequantized"
     check_prompts: int = Field(4, ge=1)  # test prompts whose logits are compared
     logits_atol: float = Field(1e-3, gt=0)  # max |merged - (base + adapter)| logit difference
-    rouge_atol: float = Field(0.02, ge=0)  # max |ROUGE-L merged - ROUGE-L adapter|
+    # max |merged - adapter| of the task's headline metric on the test split (ROUGE-L for
+    # the generative tasks, accuracy for classification)
+    metric_atol: float = Field(0.02, ge=0)
 
 
 class PromoteConfig(Section):
-    # Promote the exported model (registry/latest.json) only when tuned ROUGE-L minus base
-    # ROUGE-L on the test split is at least this much.
-    min_rougeL_gain: float = 0.0
+    # Promote the exported model (registry/latest.json) only when the tuned model beats the
+    # base by at least this much on the task's headline metric on the test split (ROUGE-L for
+    # causal_lm and seq2seq, accuracy for sequence_classification).
+    min_gain: float = 0.0
 
 
 class Params(Section):
@@ -288,7 +316,8 @@ class Params(Section):
     @model_validator(mode="after")
     def _cross(self) -> Params:
         problems = []
-        if self.evaluate.max_new_tokens >= self.tokenize.max_length:
+        task = self.model.task
+        if task == "causal_lm" and self.evaluate.max_new_tokens >= self.tokenize.max_length:
             problems.append(f"evaluate.max_new_tokens ({self.evaluate.max_new_tokens}) must be below "
                             f"tokenize.max_length ({self.tokenize.max_length}) to leave room for the prompt")
         if self.export.merge_into == "dequantized" and not self.quant.load_in_4bit:
@@ -308,12 +337,22 @@ class Params(Section):
         if self.align.enabled and (self.prompt.template == "chat" or method != "lora"):
             problems.append("align.enabled needs prompt.template other than chat and peft.method "
                             "lora (the DPO stage supports those so far)")
+        if task != "causal_lm":
+            if self.train.padding_free is True:
+                problems.append(f"train.padding_free packs examples for causal LMs only (model.task is "
+                                f"{task}): set it to auto or false")
+            if self.prompt.template == templates.CHAT:
+                problems.append(f"prompt.template chat renders a causal LM's chat template; model.task "
+                                f"{task} needs a text template")
+            if self.align.enabled:
+                problems.append(f"align.enabled needs model.task causal_lm (DPO scores completions "
+                                f"of a causal LM; task is {task})")
         if method == "adalora" and self.train.max_steps < 1:
             problems.append("peft.method adalora schedules its rank budget over train.max_steps: "
                             "set a positive train.max_steps")
-        if method == "adalora" and self.peft.adalora_target_r > self.lora.r:
-            problems.append(f"peft.adalora_target_r ({self.peft.adalora_target_r}) must not exceed "
-                            f"lora.r ({self.lora.r}), the rank AdaLoRA starts from")
+        if method == "adalora" and self.peft.adalora_target_r >= self.lora.r:
+            problems.append(f"peft.adalora_target_r ({self.peft.adalora_target_r}) must be below "
+                            f"lora.r ({self.lora.r}), the rank AdaLoRA starts from and prunes")
         if problems:
             raise ValueError("\n".join(problems))
         return self

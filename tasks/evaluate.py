@@ -1,9 +1,12 @@
-"""evaluate: generate on the test split with the base model and with the tuned model (base
-+ adapter: SFT's, or the DPO-aligned one when align is on), and score both with
-ROUGE-1/2/L/Lsum side by side.
+"""evaluate: run the base model and the tuned model (base + adapter: SFT's, or the
+DPO-aligned one when align is on) on the test split and score both side by side: the
+generative tasks (causal_lm, seq2seq) generate and are scored with ROUGE-1/2/L/Lsum,
+sequence_classification predicts a class and is scored with accuracy and macro-F1 (the base
+then has the new, untrained head: chance level).
 
-Both generations use one loaded base (quantized as in training): the base's outputs come
-from the same model with the adapter switched off. Reads artifacts/adapter/ and
+Both runs use one loaded base (quantized as in training): the base's outputs come first,
+then the adapter is attached to the same weights. (Not PEFT's disable_adapter: for soft
+prompts on a classifier it keeps the trained head, and it fails on encoders.) Reads artifacts/adapter/ and
 data/prepared/test.jsonl; writes metrics/eval.json (base, tuned, delta; each score with a
 bootstrap confidence interval), reports/predictions.jsonl and reports/eval_preview.md.
 
@@ -17,28 +20,35 @@ from typing import Any
 
 from tasks import paths
 from tasks.config import Params
-from tasks.generation import generate, test_rows
+from tasks.generation import generate, predict_labels, test_rows
 from tasks.io import atomic_path, write_json, write_jsonl
-from tasks.scoring import ROUGE_TYPES, per_example, summarize
+from tasks.scoring import HEADLINE, classification, metric_names, per_example, summarize
 
 log = logging.getLogger("finetune.evaluate")
 
 
-def load_tuned(params: Params):
-    """The base model, quantized as in training, with the tuned adapter attached (SFT's, or
-    the DPO-aligned one when align is on)."""
-    from peft import PeftModel
-
+def load_base_and_tokenizer(params: Params):
+    """The base model, quantized as in training, and the tuned adapter's tokenizer."""
     from tasks.adapters import tuned_adapter
     from tasks.modeling import load_base, load_tokenizer, match_vocab
 
-    adapter = tuned_adapter(params)
-    tokenizer = load_tokenizer(params.model, str(adapter))
+    tokenizer = load_tokenizer(params.model, str(tuned_adapter(params)))
     base = load_base(params, quantized=params.quant.load_in_4bit)
     match_vocab(base, tokenizer)
-    model = PeftModel.from_pretrained(base, str(adapter))
+    base.eval()
+    return base, tokenizer
+
+
+def attach_adapter(base, params: Params):
+    """`base` with the tuned adapter (SFT's, or the DPO-aligned one when align is on) on it,
+    in place: no second copy of the weights."""
+    from peft import PeftModel
+
+    from tasks.adapters import tuned_adapter
+
+    model = PeftModel.from_pretrained(base, str(tuned_adapter(params)))
     model.eval()
-    return model, tokenizer
+    return model
 
 
 def _preview(rows: list[dict[str, Any]], n: int) -> str:
@@ -51,23 +61,37 @@ def _preview(rows: list[dict[str, Any]], n: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def outputs(model, tokenizer, prompts: list[str], params: Params) -> list[str]:
+    """What the model answers: generated text, or the class name it picks."""
+    if params.model.task == "sequence_classification":
+        return predict_labels(model, tokenizer, prompts, params)
+    return generate(model, tokenizer, prompts, params)
+
+
+def scores(predictions: list[str], references: list[str], params: Params) -> dict[str, Any]:
+    cfg = params.evaluate
+    if params.model.task == "sequence_classification":
+        return classification(predictions, references, params.model.labels or [],
+                              cfg.bootstrap_samples, cfg.confidence_level, cfg.seed)
+    return summarize(per_example(predictions, references, cfg.use_stemmer),
+                     cfg.bootstrap_samples, cfg.confidence_level, cfg.seed)
+
+
 def run(params: Params) -> dict[str, Any]:
     cfg = params.evaluate
     rows = test_rows(params)
-    model, tokenizer = load_tuned(params)
+    model, tokenizer = load_base_and_tokenizer(params)
     prompts = [r["prompt"] for r in rows]
     references = [r["completion"].strip() for r in rows]
-    log.info("generating %d test examples with the base model", len(rows))
-    with model.disable_adapter():
-        base = generate(model, tokenizer, prompts, params)
-    log.info("generating %d test examples with the tuned model", len(rows))
-    tuned = generate(model, tokenizer, prompts, params)
-    result: dict[str, Any] = {}
-    for name, outputs in (("base", base), ("tuned", tuned)):
-        result[name] = summarize(per_example(outputs, references, cfg.use_stemmer),
-                                 cfg.bootstrap_samples, cfg.confidence_level, cfg.seed)
+    log.info("running %d test examples through the base model", len(rows))
+    base = outputs(model, tokenizer, prompts, params)
+    model = attach_adapter(model, params)
+    log.info("running %d test examples through the tuned model", len(rows))
+    tuned = outputs(model, tokenizer, prompts, params)
+    result: dict[str, Any] = {"base": scores(base, references, params),
+                              "tuned": scores(tuned, references, params)}
     result["delta"] = {t: round(result["tuned"][t]["mean"] - result["base"][t]["mean"], 6)
-                       for t in ROUGE_TYPES}
+                       for t in metric_names(params.model.task)}
     predictions = [{"id": r["id"], "prompt": r["prompt"], "reference": ref, "base": b, "tuned": t}
                    for r, ref, b, t in zip(rows, references, base, tuned, strict=True)]
     with atomic_path(paths.PREDICTIONS) as tmp:
@@ -75,6 +99,7 @@ def run(params: Params) -> dict[str, Any]:
     with atomic_path(paths.EVAL_PREVIEW) as tmp:
         tmp.write_text(_preview(predictions, cfg.preview_rows), encoding="utf-8")
     write_json(paths.METRICS["eval"], result)
-    log.info("ROUGE-L base %.4f -> tuned %.4f", result["base"]["rougeL"]["mean"],
-             result["tuned"]["rougeL"]["mean"])
+    headline = HEADLINE[params.model.task]
+    log.info("%s base %.4f -> tuned %.4f", headline, result["base"][headline]["mean"],
+             result["tuned"][headline]["mean"])
     return result

@@ -5,8 +5,9 @@ Never merges into 4-bit weights. With `export.merge_into: dequantized` the base 
 4-bit checkpoint the adapter was trained against, dequantized to `export.torch_dtype`, so the
 merged model reproduces the tuned one; `original` reloads the full-precision checkpoint.
 Before saving it checks that the merged logits equal base + adapter on a few test prompts
-(`export.logits_atol`) and that the merged model's ROUGE-L on the test split equals the
-adapter's (`export.rouge_atol`); either failing stops the stage with nothing written.
+(`export.logits_atol`) and that the merged model's headline metric on the test split (ROUGE-L;
+accuracy for sequence_classification) equals the adapter's (`export.metric_atol`); either
+failing stops the stage with nothing written.
 
 Reads artifacts/adapter/ (artifacts/aligned/ when align is on) and data/prepared/test.jsonl;
 writes artifacts/merged/ (safetensors, tokenizer, generation config, README.md model card,
@@ -28,9 +29,10 @@ from tasks import paths
 from tasks.adapters import mergeable, tuned_adapter
 from tasks.config import Params
 from tasks.errors import PipelineError
-from tasks.generation import batches, generate, prompt_token_ids, test_rows
+from tasks.evaluate import attach_adapter, outputs, scores
+from tasks.generation import model_batches, test_rows
 from tasks.io import atomic_path, normalize_adapter_config, save_tokenizer, sha256_path, write_json
-from tasks.scoring import per_example
+from tasks.scoring import HEADLINE
 
 log = logging.getLogger("finetune.export")
 
@@ -61,23 +63,27 @@ def _merge_base(params: Params, tokenizer):
 
 
 def _logits(model, tokenizer, prompts: list[str], params: Params) -> list[Any]:
-    """Last-position logits per prompt, in prompt order."""
+    """The logits each prompt's answer starts from, in prompt order: the next token's after
+    the prompt (causal_lm), the decoder's first token's (seq2seq), the classes' (classification)."""
     import torch
 
-    ids = prompt_token_ids(tokenizer, prompts, params.tokenize.max_length)
+    task = params.model.task
     out: list[Any] = [None] * len(prompts)
-    device = next(model.parameters()).device
     with torch.inference_mode():
-        for idx, input_ids, mask in batches(tokenizer, ids, params.evaluate.per_device_eval_batch_size):
-            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
+        for idx, ids, mask in model_batches(model, tokenizer, prompts, params):
+            extra = {}
+            if task == "seq2seq":
+                start = torch.full((len(idx), 1), model.config.decoder_start_token_id, device=ids.device)
+                extra["decoder_input_ids"] = start
+            logits = model(input_ids=ids, attention_mask=mask, **extra).logits
             for row, i in enumerate(idx):
-                out[i] = logits[row, -1].float().cpu()
+                out[i] = (logits[row] if task == "sequence_classification" else logits[row, -1]).float().cpu()
     return out
 
 
-def _rouge_l(outputs: list[str], references: list[str]) -> float:
-    scores = per_example(outputs, references, use_stemmer=True)["rougeL"]
-    return round(sum(scores) / len(scores), 6)
+def _headline(model, tokenizer, prompts: list[str], references: list[str], params: Params) -> float:
+    """The task's headline metric (HEADLINE) of the model on the scored test rows."""
+    return scores(outputs(model, tokenizer, prompts, params), references, params)[HEADLINE[params.model.task]]["mean"]
 
 
 def _git(*args: str) -> str:
@@ -125,8 +131,24 @@ def _method(p: Params) -> str:
     return method
 
 
+# What loads an exported adapter (soft prompts), per model.task.
+PEFT_AUTO_CLASSES = {"causal_lm": "AutoPeftModelForCausalLM", "seq2seq": "AutoPeftModelForSeq2SeqLM",
+                     "sequence_classification": "AutoPeftModelForSequenceClassification"}
+METRIC_TITLES = {"rougeL": "ROUGE-L", "accuracy": "accuracy"}
+
+
+def _head_kwargs(params: Params) -> str:
+    """The label map a classifier's base needs when an adapter is loaded on it (the base's
+    own config does not have it)."""
+    from tasks.modeling import task_kwargs
+
+    kwargs = task_kwargs(params.model)
+    return "".join(f", {k}={v!r}" for k, v in kwargs.items())
+
+
 def model_card(params: Params, scores: dict[str, Any]) -> str:
     p = params
+    metric = METRIC_TITLES[HEADLINE[p.model.task]]
     if mergeable(p):
         what = (f"A standalone model: the {p.peft.method} adapter trained by this pipeline, merged into\n"
                 f"`{p.model.name_or_path}` (revision `{p.model.revision}`), saved in {p.export.torch_dtype}.")
@@ -135,8 +157,14 @@ def model_card(params: Params, scores: dict[str, Any]) -> str:
         what = (f"**Not a standalone model.** {p.peft.method} learns virtual tokens that are fed in front "
                 f"of every input;\nthere are no weights to merge. This folder is the adapter: load it "
                 f"on its base,\n`{p.model.name_or_path}` (revision `{p.model.revision}`), with\n"
-                "`peft.AutoPeftModelForCausalLM.from_pretrained(this_folder)`.")
+                f"`peft.{PEFT_AUTO_CLASSES[p.model.task]}.from_pretrained(this_folder{_head_kwargs(p)})`.")
         last = ""
+    if p.model.task == "sequence_classification":
+        what += f"\n\nTask: sequence classification into {', '.join(p.model.labels or [])} (in head order)."
+        scoring = "predicted class"
+    else:
+        what += f"\n\nTask: {p.model.task}."
+        scoring = f"greedy, {p.evaluate.max_new_tokens} new tokens"
     return f"""---
 base_model: {p.model.name_or_path}
 library_name: {'transformers' if mergeable(p) else 'peft'}
@@ -151,9 +179,9 @@ tags: [fine-tuned, {p.peft.method}{', qlora' if p.quant.load_in_4bit and p.peft.
 - Training: {f"{p.train.max_steps} steps" if p.train.max_steps > 0 else f"{p.train.num_train_epochs} epochs"}, learning_rate={p.train.learning_rate},
   batch {p.train.per_device_train_batch_size} x {p.train.gradient_accumulation_steps}, seed {p.train.seed}
 
-## Test-split ROUGE-L ({scores['num_examples']} examples, greedy, {p.evaluate.max_new_tokens} new tokens)
+## Test-split {metric} ({scores['num_examples']} examples, {scoring})
 
-| model | ROUGE-L |
+| model | {metric} |
 |---|---|
 | base | {scores['base']:.4f} |
 | base + adapter | {scores['adapter']:.4f} |
@@ -176,8 +204,6 @@ def _save(model, tokenizer, params: Params, scores: dict[str, Any]) -> None:
 
 
 def run(params: Params) -> dict[str, Any]:
-    from peft import PeftModel
-
     from tasks.modeling import load_tokenizer
 
     cfg = params.export
@@ -186,18 +212,17 @@ def run(params: Params) -> dict[str, Any]:
     rows = test_rows(params)
     prompts = [r["prompt"] for r in rows]
     references = [r["completion"].strip() for r in rows]
-    model = PeftModel.from_pretrained(_merge_base(params, tokenizer), str(adapter))
-    model.eval()
-    with model.disable_adapter():
-        base_out = generate(model, tokenizer, prompts, params)
-    adapter_out = generate(model, tokenizer, prompts, params)
-    scores = {"num_examples": len(rows), "base": _rouge_l(base_out, references),
-              "adapter": _rouge_l(adapter_out, references)}
+    base = _merge_base(params, tokenizer)
+    base.eval()
+    base_score = _headline(base, tokenizer, prompts, references, params)
+    model = attach_adapter(base, params)
+    scores = {"num_examples": len(rows), "metric": HEADLINE[params.model.task], "base": base_score,
+              "adapter": _headline(model, tokenizer, prompts, references, params)}
     if not mergeable(params):
         log.warning("peft.method %s cannot be merged (virtual tokens, not weights): exporting "
                     "the adapter, to be loaded on %s", params.peft.method, params.model.name_or_path)
         _save(model, tokenizer, params, scores)
-        metrics = {"merged": False, "rougeL": scores}
+        metrics = {"merged": False, "scores": scores}
         write_json(paths.METRICS["export"], metrics)
         return metrics
     check = prompts[:cfg.check_prompts]
@@ -209,16 +234,17 @@ def run(params: Params) -> dict[str, Any]:
         raise PipelineError(f"merged logits differ from base + adapter by {diff:.3g} "
                             f"(export.logits_atol = {cfg.logits_atol}): the merge is wrong; "
                             "nothing was saved")
-    scores["merged"] = _rouge_l(generate(merged, tokenizer, prompts, params), references)
-    if abs(scores["merged"] - scores["adapter"]) > cfg.rouge_atol:
-        raise PipelineError(f"merged ROUGE-L {scores['merged']} differs from the adapter's "
-                            f"{scores['adapter']} by more than export.rouge_atol = {cfg.rouge_atol}; "
+    scores["merged"] = _headline(merged, tokenizer, prompts, references, params)
+    if abs(scores["merged"] - scores["adapter"]) > cfg.metric_atol:
+        raise PipelineError(f"merged {scores['metric']} {scores['merged']} differs from the adapter's "
+                            f"{scores['adapter']} by more than export.metric_atol = {cfg.metric_atol}; "
                             "nothing was saved")
-    merged.generation_config.update(
-        max_new_tokens=params.evaluate.max_new_tokens, do_sample=False,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    if params.model.task != "sequence_classification":
+        merged.generation_config.update(
+            max_new_tokens=params.evaluate.max_new_tokens, do_sample=False,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     _save(merged, tokenizer, params, scores)
-    metrics = {"merged": True, "logits_max_abs_diff": diff, "rougeL": scores}
+    metrics = {"merged": True, "logits_max_abs_diff": diff, "scores": scores}
     write_json(paths.METRICS["export"], metrics)
     log.info("merged model saved to %s: %s", paths.MERGED, metrics)
     return metrics

@@ -1,8 +1,10 @@
-"""Batched greedy generation shared by evaluate and export.
+"""Batched inference shared by evaluate and export: greedy generation for the generative
+tasks, class predictions for sequence_classification.
 
-Prompts are tokenized exactly as the tokenize stage did (same BOS rule, same left
-truncation), sorted by length so each batch carries little padding, left-padded, and
-decoded with the KV cache on.
+Prompts are tokenized exactly as the tokenize stage did (same special tokens, same
+truncation) and sorted by length so each batch carries little padding. A causal LM's
+batches are left-padded (generation continues from the last position); an encoder's are
+right-padded, as it was trained (absolute position embeddings would shift otherwise).
 """
 
 from __future__ import annotations
@@ -25,7 +27,16 @@ def prompt_token_ids(tokenizer, prompts: list[str], max_prompt_length: int) -> l
     return out
 
 
-def batches(tokenizer, ids: list[list[int]], batch_size: int):
+def input_ids(tokenizer, prompts: list[str], params: Params) -> list[list[int]]:
+    """The model inputs of `prompts`, as tokenize built them for training."""
+    from tasks.tokenize import source_ids
+
+    if params.model.task == "causal_lm":
+        return prompt_token_ids(tokenizer, prompts, params.tokenize.max_length - params.evaluate.max_new_tokens)
+    return source_ids(tokenizer, prompts, params.tokenize)[0]
+
+
+def batches(tokenizer, ids: list[list[int]], batch_size: int, pad_left: bool):
     """(original indices, input_ids, attention_mask) per batch, shortest prompts first."""
     import torch
 
@@ -33,9 +44,37 @@ def batches(tokenizer, ids: list[list[int]], batch_size: int):
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         width = max(len(ids[i]) for i in idx)
-        input_ids = [[tokenizer.pad_token_id] * (width - len(ids[i])) + ids[i] for i in idx]
-        mask = [[0] * (width - len(ids[i])) + [1] * len(ids[i]) for i in idx]
+        pads = [width - len(ids[i]) for i in idx]
+        if pad_left:
+            input_ids = [[tokenizer.pad_token_id] * n + ids[i] for n, i in zip(pads, idx, strict=True)]
+            mask = [[0] * n + [1] * len(ids[i]) for n, i in zip(pads, idx, strict=True)]
+        else:
+            input_ids = [ids[i] + [tokenizer.pad_token_id] * n for n, i in zip(pads, idx, strict=True)]
+            mask = [[1] * len(ids[i]) + [0] * n for n, i in zip(pads, idx, strict=True)]
         yield idx, torch.tensor(input_ids), torch.tensor(mask)
+
+
+def model_batches(model, tokenizer, prompts: list[str], params: Params):
+    """`batches` of the prompts' inputs, on the model's device and padded for its task."""
+    device = next(model.parameters()).device
+    ids = input_ids(tokenizer, prompts, params)
+    for idx, ids_batch, mask in batches(tokenizer, ids, params.evaluate.per_device_eval_batch_size,
+                                        pad_left=params.model.task == "causal_lm"):
+        yield idx, ids_batch.to(device), mask.to(device)
+
+
+def predict_labels(model, tokenizer, prompts: list[str], params: Params) -> list[str]:
+    """The class name the model picks for each prompt (sequence_classification)."""
+    import torch
+
+    labels = params.model.labels or []
+    outputs: list[str] = [""] * len(prompts)
+    with torch.inference_mode():
+        for idx, ids, mask in model_batches(model, tokenizer, prompts, params):
+            picked = model(input_ids=ids, attention_mask=mask).logits.argmax(dim=-1).tolist()
+            for i, label in zip(idx, picked, strict=True):
+                outputs[i] = labels[label]
+    return outputs
 
 
 def generate(model, tokenizer, prompts: list[str], params: Params) -> list[str]:
@@ -43,22 +82,22 @@ def generate(model, tokenizer, prompts: list[str], params: Params) -> list[str]:
     from tqdm.auto import tqdm
 
     cfg = params.evaluate
-    ids = prompt_token_ids(tokenizer, prompts, params.tokenize.max_length - cfg.max_new_tokens)
     outputs: list[str] = [""] * len(prompts)
-    device = next(model.parameters()).device
     with torch.inference_mode():
-        progress = tqdm(total=len(ids), desc="generate", unit="example")
-        for idx, input_ids, mask in batches(tokenizer, ids, cfg.per_device_eval_batch_size):
+        progress = tqdm(total=len(prompts), desc="generate", unit="example")
+        for idx, ids, mask in model_batches(model, tokenizer, prompts, params):
             progress.update(len(idx))
             try:
                 generated = model.generate(
-                    input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                    input_ids=ids, attention_mask=mask,
                     max_new_tokens=cfg.max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
             except torch.cuda.OutOfMemoryError:
                 raise PipelineError("CUDA out of memory while generating: lower "
                                     "evaluate.per_device_eval_batch_size or evaluate.max_new_tokens") from None
-            new = generated[:, input_ids.shape[1]:]
+            # A decoder-only model returns the prompt and its continuation; an encoder-decoder
+            # only what its decoder wrote.
+            new = generated if params.model.task == "seq2seq" else generated[:, ids.shape[1]:]
             for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True), strict=True):
                 outputs[i] = text.strip()
     return outputs

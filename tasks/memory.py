@@ -35,10 +35,11 @@ def _dtype_bytes(name: str) -> int:
 def estimate(params: Params, config: Any, compute_dtype: str) -> dict[str, float]:
     """Peak memory of training, in GiB, by component."""
     import torch
-    from transformers import AutoModelForCausalLM
+
+    from tasks.modeling import model_class
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = model_class(params.model.task).from_config(config)
     head = model.get_output_embeddings()
     linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
     linear_params = sum(m.in_features * m.out_features for m in linear)
@@ -57,7 +58,8 @@ def estimate(params: Params, config: Any, compute_dtype: str) -> dict[str, float
     hidden, layers = config.hidden_size, config.num_hidden_layers
     kept = CHECKPOINTED_VALUES_PER_LAYER * layers if params.train.gradient_checkpointing else LIVE_LAYER_VALUES * layers
     activations = tokens * hidden * act * (kept + LIVE_LAYER_VALUES)
-    logits = tokens * config.vocab_size * 4 * LOGITS_COPIES
+    # A classification head's logits are a few numbers per row, not one per vocabulary entry.
+    logits = tokens * config.vocab_size * 4 * LOGITS_COPIES if head is not None else 0
     parts = {"base_weights": base, "adapter_and_optimizer": adapter_params * ADAPTER_BYTES_PER_PARAM,
              "activations": activations, "logits": logits}
     out = {k: round(v / GIB, 4) for k, v in parts.items()}

@@ -79,9 +79,33 @@ def load_tokenizer(model: ModelConfig, path: str | None = None):
                             f"{path or model.name_or_path!r}: {err}") from None
 
 
+# The transformers auto class of each model.task.
+AUTO_CLASSES = {"causal_lm": "AutoModelForCausalLM", "seq2seq": "AutoModelForSeq2SeqLM",
+                "sequence_classification": "AutoModelForSequenceClassification"}
+# Classification heads transformers models use; they start random and are trained in full
+# (PEFT's modules_to_save), so they stay unquantized.
+HEAD_MODULES = ["classifier", "score"]
+
+
+def model_class(task: str):
+    import transformers
+
+    return getattr(transformers, AUTO_CLASSES[task])
+
+
+def task_kwargs(model: ModelConfig) -> dict[str, Any]:
+    """from_pretrained arguments a task needs: the label map of a classification head."""
+    if model.task != "sequence_classification":
+        return {}
+    labels = model.labels or []
+    return {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+            "label2id": {name: i for i, name in enumerate(labels)}}
+
+
 def load_base(params: Params, *, quantized: bool, torch_dtype: torch.dtype | None = None):
-    """The base causal LM, in 4-bit NF4 (QLoRA) when `quantized`, else in `torch_dtype`."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    """The base model of `model.task`, in 4-bit NF4 (QLoRA) when `quantized`, else in
+    `torch_dtype`."""
+    from transformers import BitsAndBytesConfig
 
     dtype = compute_dtype(params)
     kwargs: dict[str, Any] = {"dtype": torch_dtype or dtype,
@@ -94,11 +118,19 @@ def load_base(params: Params, *, quantized: bool, torch_dtype: torch.dtype | Non
         q = params.quant
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type=q.bnb_4bit_quant_type,
-            bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant, bnb_4bit_compute_dtype=dtype)
+            bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant, bnb_4bit_compute_dtype=dtype,
+            llm_int8_skip_modules=HEAD_MODULES if params.model.task == "sequence_classification" else None)
         kwargs["device_map"] = {"": process_device()}
+    if params.model.task == "sequence_classification":
+        from transformers import set_seed
+
+        # The new head starts random: the same seed gives every stage the same start, so the
+        # base's scores reproduce and train starts from the head evaluate scores as "base".
+        set_seed(params.train.seed)
     try:
-        model = AutoModelForCausalLM.from_pretrained(params.model.name_or_path,
-                                                     **_source_kwargs(params.model), **kwargs)
+        model = model_class(params.model.task).from_pretrained(
+            params.model.name_or_path, **_source_kwargs(params.model), **task_kwargs(params.model),
+            **kwargs)
     except (OSError, ValueError) as err:
         hint = ""
         if not params.model.allow_pickle_weights and "safetensors" in str(err).lower():
@@ -132,6 +164,9 @@ def _one_cpu_path(model) -> None:
 
 
 def match_vocab(model, tokenizer) -> None:
-    """Grow the embeddings when tokenize added a pad token the base vocabulary lacks."""
+    """Grow the embeddings when tokenize added a pad token the base vocabulary lacks, and tell
+    the model which id pads (a decoder's classification head reads the last non-pad token)."""
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id

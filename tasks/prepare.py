@@ -2,7 +2,8 @@
 and split them deterministically into train/validation/test.
 
 Reads `data.*` and `prompt.*`; writes data/prepared/{train,validation,test}.jsonl (rows:
-{id, prompt, completion}) and metrics/prepare.json (rows in, out, dropped and why).
+{id, prompt, completion}; for sequence_classification the completion is the class name) and
+metrics/prepare.json (rows in, out, dropped and why).
 
     finetune prepare
 """
@@ -136,7 +137,19 @@ def _to_example(params: Params, tpl: templates.Template | None, tokenizer: Any, 
         raise BadRecord("wrong_type", str(err)) from None
     if not completion.strip():
         raise BadRecord("empty_completion", f"{where}: the completion is empty")
+    if params.model.labels is not None:
+        completion = _label_name(params.model.labels, completion.strip(), where)
     return {"prompt": prompt, "completion": completion}
+
+
+def _label_name(labels: list[str], value: str, where: str) -> str:
+    """The class name a record's label stands for: the name itself, or its index."""
+    if value in labels:
+        return value
+    if value.isdigit() and int(value) < len(labels):
+        return labels[int(value)]
+    raise BadRecord("unknown_label", f"{where}: label {value!r} is neither one of model.labels "
+                    f"({', '.join(labels)}) nor an index into them")
 
 
 def _split_of(key: str, params: Params) -> str:

@@ -1,4 +1,5 @@
-"""ROUGE scoring through the `evaluate` API, with bootstrap confidence intervals.
+"""Scoring with bootstrap confidence intervals: ROUGE through the `evaluate` API for the
+generative tasks, accuracy and macro-F1 for sequence_classification.
 
 Used by the evaluate and export stages and by `finetune score`, so a user can check the
 scorer against a published baseline's outputs:
@@ -18,6 +19,13 @@ from tasks.errors import PipelineError
 
 METRIC_DIR = Path(__file__).parent / "metrics" / "rouge"
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+CLASSIFICATION_METRICS = ("accuracy", "f1_macro")
+# The number promote gates on and export checks after merging, per model.task.
+HEADLINE = {"causal_lm": "rougeL", "seq2seq": "rougeL", "sequence_classification": "accuracy"}
+
+
+def metric_names(task: str) -> tuple[str, ...]:
+    return CLASSIFICATION_METRICS if task == "sequence_classification" else ROUGE_TYPES
 
 
 @functools.cache
@@ -52,6 +60,45 @@ def summarize(scores: dict[str, list[float]], bootstrap_samples: int, confidence
         out[name] = {"mean": round(float(v.mean()), 6),
                      "ci_low": round(float(np.percentile(means, tail)), 6),
                      "ci_high": round(float(np.percentile(means, 100 - tail)), 6)}
+    return out
+
+
+def _classification(pred: Any, ref: Any, num_labels: int) -> dict[str, float]:
+    """Accuracy and macro-F1 (over the classes that occur in `ref` or `pred`, as
+    scikit-learn's f1_score(average="macro") counts them)."""
+    import numpy as np
+
+    hits = np.bincount(ref[pred == ref], minlength=num_labels)
+    predicted, actual = np.bincount(pred, minlength=num_labels), np.bincount(ref, minlength=num_labels)
+    present = predicted + actual > 0
+    f1 = 2 * hits[present] / (predicted + actual)[present]
+    return {"accuracy": float((pred == ref).mean()), "f1_macro": float(f1.mean())}
+
+
+def classification(predictions: list[str], references: list[str], labels: list[str],
+                   bootstrap_samples: int, confidence_level: float, seed: int) -> dict[str, Any]:
+    """Accuracy and macro-F1 with percentile bootstrap intervals, and the confusion counts."""
+    import numpy as np
+
+    if len(predictions) != len(references):
+        raise PipelineError(f"{len(predictions)} predictions but {len(references)} references")
+    if not predictions:
+        raise PipelineError("nothing to score: no predictions")
+    pred = np.array([labels.index(p) for p in predictions])
+    ref = np.array([labels.index(r) for r in references])
+    rng = np.random.default_rng(seed)
+    resamples = [_classification(pred[i], ref[i], len(labels))
+                 for i in rng.integers(0, len(pred), size=(bootstrap_samples, len(pred)))]
+    tail = (1 - confidence_level) / 2 * 100
+    point = _classification(pred, ref, len(labels))
+    out: dict[str, Any] = {"num_examples": len(pred)}
+    for name in CLASSIFICATION_METRICS:
+        values = [r[name] for r in resamples]
+        out[name] = {"mean": round(point[name], 6),
+                     "ci_low": round(float(np.percentile(values, tail)), 6),
+                     "ci_high": round(float(np.percentile(values, 100 - tail)), 6)}
+    out["confusion"] = {t: {p: int(((ref == i) & (pred == j)).sum()) for j, p in enumerate(labels)}
+                        for i, t in enumerate(labels)}
     return out
 
 

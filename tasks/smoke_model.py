@@ -1,10 +1,12 @@
-"""Build the offline smoke model: a randomly initialised 2-layer Llama and a byte-level BPE
-tokenizer trained on the sample data.
+"""Build an offline smoke model: a randomly initialised 2-layer model and a byte-level BPE
+tokenizer trained on the sample data. `--arch` picks the architecture of a model.task: llama
+(causal_lm, the default), t5 (seq2seq) or bert (an encoder for sequence_classification).
 
 It exists so `make run` works with no network; it knows nothing until the pipeline trains
 it. Real users point `model.name_or_path` at a Hub id or a local checkpoint instead.
 
     finetune smoke-model --data data/raw/dialogues.jsonl --out models/smoke-llama
+    finetune smoke-model --arch t5 --out models/smoke-t5
 """
 
 from __future__ import annotations
@@ -22,8 +24,12 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer(texts: Iterable[str], vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+# Special tokens an encoder's tokenizer puts around every text (as T5's and BERT's do).
+POST_PROCESSORS = {"llama": None, "t5": "$A </s>", "bert": "<s> $A </s>"}
+
+
+def build_tokenizer(texts: Iterable[str], vocab_size: int, arch: str = "llama"):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
@@ -36,19 +42,47 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int):
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
+    if template := POST_PROCESSORS[arch]:
+        specials = [(t, tok.token_to_id(t)) for t in ("<s>", "</s>") if t in template]
+        tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=specials)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
 
-def build(texts: list[str], out: Path, *, vocab_size: int = 1024, hidden_size: int = 128,
-          num_hidden_layers: int = 2, num_attention_heads: int = 4, initializer_range: float = 0.1,
-          seed: int = 0) -> Path:
-    """Write a tokenizer and a randomly initialised LlamaForCausalLM to `out`."""
+def _encoder_model(arch: str, tokenizer, hidden_size: int, num_hidden_layers: int,
+                   num_attention_heads: int, initializer_range: float):
+    from transformers import BertConfig, BertModel, T5Config, T5ForConditionalGeneration
+
+    if arch == "t5":
+        return T5ForConditionalGeneration(T5Config(
+            vocab_size=len(tokenizer), d_model=hidden_size, d_kv=hidden_size // num_attention_heads,
+            d_ff=hidden_size * 2, num_layers=num_hidden_layers, num_decoder_layers=num_hidden_layers,
+            num_heads=num_attention_heads, pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=True, initializer_factor=1.0))
+    return BertModel(BertConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads, intermediate_size=hidden_size * 2,
+        max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+        initializer_range=initializer_range))
+
+
+def build(texts: list[str], out: Path, *, arch: str = "llama", vocab_size: int = 1024,
+          hidden_size: int = 128, num_hidden_layers: int = 2, num_attention_heads: int = 4,
+          initializer_range: float = 0.1, seed: int = 0) -> Path:
+    """Write a tokenizer and a randomly initialised model of `arch` to `out`."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = build_tokenizer(texts, vocab_size)
+    tokenizer = build_tokenizer(texts, vocab_size, arch)
+    out.mkdir(parents=True, exist_ok=True)
+    if arch != "llama":
+        torch.manual_seed(seed)
+        _encoder_model(arch, tokenizer, hidden_size, num_hidden_layers, num_attention_heads,
+                       initializer_range).save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        return out
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -67,7 +101,6 @@ def build(texts: list[str], out: Path, *, vocab_size: int = 1024, hidden_size: i
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
-    out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out

@@ -46,6 +46,8 @@ BUILTIN_TEMPLATES: dict[str, Template] = {
         prompt="Please answer the following question.\nQ: {question}\nA:",
         completion=" {answer}",
     ),
+    # For model.task sequence_classification: the text is the input, the label the class.
+    "text_classification": Template(prompt="{text}", completion="{label}"),
 }
 TEMPLATE_NAMES = [*BUILTIN_TEMPLATES, CHAT]
 

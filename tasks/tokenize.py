@@ -1,8 +1,14 @@
-"""tokenize: turn prompt/completion pairs into input_ids + labels for causal-LM training.
+"""tokenize: turn prompt/completion pairs into input_ids + labels for training.
 
-Prompt tokens get label -100 (loss on the completion only, configurable), EOS is appended to
-every completion, over-long rows are truncated or dropped and counted, and nothing is padded
-here (the training collator pads each batch to its own longest row). The tokenizer is saved
+By `model.task`:
+- causal_lm: one sequence, prompt then completion; prompt tokens get label -100 (loss on the
+  completion only, configurable) and EOS is appended to every completion.
+- seq2seq: input_ids are the prompt (the encoder's input, with the tokenizer's own special
+  tokens); labels are the completion's tokens plus EOS (what the decoder writes).
+- sequence_classification: input_ids are the prompt; the label is the class's index in
+  `model.labels`.
+Over-long rows are truncated or dropped and counted, and nothing is padded here (the
+training collator pads each batch to its own longest row). The tokenizer is saved
 alongside with a pad token distinct from EOS, so every later stage uses the same one.
 
 Reads data/prepared/{train,validation}.jsonl; writes data/tokenized/ (save_to_disk + the
@@ -31,12 +37,15 @@ PAD_TOKEN = "<|pad|>"  # added only when the tokenizer has no usable pad token
 CHUNK_ROWS = 1000  # rows per batched tokenizer call (and per progress update)
 
 
-def set_pad_token(tokenizer) -> str:
+def set_pad_token(tokenizer, task: str = "causal_lm") -> str:
     """Give the tokenizer a pad token distinct from EOS; return what was done.
 
     A model trained with pad == EOS never learns to stop: the EOS label is masked with the
-    padding. Prefer an existing pad token, then UNK, then add a new one.
+    padding. Prefer an existing pad token, then UNK, then add a new one. A classifier
+    writes no text, so it needs no EOS, only a pad token.
     """
+    if task == "sequence_classification" and tokenizer.pad_token_id is not None:
+        return f"kept pad token {tokenizer.pad_token!r}"
     if tokenizer.eos_token_id is None:
         raise PipelineError("model.name_or_path: the tokenizer has no EOS token; the model could "
                             "not learn where a completion ends")
@@ -84,6 +93,11 @@ def token_ids(tokenizer, texts: list[str], add_special_tokens: bool) -> list[lis
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
+    if backend.padding is not None or backend.truncation is not None:
+        # Some tokenizer.json files pad or cut every text (sentence-transformers' pad to 128);
+        # the counts and cuts here must see the real lengths.
+        backend.no_padding()
+        backend.no_truncation()
     return [e.ids for e in backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
 
 
@@ -98,8 +112,53 @@ def prompt_ids(tokenizer, prompts: list[str]) -> list[list[int]]:
     return [wo if b else w for b, w, wo in zip(has_bos, with_special, without, strict=True)]
 
 
-def label_preview(tokenizer, example: dict[str, Any]) -> str:
-    """The example's text with the trained span(s) wrapped in [[ ]]."""
+def source_ids(tokenizer, texts: list[str], cfg: TokenizeConfig) -> tuple[list[list[int]], list[int]]:
+    """An encoder's or classifier's inputs: the tokenizer's own special tokens around each
+    text (e.g. [CLS] ... [SEP], or ... </s>), cut to max_length at `truncation_side` by the
+    tokenizer itself so those tokens stay. Returns the ids and the tokens cut per row."""
+    ids = token_ids(tokenizer, texts, add_special_tokens=True)
+    cut = [0] * len(ids)
+    long = [i for i, row in enumerate(ids) if len(row) > cfg.max_length]
+    if long:
+        tokenizer.truncation_side = cfg.truncation_side
+        short = tokenizer([texts[i] for i in long], truncation=True, max_length=cfg.max_length)["input_ids"]
+        for i, row in zip(long, short, strict=True):
+            cut[i], ids[i] = len(ids[i]) - len(row), row
+    return ids, cut
+
+
+def _encode_chunk(rows: list[dict[str, str]], tokenizer, params: Params) -> list[dict[str, Any]]:
+    """The training example of each prepared row, for `model.task`."""
+    cfg, task = params.tokenize, params.model.task
+    eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
+    if task == "causal_lm":
+        prompts = prompt_ids(tokenizer, [r["prompt"] for r in rows])
+        completions = token_ids(tokenizer, [r["completion"] for r in rows], add_special_tokens=False)
+        return [{"id": r["id"], **encode_pair(p, c, eos, bos, cfg)}
+                for r, p, c in zip(rows, prompts, completions, strict=True)]
+    inputs, prompt_cut = source_ids(tokenizer, [r["prompt"] for r in rows], cfg)
+    if task == "sequence_classification":
+        labels = params.model.labels or []
+        return [{"id": r["id"], "input_ids": ids, "labels": labels.index(r["completion"]),
+                 "prompt_cut": cut, "completion_cut": 0, "eos_in_labels": True, "trainable": 1}
+                for r, ids, cut in zip(rows, inputs, prompt_cut, strict=True)]
+    out = []
+    targets = token_ids(tokenizer, [r["completion"].strip() for r in rows], add_special_tokens=False)
+    for r, ids, cut, target in zip(rows, inputs, prompt_cut, targets, strict=True):
+        labels = [*target, eos][:cfg.max_length]
+        out.append({"id": r["id"], "input_ids": ids, "labels": labels, "prompt_cut": cut,
+                    "completion_cut": len(target) + 1 - len(labels),
+                    "eos_in_labels": labels[-1] == eos, "trainable": len(labels)})
+    return out
+
+
+def label_preview(tokenizer, example: dict[str, Any], params: Params) -> str:
+    """The example's text with what the loss is on wrapped in [[ ]]."""
+    task = params.model.task
+    if task == "sequence_classification":
+        return f"{tokenizer.decode(example['input_ids'])} [[{(params.model.labels or [])[example['labels']]}]]"
+    if task == "seq2seq":
+        return f"{tokenizer.decode(example['input_ids'])} [[{tokenizer.decode(example['labels'])}]]"
     out, run, trained = [], [], None
     for tok, lab in zip(example["input_ids"], example["labels"], strict=True):
         is_trained = lab != IGNORE_INDEX
@@ -115,21 +174,18 @@ def label_preview(tokenizer, example: dict[str, Any]) -> str:
     return "".join(out)
 
 
-def _tokenize_split(rows: list[dict[str, str]], tokenizer, cfg: TokenizeConfig, split: str):
+def _tokenize_split(rows: list[dict[str, str]], tokenizer, params: Params, split: str):
     import datasets
     from tqdm.auto import tqdm
 
-    eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
+    cfg = params.tokenize
     # Plain lists, not datasets.map: the stats read every row, and arrow row access costs
     # more than the tokenizing itself (bench/run.py tokenize).
     encoded: list[dict[str, Any]] = []
     with tqdm(total=len(rows), desc=f"tokenize {split}", unit="row") as progress:
         for start in range(0, len(rows), CHUNK_ROWS):
             chunk = rows[start:start + CHUNK_ROWS]
-            prompts = prompt_ids(tokenizer, [r["prompt"] for r in chunk])
-            completions = token_ids(tokenizer, [r["completion"] for r in chunk], add_special_tokens=False)
-            encoded += [{"id": r["id"], **encode_pair(p, c, eos, bos, cfg)}
-                        for r, p, c in zip(chunk, prompts, completions, strict=True)]
+            encoded += _encode_chunk(chunk, tokenizer, params)
             progress.update(len(chunk))
     prompt_cut = [e["prompt_cut"] for e in encoded]
     completion_cut = [e["completion_cut"] for e in encoded]
@@ -156,10 +212,14 @@ def _tokenize_split(rows: list[dict[str, str]], tokenizer, cfg: TokenizeConfig, 
                  tokens=sum(lengths), trainable_tokens=sum(e["trainable"] for e in kept),
                  max_tokens=max(lengths, default=0),
                  mean_tokens=round(sum(lengths) / len(lengths), 2) if lengths else 0)
+    if params.model.labels is not None:
+        stats["rows_per_label"] = {name: sum(e["labels"] == i for e in kept)
+                                   for i, name in enumerate(params.model.labels)}
     columns = ("id", "input_ids", "labels")
     # datasets fingerprints in-memory data at random; a content hash keeps save_to_disk's
     # output byte-identical across reruns, so DVC sees an unchanged output.
-    fingerprint = hashlib.sha256(json.dumps([rows, cfg.model_dump(), tokenizer.name_or_path],
+    fingerprint = hashlib.sha256(json.dumps([rows, cfg.model_dump(), params.model.task,
+                                             params.model.labels, tokenizer.name_or_path],
                                             sort_keys=True).encode()).hexdigest()[:16]
     ds = datasets.Dataset.from_dict({c: [e[c] for e in kept] for c in columns})
     return ds.select_columns(list(columns), new_fingerprint=fingerprint), stats
@@ -170,23 +230,23 @@ def run(params: Params) -> dict[str, Any]:
 
     cfg = params.tokenize
     tokenizer = load_tokenizer(params.model)
-    pad_note = set_pad_token(tokenizer)
+    pad_note = set_pad_token(tokenizer, params.model.task)
     log.info(pad_note)
     splits, stats = {}, {"pad_token": pad_note}
     for split in ("train", "validation"):
         rows = read_jsonl(paths.PREPARED / f"{split}.jsonl")
         if not rows:
             continue
-        splits[split], stats[split] = _tokenize_split(rows, tokenizer, cfg, split)
+        splits[split], stats[split] = _tokenize_split(rows, tokenizer, params, split)
         log.info("%s: %s", split, stats[split])
     with_eos = len(splits["train"]) - stats["train"]["rows_without_eos_label"]
-    if with_eos == 0:
+    if with_eos == 0 and params.model.task != "sequence_classification":
         raise DataError("no train row has EOS in its labels: the model would never learn to stop; "
                         "raise tokenize.max_length")
     with atomic_path(paths.TOKENIZED) as tmp:
         datasets.DatasetDict(splits).save_to_disk(str(tmp))
         save_tokenizer(tokenizer, tmp / paths.TOKENIZER.name)
-    preview = [label_preview(tokenizer, splits["train"][i])
+    preview = [label_preview(tokenizer, splits["train"][i], params)
                for i in range(min(cfg.preview_rows, len(splits["train"])))]
     with atomic_path(paths.LABEL_PREVIEW) as tmp:
         tmp.write_text("The loss is on the text inside [[ ]]; the rest is context.\n\n"

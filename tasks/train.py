@@ -1,5 +1,5 @@
-"""train: QLoRA (4-bit NF4 base + LoRA adapters) or plain LoRA with PEFT and the
-transformers Trainer.
+"""train: QLoRA (4-bit NF4 base + LoRA adapters) or plain LoRA (or another `peft.method`)
+with PEFT and the transformers Trainer, for the model of `model.task`.
 
 The data is already tokenized and label-masked, so the plain Trainer with a padding-free (or
 dynamic-padding) collator is all that is needed (TRL's SFTTrainer would re-derive the same).
@@ -159,6 +159,7 @@ def training_arguments(params: Params, output_dir: str):
         full_determinism=device() == "cpu",  # CUDA kernels would pay for it in speed
         data_seed=t.seed, save_strategy="steps", logging_strategy="steps",
         include_num_input_tokens_seen="non_padding", remove_unused_columns=False,
+        label_names=["labels"],  # a PeftModel's forward hides the argument the Trainer looks for
         use_cpu=device() == "cpu", report_to="none", disable_tqdm=False,
         ddp_backend="gloo" if device() == "cpu" and t.num_processes > 1 else None,
         logging_nan_inf_filter=False,  # the History callback must see a non-finite loss to stop
@@ -169,13 +170,15 @@ def padding_free(params: Params) -> bool:
     setting = params.train.padding_free
     if setting == "auto":
         return (params.model.attn_implementation == "flash_attention_2"
-                and params.peft.method not in PROMPT_LEARNING)
+                and params.model.task == "causal_lm" and params.peft.method not in PROMPT_LEARNING)
     return setting
 
 
 def _collator(params: Params, tokenizer):
-    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, DataCollatorWithPadding
 
+    if params.model.task == "sequence_classification":
+        return DataCollatorWithPadding(tokenizer, padding="longest")
     if padding_free(params):
         # Labels at each example's first token become -100, so no example is trained to
         # predict the next one's start.
@@ -279,10 +282,11 @@ def run(params: Params) -> dict[str, Any]:
     from transformers import AutoConfig
 
     from tasks.memory import preflight
-    from tasks.modeling import compute_dtype
+    from tasks.modeling import compute_dtype, task_kwargs
 
     config = AutoConfig.from_pretrained(params.model.name_or_path, revision=params.model.revision,
-                                        trust_remote_code=params.model.trust_remote_code)
+                                        trust_remote_code=params.model.trust_remote_code,
+                                        **task_kwargs(params.model))
     dtype = str(compute_dtype(params)).removeprefix("torch.")
     estimate = preflight(params, config, dtype, device())
     history: list[dict[str, Any]] = []

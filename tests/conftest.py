@@ -19,6 +19,7 @@ from tasks.config import deep_merge
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "raw" / "dialogues.jsonl"
+REVIEWS = REPO / "data" / "raw" / "reviews.jsonl"  # the labelled set for sequence_classification
 BIN = Path(sys.executable).parent
 # Set for every stage the tests run, so they can check it is never written anywhere.
 FAKE_HF_TOKEN = "hf_testTOKENthatMustNeverBeWritten"
@@ -69,6 +70,34 @@ def tiny_model(tmp_path_factory) -> Path:
                  num_attention_heads=2)
 
 
+@pytest.fixture(scope="session")
+def tiny_t5(tmp_path_factory) -> Path:
+    """A randomly initialised 2-layer T5 (d_model 32) for seq2seq, same tokenizer recipe."""
+    from tasks.smoke_model import build, texts_from_jsonl
+
+    return build(texts_from_jsonl(SAMPLE), tmp_path_factory.mktemp("tiny-t5") / "model", arch="t5",
+                 vocab_size=320, hidden_size=32, num_attention_heads=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A randomly initialised 2-layer BERT encoder (hidden 32) for sequence_classification."""
+    from tasks.smoke_model import build, texts_from_jsonl
+
+    return build(texts_from_jsonl(REVIEWS), tmp_path_factory.mktemp("tiny-bert") / "model",
+                 arch="bert", vocab_size=320, hidden_size=32, num_attention_heads=2)
+
+
+# What params.yaml changes, on top of TINY_PARAMS, to train each model.task.
+TASK_PARAMS: dict[str, dict[str, Any]] = {
+    "causal_lm": {},
+    "seq2seq": {"model": {"task": "seq2seq"}},
+    "sequence_classification": {
+        "model": {"task": "sequence_classification", "labels": ["negative", "positive"]},
+        "data": {"path": "data/raw/reviews.jsonl"}, "prompt": {"template": "text_classification"}},
+}
+
+
 def make_workspace(dst: Path, tiny_model: Path, params: dict[str, Any] | None = None) -> Path:
     """A git + DVC repo holding this repository's tracked files, the tiny model and params."""
     files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
@@ -94,7 +123,8 @@ def tokenized_dir(root: Path, tiny_model: Path, raw: dict[str, Any]) -> Path:
 
     shutil.copytree(tiny_model, root / "models/tiny")
     (root / "data/raw").mkdir(parents=True)
-    shutil.copy(SAMPLE, root / "data/raw/dialogues.jsonl")
+    for data in (SAMPLE, REVIEWS):
+        shutil.copy(data, root / "data/raw" / data.name)
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
     cwd = os.getcwd()
     os.chdir(root)

@@ -119,7 +119,7 @@ def test_nightly_deployment_runs_on_a_gpu_pool_worker(server, tmp_path_factory, 
                                               "export", "promote"}
     keys = {a["key"] for a in api(server["url"], "/artifacts/filter",
                                   {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}})}
-    assert {"rouge-base-vs-tuned", "sample-predictions", "exported-model", "promotion"} <= keys
+    assert {"scores-base-vs-tuned", "sample-predictions", "exported-model", "promotion"} <= keys
     evaluation = json.loads((ws / "metrics/eval.json").read_text())
     assert set(evaluation) == {"base", "tuned", "delta"}
     run(["dvc", "status"], ws)  # the worker left a consistent DVC workspace

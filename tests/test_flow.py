@@ -29,7 +29,7 @@ def harness(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory, tiny_model, harness):
-    params = merge(TINY_PARAMS, {"promote": {"min_rougeL_gain": -1.0}})  # always promote
+    params = merge(TINY_PARAMS, {"promote": {"min_gain": -1.0}})  # always promote
     ws = make_workspace(tmp_path_factory.mktemp("flow"), tiny_model, params)
     saved_cwd, saved_env = os.getcwd(), dict(os.environ)
     os.chdir(ws)
@@ -72,11 +72,11 @@ def test_stages_run_as_tasks_in_dvc_order(first_run):
     assert {s: v["status"] for s, v in summary["stages"].items()} == dict.fromkeys(STAGES, "ran")
     assert all(v["version"] for v in summary["stages"].values())
     assert summary["promoted"] is True and Path(summary["latest"]).is_dir()
-    assert set(summary["rouge"]) == {"rouge1", "rouge2", "rougeL", "rougeLsum"}
+    assert set(summary["scores"]) == {"rouge1", "rouge2", "rougeL", "rougeLsum"}
 
 
 def test_artifacts_for_the_ui(first_run):
-    table = artifact("rouge-base-vs-tuned")
+    table = artifact("scores-base-vs-tuned")
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
     assert [r["metric"] for r in rows] == ["rouge1", "rouge2", "rougeL", "rougeLsum"]
     assert set(rows[0]) == {"metric", "base", "tuned", "delta", "tuned_ci95"}
@@ -98,7 +98,7 @@ def test_gate_miss_keeps_previous_model(first_run, ws):
     from flows.finetune import finetune
 
     before = json.loads((ws / "registry/latest.json").read_text())
-    state = finetune(overrides={"promote": {"min_rougeL_gain": 5.0}}, return_state=True)
+    state = finetune(overrides={"promote": {"min_gain": 5.0}}, return_state=True)
     summary = state.result()
     assert summary["promoted"] is False and "not promoted" in summary["promotion"]
     assert summary["stages"]["promote"]["status"] == "ran"
@@ -106,7 +106,7 @@ def test_gate_miss_keeps_previous_model(first_run, ws):
     assert json.loads((ws / "registry/latest.json").read_text()) == before
     assert "NOT PROMOTED" in artifact("promotion").data
     # the override is written into params.yaml, as `dvc exp run -S` does
-    assert yaml.safe_load((ws / "params.yaml").read_text())["promote"]["min_rougeL_gain"] == 5.0
+    assert yaml.safe_load((ws / "params.yaml").read_text())["promote"]["min_gain"] == 5.0
 
 
 def test_invalid_override_fails_before_any_stage(first_run, ws):

@@ -1,6 +1,7 @@
-"""Every PEFT method of `peft.method`: train (2 steps), evaluate and export run on the tiny
-model, and what export wrote loads back and generates: a standalone model for the methods
-that merge, the adapter on its base for soft prompts."""
+"""Every model.task x every peft.method: train (2 steps), evaluate and export run on a tiny
+model of the task (Llama, T5, BERT), and what export wrote loads back and answers: a
+standalone model for the methods that merge, the adapter on its base for soft prompts. This
+is the README's table of task types x methods, cell by cell."""
 
 from __future__ import annotations
 
@@ -12,22 +13,34 @@ import pytest
 import yaml
 
 from tasks import evaluate, export, train
-from tasks.config import PROMPT_LEARNING, UNQUANTIZED_ONLY, parse_params
+from tasks.config import PROMPT_LEARNING, TASKS, UNQUANTIZED_ONLY, parse_params
 
-from .conftest import TINY_PARAMS, merge, shipped_params, tokenized_dir
+from .conftest import TASK_PARAMS, TINY_PARAMS, merge, shipped_params, tokenized_dir
 
 METHODS = ("lora", "dora", "adalora", "loha", "lokr", "ia3", *PROMPT_LEARNING)
 STEPS = 2
+TINY_MODEL_OF_TASK = {"causal_lm": "tiny_model", "seq2seq": "tiny_t5", "sequence_classification": "tiny_bert"}
+AUTO_CLASS = {"causal_lm": "AutoModelForCausalLM", "seq2seq": "AutoModelForSeq2SeqLM",
+              "sequence_classification": "AutoModelForSequenceClassification"}
+_prepared: dict[str, Path] = {}
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory, tiny_model):
-    """The tiny model and the sample data, prepared and tokenized once for every method."""
-    return tokenized_dir(tmp_path_factory.mktemp("methods"), tiny_model,
-                         merge(shipped_params(), TINY_PARAMS))
+@pytest.fixture
+def prepared(request, tmp_path_factory):
+    """The task's tiny model and sample data, prepared and tokenized once per task."""
+    task = request.node.callspec.params["task"]
+    if task not in _prepared:
+        model = request.getfixturevalue(TINY_MODEL_OF_TASK[task])
+        _prepared[task] = tokenized_dir(tmp_path_factory.mktemp(f"methods-{task}"), model,
+                                        task_params(task))
+    return _prepared[task]
 
 
-def method_params(method: str) -> dict:
+def task_params(task: str) -> dict:
+    return merge(merge(shipped_params(), TINY_PARAMS), TASK_PARAMS[task])
+
+
+def method_params(method: str, task: str = "causal_lm") -> dict:
     over: dict = {"peft": {"method": method}, "train": {"max_steps": STEPS, "save_steps": STEPS},
                   "evaluate": {"max_samples": 2, "max_new_tokens": 4}, "export": {"check_prompts": 1}}
     if method in UNQUANTIZED_ONLY:
@@ -39,18 +52,20 @@ def method_params(method: str) -> dict:
     if method == "adalora":
         over["lora"] = {"r": 4, "lora_alpha": 8}
         over["peft"]["adalora_target_r"] = 2
-    return merge(merge(shipped_params(), TINY_PARAMS), over)
+    return merge(task_params(task), over)
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_method_trains_evaluates_exports_and_loads_back(method, prepared, tmp_path, monkeypatch):
+@pytest.mark.parametrize("task", TASKS)
+def test_method_trains_evaluates_exports_and_loads_back(task, method, prepared, tmp_path, monkeypatch):
+    import peft
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import transformers
 
     ws = tmp_path / "ws"
     shutil.copytree(prepared, ws)
     monkeypatch.chdir(ws)
-    raw = method_params(method)
+    raw = method_params(method, task)
     Path("params.yaml").write_text(yaml.safe_dump(raw))
     params = parse_params(raw, "params.yaml")
 
@@ -64,26 +79,40 @@ def test_method_trains_evaluates_exports_and_loads_back(method, prepared, tmp_pa
 
     scores = evaluate.run(params)
     assert set(scores) == {"base", "tuned", "delta"}
+    headline = "accuracy" if task == "sequence_classification" else "rougeL"
+    assert 0 <= scores["tuned"][headline]["mean"] <= 1
 
     exported = export.run(params)
     merged = Path("artifacts/merged")
     manifest = json.loads((merged / "manifest.json").read_text())
     assert manifest["params"]["peft"]["method"] == method
-    tok = AutoTokenizer.from_pretrained(merged)
-    ids = tok("Summarize:", return_tensors="pt")
+    assert manifest["params"]["model"]["task"] == task
+    assert exported["scores"]["metric"] == headline
+    tok = transformers.AutoTokenizer.from_pretrained(merged)
+    ids = tok("Summarize: it works well.", return_tensors="pt")
     if method in PROMPT_LEARNING:
-        from peft import AutoPeftModelForCausalLM
-
         assert exported["merged"] is False and manifest["merged"] is False
-        assert "Not a standalone model" in (merged / "README.md").read_text()
-        model = AutoPeftModelForCausalLM.from_pretrained(merged)
+        card = (merged / "README.md").read_text()
+        auto = "AutoPeft" + AUTO_CLASS[task].removeprefix("Auto")
+        assert "Not a standalone model" in card and auto in card
+        from tasks.modeling import task_kwargs
+
+        model = getattr(peft, auto).from_pretrained(merged, **task_kwargs(params.model))
     else:
         assert exported["merged"] is True and exported["logits_max_abs_diff"] <= 1e-3
         assert not (merged / "adapter_config.json").exists()
-        model = AutoModelForCausalLM.from_pretrained(merged)
+        model = getattr(transformers, AUTO_CLASS[task]).from_pretrained(merged)
+    model.eval()
     with torch.inference_mode():
-        out = model.generate(**ids, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)
-    assert out.shape[1] == ids["input_ids"].shape[1] + 3
+        if task == "sequence_classification":
+            logits = model(**ids).logits
+            assert logits.shape == (1, 2)
+            assert model.config.id2label == {0: "negative", 1: "positive"}
+        else:
+            out = model.generate(**ids, max_new_tokens=3, min_new_tokens=3, do_sample=False,
+                                 pad_token_id=tok.pad_token_id)
+            prompt = 0 if task == "seq2seq" else ids["input_ids"].shape[1]
+            assert out.shape[1] - prompt >= 3
 
 
 @pytest.mark.parametrize(("over", "needle"), [
@@ -92,7 +121,7 @@ def test_method_trains_evaluates_exports_and_loads_back(method, prepared, tmp_pa
      "set train.padding_free: false"),
     ({"peft": {"method": "prefix_tuning"}}, "train.gradient_checkpointing: false"),
     ({"peft": {"method": "adalora"}, "train": {"max_steps": -1}}, "positive train.max_steps"),
-    ({"peft": {"method": "adalora", "adalora_target_r": 64}}, "must not exceed lora.r"),
+    ({"peft": {"method": "adalora", "adalora_target_r": 64}}, "must be below lora.r"),
 ])
 def test_method_combinations_that_cannot_work_are_refused(over, needle):
     from tasks.errors import ConfigError

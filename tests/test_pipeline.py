@@ -126,8 +126,9 @@ def test_second_repro_is_a_noop(ws):
 
 def test_promotion_gate_result(ws):
     decision = json.loads((ws / "metrics/promote.json").read_text())
-    gain = decision["rougeL_tuned"] - decision["rougeL_base"]
-    assert decision["promoted"] == (gain >= decision["min_rougeL_gain"])
+    assert decision["metric"] == "rougeL"
+    gain = decision["tuned"] - decision["base"]
+    assert decision["promoted"] == (gain >= decision["min_gain"])
     assert (ws / "registry/latest.json").is_file() == decision["promoted"]
 
 

@@ -72,7 +72,7 @@ def test_label_preview_marks_trained_span(tok):
     p = tok("Summary:", add_special_tokens=False)["input_ids"]
     c = tok(" done", add_special_tokens=False)["input_ids"]
     e = encode_pair(p, c, tok.eos_token_id, tok.bos_token_id, cfg(max_length=32))
-    assert label_preview(tok, e) == "Summary:[[ done</s>]]"
+    assert label_preview(tok, e, parse_params(shipped_params(), "params.yaml")) == "Summary:[[ done</s>]]"
 
 
 def _stage(ws: Path, tiny_model: Path, rows: list[dict], **tok_cfg):
