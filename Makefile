@@ -9,7 +9,7 @@ export DVC_NO_ANALYTICS := 1
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup browser postgres run test bench check clean example-minilm
+.PHONY: setup browser postgres run test bench check clean example-minilm gguf-converter
 
 setup: $(STAMP)
 
@@ -41,7 +41,7 @@ postgres:
 	  && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; } \
 	  || echo "postgresql could not be installed: the PostgreSQL test will be skipped"
 
-test: setup browser postgres
+test: setup browser postgres gguf-converter
 	$(BIN)/pytest
 
 # CPU benchmarks against plain scripts, one JSON object per line (see BENCHMARKS.md).
@@ -64,3 +64,21 @@ example-minilm: setup
 	cd $(EXAMPLE) && for stage in prepare tokenize train evaluate export; do \
 	  finetune $$stage --params $(CURDIR)/examples/minilm-lora-sentiment.yaml || exit 1; done
 	@$(BIN)/python -c 'import json; e = json.load(open("$(EXAMPLE)/metrics/eval.json")); print(json.dumps({k: {m: e[k][m] for m in ("accuracy", "f1_macro")} for k in e if k != "delta"}, indent=1))'
+
+# llama.cpp's own Hugging Face -> GGUF converter (export.gguf). It is not packaged on PyPI by
+# itself; the pinned llama-cpp-python sdist carries it with the gguf-py it is written against.
+# Only the converter's Python files are unpacked (nothing is compiled).
+LLAMA_CPP_PYTHON := 0.3.36
+LLAMA_CPP_PYTHON_SHA256 := 832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
+CONVERTER_DIR := $(VENV)/llama.cpp
+gguf-converter: $(CONVERTER_DIR)/convert_hf_to_gguf.py
+
+$(CONVERTER_DIR)/convert_hf_to_gguf.py: $(STAMP)
+	rm -rf $(CONVERTER_DIR) $(VENV)/sdist && mkdir -p $(VENV)/sdist
+	echo "llama-cpp-python==$(LLAMA_CPP_PYTHON) --hash=sha256:$(LLAMA_CPP_PYTHON_SHA256)" > $(VENV)/sdist/pin.txt
+	$(BIN)/pip download --quiet --no-deps --no-binary :all: --require-hashes -r $(VENV)/sdist/pin.txt -d $(VENV)/sdist
+	tar -xzf $(VENV)/sdist/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(VENV)/sdist --wildcards \
+	  '*/vendor/llama.cpp/convert_hf_to_gguf.py' '*/vendor/llama.cpp/conversion/*' '*/vendor/llama.cpp/gguf-py/*'
+	mv $(VENV)/sdist/llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp $(CONVERTER_DIR)
+	cp $(VENV)/sdist/pin.txt $(CONVERTER_DIR)/SOURCE
+	rm -rf $(VENV)/sdist

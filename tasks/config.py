@@ -290,6 +290,10 @@ class ExportConfig(Section):
     # max |merged - adapter| of the task's headline metric on the test split (ROUGE-L for
     # the generative tasks, accuracy for classification)
     metric_atol: float = Field(0.02, ge=0)
+    # Also write the merged model as GGUF (llama.cpp's format) in this tensor type, through
+    # llama.cpp's own converter (`make gguf-converter`), then load it back with transformers
+    # and re-score it on the test split (metric_atol applies). null: no GGUF.
+    gguf: Literal["f32", "f16", "bf16", "q8_0"] | None = None
 
 
 class PromoteConfig(Section):
@@ -347,6 +351,9 @@ class Params(Section):
             if self.align.enabled:
                 problems.append(f"align.enabled needs model.task causal_lm (DPO scores completions "
                                 f"of a causal LM; task is {task})")
+        if self.export.gguf and (task != "causal_lm" or method in PROMPT_LEARNING):
+            problems.append("export.gguf needs model.task causal_lm and a peft.method that merges "
+                            "(GGUF holds one standalone decoder model)")
         if method == "adalora" and self.train.max_steps < 1:
             problems.append("peft.method adalora schedules its rank budget over train.max_steps: "
                             "set a positive train.max_steps")

@@ -9,9 +9,13 @@ Before saving it checks that the merged logits equal base + adapter on a few tes
 accuracy for sequence_classification) equals the adapter's (`export.metric_atol`); either
 failing stops the stage with nothing written.
 
+With `export.gguf` set it also writes the merged model as GGUF through llama.cpp's own
+converter (tasks/gguf.py), loads the file back with transformers, checks its tokenizer gives
+the same ids and re-scores it on the test split (`export.metric_atol` again).
+
 Reads artifacts/adapter/ (artifacts/aligned/ when align is on) and data/prepared/test.jsonl;
 writes artifacts/merged/ (safetensors, tokenizer, generation config, README.md model card,
-manifest.json) and metrics/export.json.
+manifest.json, and model-<type>.gguf with export.gguf) and metrics/export.json.
 
     finetune export
 """
@@ -25,12 +29,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from tasks import paths
+from tasks import gguf, paths
 from tasks.adapters import mergeable, tuned_adapter
 from tasks.config import Params
 from tasks.errors import PipelineError
 from tasks.evaluate import attach_adapter, outputs, scores
-from tasks.generation import model_batches, test_rows
+from tasks.generation import input_ids, model_batches, test_rows
 from tasks.io import atomic_path, normalize_adapter_config, save_tokenizer, sha256_path, write_json
 from tasks.scoring import HEADLINE
 
@@ -41,7 +45,7 @@ log = logging.getLogger("finetune.export")
 LINEAGE = ("data", "prompt", "model", "quant", "lora", "peft", "tokenize", "train", "align",
            "export")
 LIBRARIES = ("torch", "transformers", "peft", "trl", "datasets", "bitsandbytes", "accelerate",
-             "evaluate", "rouge_score", "dvc", "pydantic")
+             "evaluate", "rouge_score", "dvc", "pydantic", "gguf")
 
 
 def _merge_base(params: Params, tokenizer):
@@ -153,6 +157,8 @@ def model_card(params: Params, scores: dict[str, Any]) -> str:
         what = (f"A standalone model: the {p.peft.method} adapter trained by this pipeline, merged into\n"
                 f"`{p.model.name_or_path}` (revision `{p.model.revision}`), saved in {p.export.torch_dtype}.")
         last = "| merged (this model) | {:.4f} |".format(scores["merged"])
+        if "gguf" in scores:
+            last += f"\n| `{gguf.file_name(p.export.gguf or '')}` (GGUF, read back by transformers) | {scores['gguf']:.4f} |"
     else:
         what = (f"**Not a standalone model.** {p.peft.method} learns virtual tokens that are fed in front "
                 f"of every input;\nthere are no weights to merge. This folder is the adapter: load it "
@@ -192,15 +198,52 @@ provenance (git commit, params hash, input hashes, library versions) in `manifes
 """
 
 
-def _save(model, tokenizer, params: Params, scores: dict[str, Any]) -> None:
+def _check(mismatch: float, limit: float, what: str) -> None:
+    if mismatch > limit:
+        raise PipelineError(f"{what}; nothing was saved")
+
+
+def _gguf(folder: Path, merged, tokenizer, prompts: list[str], references: list[str],
+          params: Params, scores: dict[str, Any]) -> dict[str, Any]:
+    """Converts the saved model in `folder` to GGUF, reads it back and re-scores it."""
+    outtype = params.export.gguf or ""
+    if merged.config.model_type not in gguf.LOADABLE:
+        raise PipelineError(f"export.gguf: transformers cannot read a {merged.config.model_type} "
+                            f"model back from GGUF to check it (it reads {', '.join(gguf.LOADABLE)}); "
+                            "set export.gguf: null")
+    name = gguf.file_name(outtype)
+    gguf.convert(folder, folder / name, outtype)
+    model, gguf_tokenizer = gguf.load(folder, name)
+    ours, theirs = input_ids(tokenizer, prompts, params), input_ids(gguf_tokenizer, prompts, params)
+    differs = [i for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a != b]
+    if differs:
+        raise PipelineError(f"export.gguf: the GGUF file's tokenizer encodes test prompt {differs[0]} "
+                            f"differently ({len(differs)} of {len(prompts)} prompts); nothing was saved")
+    check = prompts[:params.export.check_prompts]
+    diff = max(float((a - b).abs().max()) for a, b in zip(
+        _logits(merged, tokenizer, check, params), _logits(model, tokenizer, check, params), strict=True))
+    scores["gguf"] = _headline(model, tokenizer, prompts, references, params)
+    _check(abs(scores["gguf"] - scores["merged"]), params.export.metric_atol,
+           f"the GGUF file's {scores['metric']} {scores['gguf']} differs from the merged model's "
+           f"{scores['merged']} by more than export.metric_atol = {params.export.metric_atol}")
+    return {"file": name, "outtype": outtype, "bytes": (folder / name).stat().st_size,
+            "logits_max_abs_diff": diff, "converter": gguf.source()}
+
+
+def _save(model, tokenizer, params: Params, scores: dict[str, Any], extra=None) -> dict[str, Any]:
+    """Writes artifacts/merged atomically; `extra(folder)` adds to it (GGUF) before the card."""
+    written: dict[str, Any] = {}
     with atomic_path(paths.MERGED) as tmp:
         model.save_pretrained(tmp)
         if not mergeable(params):
             normalize_adapter_config(tmp)
         save_tokenizer(tokenizer, tmp)
+        if extra is not None:
+            written = extra(tmp)
         (tmp / "README.md").write_text(model_card(params, scores), encoding="utf-8")
         lineage = {**manifest(params), "merged": mergeable(params)}
         (tmp / "manifest.json").write_text(json.dumps(lineage, indent=2, sort_keys=True) + "\n")
+    return written
 
 
 def run(params: Params) -> dict[str, Any]:
@@ -230,21 +273,24 @@ def run(params: Params) -> dict[str, Any]:
     merged = model.merge_and_unload()
     after = _logits(merged, tokenizer, check, params)
     diff = max(float((a - b).abs().max()) for a, b in zip(before, after, strict=True))
-    if diff > cfg.logits_atol:
-        raise PipelineError(f"merged logits differ from base + adapter by {diff:.3g} "
-                            f"(export.logits_atol = {cfg.logits_atol}): the merge is wrong; "
-                            "nothing was saved")
+    _check(diff, cfg.logits_atol, f"merged logits differ from base + adapter by {diff:.3g} "
+           f"(export.logits_atol = {cfg.logits_atol}): the merge is wrong")
     scores["merged"] = _headline(merged, tokenizer, prompts, references, params)
-    if abs(scores["merged"] - scores["adapter"]) > cfg.metric_atol:
-        raise PipelineError(f"merged {scores['metric']} {scores['merged']} differs from the adapter's "
-                            f"{scores['adapter']} by more than export.metric_atol = {cfg.metric_atol}; "
-                            "nothing was saved")
+    _check(abs(scores["merged"] - scores["adapter"]), cfg.metric_atol,
+           f"merged {scores['metric']} {scores['merged']} differs from the adapter's "
+           f"{scores['adapter']} by more than export.metric_atol = {cfg.metric_atol}")
     if params.model.task != "sequence_classification":
         merged.generation_config.update(
             max_new_tokens=params.evaluate.max_new_tokens, do_sample=False,
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    _save(merged, tokenizer, params, scores)
+    extra = None
+    if cfg.gguf:
+        def extra(folder: Path) -> dict[str, Any]:
+            return _gguf(folder, merged, tokenizer, prompts, references, params, scores)
+    written = _save(merged, tokenizer, params, scores, extra)
     metrics = {"merged": True, "logits_max_abs_diff": diff, "scores": scores}
+    if written:
+        metrics["gguf"] = written
     write_json(paths.METRICS["export"], metrics)
     log.info("merged model saved to %s: %s", paths.MERGED, metrics)
     return metrics
