@@ -111,7 +111,6 @@ class PromptConfig(Section):
 
 
 TASKS = ("causal_lm", "seq2seq", "sequence_classification")
-GENERATIVE = ("causal_lm", "seq2seq")
 
 
 class ModelConfig(Section):

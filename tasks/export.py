@@ -135,10 +135,14 @@ def _method(p: Params) -> str:
     return method
 
 
-# What loads an exported adapter (soft prompts), per model.task.
-PEFT_AUTO_CLASSES = {"causal_lm": "AutoPeftModelForCausalLM", "seq2seq": "AutoPeftModelForSeq2SeqLM",
-                     "sequence_classification": "AutoPeftModelForSequenceClassification"}
 METRIC_TITLES = {"rougeL": "ROUGE-L", "accuracy": "accuracy"}
+
+
+def _peft_auto_class(task: str) -> str:
+    """What loads an exported adapter (soft prompts): PEFT's twin of the task's auto class."""
+    from tasks.modeling import AUTO_CLASSES
+
+    return "AutoPeft" + AUTO_CLASSES[task].removeprefix("Auto")
 
 
 def _head_kwargs(params: Params) -> str:
@@ -163,7 +167,7 @@ def model_card(params: Params, scores: dict[str, Any]) -> str:
         what = (f"**Not a standalone model.** {p.peft.method} learns virtual tokens that are fed in front "
                 f"of every input;\nthere are no weights to merge. This folder is the adapter: load it "
                 f"on its base,\n`{p.model.name_or_path}` (revision `{p.model.revision}`), with\n"
-                f"`peft.{PEFT_AUTO_CLASSES[p.model.task]}.from_pretrained(this_folder{_head_kwargs(p)})`.")
+                f"`peft.{_peft_auto_class(p.model.task)}.from_pretrained(this_folder{_head_kwargs(p)})`.")
         last = ""
     if p.model.task == "sequence_classification":
         what += f"\n\nTask: sequence classification into {', '.join(p.model.labels or [])} (in head order)."

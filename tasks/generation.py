@@ -36,6 +36,11 @@ def input_ids(tokenizer, prompts: list[str], params: Params) -> list[list[int]]:
     return source_ids(tokenizer, prompts, params.tokenize)[0]
 
 
+def _pad(row: list[int], filler: int, width: int, left: bool) -> list[int]:
+    padding = [filler] * (width - len(row))
+    return padding + row if left else row + padding
+
+
 def batches(tokenizer, ids: list[list[int]], batch_size: int, pad_left: bool):
     """(original indices, input_ids, attention_mask) per batch, shortest prompts first."""
     import torch
@@ -44,14 +49,9 @@ def batches(tokenizer, ids: list[list[int]], batch_size: int, pad_left: bool):
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         width = max(len(ids[i]) for i in idx)
-        pads = [width - len(ids[i]) for i in idx]
-        if pad_left:
-            input_ids = [[tokenizer.pad_token_id] * n + ids[i] for n, i in zip(pads, idx, strict=True)]
-            mask = [[0] * n + [1] * len(ids[i]) for n, i in zip(pads, idx, strict=True)]
-        else:
-            input_ids = [ids[i] + [tokenizer.pad_token_id] * n for n, i in zip(pads, idx, strict=True)]
-            mask = [[1] * len(ids[i]) + [0] * n for n, i in zip(pads, idx, strict=True)]
-        yield idx, torch.tensor(input_ids), torch.tensor(mask)
+        rows = [_pad(ids[i], tokenizer.pad_token_id, width, pad_left) for i in idx]
+        mask = [_pad([1] * len(ids[i]), 0, width, pad_left) for i in idx]
+        yield idx, torch.tensor(rows), torch.tensor(mask)
 
 
 def model_batches(model, tokenizer, prompts: list[str], params: Params):

@@ -14,26 +14,25 @@ import yaml
 
 from tasks import evaluate, export, train
 from tasks.config import PROMPT_LEARNING, TASKS, UNQUANTIZED_ONLY, parse_params
+from tasks.modeling import AUTO_CLASSES
 
 from .conftest import TASK_PARAMS, TINY_PARAMS, merge, shipped_params, tokenized_dir
 
 METHODS = ("lora", "dora", "adalora", "loha", "lokr", "ia3", *PROMPT_LEARNING)
 STEPS = 2
 TINY_MODEL_OF_TASK = {"causal_lm": "tiny_model", "seq2seq": "tiny_t5", "sequence_classification": "tiny_bert"}
-AUTO_CLASS = {"causal_lm": "AutoModelForCausalLM", "seq2seq": "AutoModelForSeq2SeqLM",
-              "sequence_classification": "AutoModelForSequenceClassification"}
-_prepared: dict[str, Path] = {}
 
 
-@pytest.fixture
-def prepared(request, tmp_path_factory):
+@pytest.fixture(scope="module", params=TASKS)
+def task(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def prepared(task, request, tmp_path_factory):
     """The task's tiny model and sample data, prepared and tokenized once per task."""
-    task = request.node.callspec.params["task"]
-    if task not in _prepared:
-        model = request.getfixturevalue(TINY_MODEL_OF_TASK[task])
-        _prepared[task] = tokenized_dir(tmp_path_factory.mktemp(f"methods-{task}"), model,
-                                        task_params(task))
-    return _prepared[task]
+    model = request.getfixturevalue(TINY_MODEL_OF_TASK[task])
+    return tokenized_dir(tmp_path_factory.mktemp(f"methods-{task}"), model, task_params(task))
 
 
 def task_params(task: str) -> dict:
@@ -56,7 +55,6 @@ def method_params(method: str, task: str = "causal_lm") -> dict:
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("task", TASKS)
 def test_method_trains_evaluates_exports_and_loads_back(task, method, prepared, tmp_path, monkeypatch):
     import peft
     import torch
@@ -93,7 +91,7 @@ def test_method_trains_evaluates_exports_and_loads_back(task, method, prepared, 
     if method in PROMPT_LEARNING:
         assert exported["merged"] is False and manifest["merged"] is False
         card = (merged / "README.md").read_text()
-        auto = "AutoPeft" + AUTO_CLASS[task].removeprefix("Auto")
+        auto = "AutoPeft" + AUTO_CLASSES[task].removeprefix("Auto")
         assert "Not a standalone model" in card and auto in card
         from tasks.modeling import task_kwargs
 
@@ -101,7 +99,7 @@ def test_method_trains_evaluates_exports_and_loads_back(task, method, prepared, 
     else:
         assert exported["merged"] is True and exported["logits_max_abs_diff"] <= 1e-3
         assert not (merged / "adapter_config.json").exists()
-        model = getattr(transformers, AUTO_CLASS[task]).from_pretrained(merged)
+        model = getattr(transformers, AUTO_CLASSES[task]).from_pretrained(merged)
     model.eval()
     with torch.inference_mode():
         if task == "sequence_classification":
