@@ -1,26 +1,66 @@
 # Quickstart: `make run` (the whole pipeline, offline) and `make test`.
-PYTHON ?= python3.11
+# The first interpreter in 3.11-3.13 that runs here (a pyenv shim of a version that is not
+# selected exists but fails to run). Override: make setup PYTHON=python3.12
+ifeq ($(origin PYTHON), undefined)
+PYTHON := $(shell for p in python3 python3.13 python3.12 python3.11; do \
+  $$p -c 'import sys; sys.exit(not (3, 11) <= sys.version_info[:2] <= (3, 13))' 2>/dev/null && { echo $$p; break; }; done)
+endif
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LOCK := requirements/lock.txt
+TORCH_PIN := requirements/torch.txt
 # Stages are console scripts in the venv; DVC runs them through the shell.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup browser postgres run test bench check clean example-minilm gguf-converter
+# torch's build is the host's. GPU hosts (nvidia-smi present) take PyPI's CUDA build. CPU hosts
+# take the small CPU build: from the wheel folder this host's pip is configured with, if any
+# (find-links), else from PyTorch's CPU index. Override with TORCH_SOURCE='--index-url URL'.
+ifeq ($(origin TORCH_SOURCE), undefined)
+ifneq ($(shell command -v nvidia-smi),)
+TORCH_SOURCE :=
+else
+FIND_LINKS := $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
+TORCH_SOURCE := $(if $(FIND_LINKS),$(addprefix --find-links ,$(FIND_LINKS)),--index-url https://download.pytorch.org/whl/cpu)
+endif
+endif
+
+.PHONY: setup lock upgrade print-python pools browser postgres run test bench check clean example-minilm gguf-converter
 
 setup: $(STAMP)
 
-# Machines without an NVIDIA GPU get the small CPU build of torch first; GPU hosts let pip
-# resolve the project's torch range to a CUDA build.
-$(STAMP): pyproject.toml
+# A fresh venv holding exactly the lock: uv (itself hash-checked from the lock) installs every
+# pin with its hash and no resolution, then torch in the host's build, then the project.
+# scripts/check_env.py fails the setup if anything differs from the lock.
+$(STAMP): pyproject.toml $(LOCK) $(TORCH_PIN)
+	@test -n "$(PYTHON)" || { echo "make setup: no Python 3.11-3.13 found; set PYTHON=..." >&2; exit 1; }
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	if ! command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install --quiet torch==2.13.0; fi
-	$(BIN)/pip install --quiet -e '.[dev]'
+	awk '/^uv==/ {p = 1} p && /^    #/ {exit} p' $(LOCK) > $(VENV)/uv-pin.txt
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --require-hashes -r $(VENV)/uv-pin.txt
+	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps --require-hashes -r $(LOCK)
+	$(BIN)/uv pip install --quiet --python $(BIN)/python $(TORCH_SOURCE) -r $(TORCH_PIN)
+	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .
+	$(BIN)/python scripts/check_env.py
 	touch $@
+
+print-python:
+	@echo $(PYTHON)
+
+# Re-resolve after a dependency change in pyproject.toml, keeping the other pins; `make upgrade`
+# moves every pin to the newest release; LOCK_ARGS='-P NAME==VERSION' moves one package.
+# Commit requirements/ with the change.
+$(BIN)/uv:
+	$(MAKE) setup
+
+lock: $(BIN)/uv
+	$(BIN)/python scripts/lock.py $(LOCK_ARGS)
+
+upgrade: $(BIN)/uv
+	$(BIN)/python scripts/lock.py --upgrade
 
 check: setup
 	$(BIN)/finetune check
@@ -43,6 +83,11 @@ postgres:
 
 test: setup browser postgres gguf-converter
 	$(BIN)/pytest
+
+# Every work pool prefect.yaml names, created where missing, so `prefect deploy --all` works
+# (PREFECT_API_URL must point at the server).
+pools: setup
+	$(BIN)/python -m flows.pools
 
 # CPU benchmarks against plain scripts, one JSON object per line (see BENCHMARKS.md).
 bench: setup

@@ -298,20 +298,29 @@ BENCHES = {
 }
 
 
+def parse_args(argv: list[str]) -> list[str]:
+    """The benchmark names to run: all of them, in order, when none is named."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", metavar="NAME",
+                        help=f"benchmarks to run (default: all): {', '.join(BENCHES)}")
+    names = parser.parse_args(argv).names
+    unknown = [n for n in names if n not in BENCHES]
+    if unknown:
+        parser.error(f"unknown benchmark {', '.join(unknown)}; choose from {', '.join(BENCHES)}")
+    return names or list(BENCHES)
+
+
 def main() -> None:
     if sys.argv[1:2] == ["_train-ours"]:
         _train_ours(int(sys.argv[3]), sys.argv[4])
         return
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("names", nargs="*", choices=[[], *BENCHES], default=list(BENCHES))
-    args = parser.parse_args()
+    names = parse_args(sys.argv[1:])
     ws = workspace()
     try:
-        for name in args.names or BENCHES:
+        for name in names:
             BENCHES[name](ws)
     finally:
         shutil.rmtree(ws, ignore_errors=True)
-
 
 if __name__ == "__main__":
     main()

@@ -11,6 +11,7 @@ from typing import Any
 
 from tasks import paths
 from tasks.config import PROMPT_LEARNING, Params
+from tasks.errors import PipelineError
 
 # PEFT's task type of each model.task. SEQ_CLS also trains the new classification head in
 # full and saves it with the adapter (PEFT's modules_to_save).
@@ -52,6 +53,33 @@ def peft_config(params: Params):
     cls = {"prompt_tuning": PromptTuningConfig, "prefix_tuning": PrefixTuningConfig,
            "p_tuning": PromptEncoderConfig}[method]
     return cls(**virtual)
+
+
+def takes_prefix_cache(model) -> bool:
+    """Whether PEFT's prefix tuning can feed its prefixes to `model`: it passes them as the
+    `past_key_values` argument of the model's forward (for classifiers, of the backbone's).
+
+    transformers 5.24 renamed that argument `cache`. PEFT 0.21 then refuses classifiers, and
+    for generative models the prefixes go in under the old name, which transformers drops
+    whenever generate passes its own cache: evaluate would score a model without them."""
+    import inspect
+
+    backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    return any("past_key_values" in inspect.signature(m.forward).parameters
+               for m in (model, backbone) if m is not None)
+
+
+def check_supported(params: Params, model) -> None:
+    """Refuses, before training, a method this model's architecture cannot take."""
+    if params.peft.method == "prefix_tuning" and not takes_prefix_cache(model):
+        import peft
+        import transformers
+
+        raise PipelineError(
+            f"peft.method: prefix_tuning needs a model whose forward takes past_key_values, and "
+            f"{type(model).__name__} (model.task: {params.model.task}) does not under transformers "
+            f"{transformers.__version__} with peft {peft.__version__}; use peft.method prompt_tuning, "
+            f"p_tuning or lora, or the locked versions (make setup)")
 
 
 def settle(model) -> None:

@@ -119,9 +119,11 @@ def trainable_base(params: Params, tokenizer):
 def _model(params: Params, tokenizer):
     from peft import get_peft_model
 
-    from tasks.adapters import peft_config, settle
+    from tasks.adapters import check_supported, peft_config, settle
 
-    model = get_peft_model(trainable_base(params, tokenizer), peft_config(params))
+    base = trainable_base(params, tokenizer)
+    check_supported(params, base)
+    model = get_peft_model(base, peft_config(params))
     settle(model)
     return model
 

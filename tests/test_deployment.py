@@ -85,11 +85,21 @@ def prefect(args: list[str], cwd: Path, e: dict, timeout: int = 600) -> str:
     return proc.stdout
 
 
+def make_pools(ws: Path, e: dict) -> str:
+    """`python -m flows.pools` (what `make pools` runs), the README's step before
+    `prefect deploy --all`."""
+    proc = subprocess.run(["python", "-m", "flows.pools"], cwd=ws, env=e, capture_output=True, text=True)
+    assert proc.returncode == 0, f"python -m flows.pools:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
 def test_nightly_deployment_runs_on_a_gpu_pool_worker(server, tmp_path_factory, tiny_model):
     ws = make_workspace(tmp_path_factory.mktemp("deploy"), tiny_model)
     e = {**server["env"], "PWD": str(ws)}  # prefect.yaml's pull step reads $PWD at deploy time
-    for pool in ("gpu", "cpu"):
-        prefect(["work-pool", "create", pool, "--type", "process"], ws, e)
+    # The README's steps: create every pool prefect.yaml names, then deploy them all.
+    created = make_pools(ws, e)
+    assert "work pool gpu: created (process)" in created and "work pool cpu: created (process)" in created
+    assert make_pools(ws, e).count(": exists") == 2  # a second run changes nothing
     prefect(["--no-prompt", "deploy", "--all"], ws, e)
     listed = prefect(["deployment", "ls"], ws, e)
     assert all(d in listed for d in ("finetune/nightly", "finetune/nightly-split", "finetune-stage/gpu"))

@@ -76,6 +76,26 @@ def test_killed_training_resumes_to_the_same_adapter(ws):
     assert not (ws / "artifacts/checkpoints").exists()
 
 
+def test_forced_retrain_under_cpu_load_is_byte_identical(ws):
+    """A rerun while other processes fight for every core gives the same adapter bytes."""
+    import os
+    import sys
+
+    quiet = train(ws)
+    assert quiet.returncode == 0, quiet.stderr
+    alone = adapter_digest(ws)
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            for _ in range(2 * (os.cpu_count() or 1))]
+    try:
+        loaded = train(ws)
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+    assert loaded.returncode == 0, loaded.stderr
+    assert adapter_digest(ws) == alone
+
+
 def test_diverging_loss_stops_with_the_step(ws):
     params = yaml.safe_load((ws / "params.yaml").read_text())
     params["train"]["learning_rate"] = 1.0e30  # overflows float32 within a step or two
