@@ -102,7 +102,13 @@ def test_split_pools_exchange_artifacts_through_the_dvc_remote(pg_server, tmp_pa
                                     timeout=WORKER_TIMEOUT)
     finally:
         os.killpg(gpu_worker.pid, signal.SIGTERM)
-        gpu_worker.wait(timeout=60)
+        try:
+            gpu_worker.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            # Seen on a loaded 2-core machine: the worker's graceful shutdown outlasted a
+            # minute after its run had completed. Its exit is not what this test checks.
+            os.killpg(gpu_worker.pid, signal.SIGKILL)
+            gpu_worker.wait(timeout=60)
         gpu_log.close()
     gpu_out = (b / "gpu-worker.log").read_text()
     flow_run = api(pg_server["url"], f"/flow_runs/{flow_run_id}")
