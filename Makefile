@@ -28,7 +28,7 @@ TORCH_SOURCE := $(if $(FIND_LINKS),$(addprefix --find-links ,$(FIND_LINKS)),--in
 endif
 endif
 
-.PHONY: setup lock upgrade print-python pools browser postgres run test bench check clean example-minilm gguf-converter
+.PHONY: setup lock upgrade print-python pools browser postgres run test bench gpu-check check clean example-minilm gguf-converter
 
 setup: $(STAMP)
 
@@ -90,6 +90,12 @@ pools: setup
 	$(BIN)/python -m flows.pools
 
 # CPU benchmarks against plain scripts, one JSON object per line (see BENCHMARKS.md).
+# The GPU path in one go on a CUDA host (bench/gpu_check.py): the quickstart on the GPU and
+# bench/gpu.py on 1B/8B shapes; reports/gpu-check/results.{jsonl,md}. On a lent GPU machine
+# without network, BENCHMARKS.md ("GPU check") gives the steps.
+gpu-check: setup
+	TQDM_DISABLE=1 $(BIN)/python bench/gpu_check.py run $(GPU_CHECK_ARGS)
+
 bench: setup
 	TQDM_DISABLE=1 $(BIN)/python bench/run.py
 

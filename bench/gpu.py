@@ -1,5 +1,5 @@
 """GPU benchmark (issue 5, item 3): the train stage's QLoRA path on a randomly initialised
-Llama config against the tutorial way, side by side in one run, with MFU and peak memory
+Llama config against a plain TRL SFTTrainer script, side by side in one run, with MFU and peak memory
 against the preflight estimate. No weights are downloaded: the config is built here.
 
     python bench/gpu.py --model llama-3.2-1b --seq 2048 --batch 4 --steps 30
@@ -9,8 +9,8 @@ against the preflight estimate. No weights are downloaded: the config is built h
 Rows have random lengths between seq/4 and seq (as real data has), all tokens trainable;
 tokens/s counts non-padding tokens after `--warmup` steps. "ours" is tasks.train.build_trainer
 with the given params (padding per batch, or padding-free with flash_attention_2); the
-baseline pads every row to seq, as the usual tutorial does. One JSON line per
-implementation, then one with the ratio.
+baseline is SFTTrainer with TRL's defaults on the same model, LoRA, optimizer and rows. One
+JSON line per implementation, then one with the ratio.
 
 MFU = tokens/s x FLOPs per token / peak FLOP/s, where FLOPs per token = 4N (forward 2N plus
 input-gradient backward 2N, the frozen base has no weight gradients; the adapter's are
@@ -143,38 +143,35 @@ def ours(args, params) -> dict:
 
 
 def baseline(args, params) -> dict:
-    """The tutorial: the same 4-bit (or bf16) model, PEFT LoRA, every row padded to seq."""
+    """The plain TRL script: the same 4-bit (or bf16) model and LoRA settings handed to
+    SFTTrainer with TRL's defaults (its collator pads each batch to its longest row)."""
     import datasets
     import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, DataCollatorForSeq2Seq,
-                              Trainer, TrainingArguments)
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from trl import SFTConfig, SFTTrainer
 
     from tasks.modeling import load_tokenizer
 
     tok = load_tokenizer(params.model, "data/tokenized/tokenizer")
-    data = datasets.load_from_disk("data/tokenized")["train"].remove_columns("id")
+    data = datasets.load_from_disk("data/tokenized")["train"].select_columns(["input_ids"])
+    cuda = torch.cuda.is_available()
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.bfloat16) if args.mode == "qlora" else None
     model = AutoModelForCausalLM.from_pretrained("models/bench", quantization_config=quant,
-                                                 dtype=torch.bfloat16, attn_implementation="sdpa",
-                                                 device_map={"": 0} if torch.cuda.is_available() else None)
-    if quant is not None:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(model, LoraConfig(r=params.lora.r, lora_alpha=params.lora.lora_alpha,
-                                             lora_dropout=params.lora.lora_dropout,
-                                             target_modules="all-linear", task_type="CAUSAL_LM"))
-    cuda = torch.cuda.is_available()
-    trainer = Trainer(
-        model=model, train_dataset=data,
-        data_collator=DataCollatorForSeq2Seq(tok, padding="max_length", max_length=args.seq),
-        args=TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch,
-                               max_steps=args.steps, learning_rate=2e-4, save_strategy="no",
-                               gradient_checkpointing=True, bf16=cuda, report_to="none",
-                               optim="paged_adamw_8bit" if cuda else "adamw_torch",
-                               include_num_input_tokens_seen="non_padding", use_cpu=not cuda,
-                               remove_unused_columns=False, disable_tqdm=True))
+                                                 dtype=torch.bfloat16, attn_implementation=args.attn,
+                                                 device_map={"": 0} if cuda else None)
+    trainer = SFTTrainer(
+        model=model, train_dataset=data, processing_class=tok,
+        peft_config=LoraConfig(r=params.lora.r, lora_alpha=params.lora.lora_alpha,
+                               lora_dropout=params.lora.lora_dropout, target_modules="all-linear",
+                               task_type="CAUSAL_LM"),
+        args=SFTConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch,
+                       max_steps=args.steps, learning_rate=2e-4, save_strategy="no", max_length=args.seq,
+                       gradient_checkpointing=True, bf16=cuda, report_to="none",
+                       optim="paged_adamw_8bit" if cuda else "adamw_torch",
+                       include_num_input_tokens_seen="non_padding", use_cpu=not cuda,
+                       logging_steps=args.steps, disable_tqdm=True))
     return timed(trainer, args)
 
 
@@ -222,9 +219,10 @@ def main() -> None:
                               "mfu_vs_989": round(tps * flops_per_token / (H100_BF16_TFLOPS * 1e12), 4),
                               "mfu_vs_measured": round(tps * flops_per_token / (peak * 1e12), 4) if peak else None,
                               "measured_matmul_tflops": round(peak, 1) if peak else None,
-                              "params": n, "attn": args.attn}), flush=True)
+                              "params": n, "attn": args.attn,
+                              "padding_free": args.padding_free}), flush=True)
         if len(results) == 2:
-            print(json.dumps({"name": "gpu-train-ratio", "ratio": round(
+            print(json.dumps({"name": "gpu-train-ratio", "model": args.model, "attn": args.attn, "ratio": round(
                 results["ours"]["tokens_per_s"] / results["baseline"]["tokens_per_s"], 3)}))
     finally:
         os.chdir(REPO)
