@@ -140,7 +140,7 @@ def check_external_links(folders: Iterable[Path], allow: bool) -> None:
         link, target = links[0]
         more = f" (and {len(links) - 1} more)" if len(links) > 1 else ""
         raise PipelineError(f"{link} is a symlink to {target}, outside the repository{more}: copy "
-                            "the file into the repository, or set data.allow_external_links: true")
+                            "it into the repository, or set data.allow_external_links: true")
     for link, target in links:
         log.warning("data.allow_external_links is on: reading %s -> %s, outside the repository",
                     link, target)

@@ -158,7 +158,10 @@ def available_memory() -> int | None:
 
 
 def size(n: float) -> str:
-    return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
+    for unit, scale in (("GiB", GIB), ("MiB", 2**20)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n / 2**10:.0f} KiB"
 
 
 def check_disk(stage: str, folder: Path, need: int, what: str, lower: str) -> None:

@@ -145,6 +145,7 @@ def load_tokenizer(model: ModelConfig, path: str | None = None):
         raise _load_error(model, err, "a tokenizer from ") from None
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 # The transformers auto class of each model.task.
 AUTO_CLASSES = {"causal_lm": "AutoModelForCausalLM", "seq2seq": "AutoModelForSeq2SeqLM",
                 "sequence_classification": "AutoModelForSequenceClassification"}
@@ -199,7 +200,11 @@ def load_base(params: Params, *, quantized: bool, torch_dtype: torch.dtype | Non
             **kwargs)
     except (OSError, ValueError) as err:
         hint = ""
-        if not params.model.allow_pickle_weights and "safetensors" in str(err).lower():
+        folder = Path(params.model.name_or_path)
+        # A local folder without pickle files lacks its weights altogether: no pickle hint.
+        pickles = not params.model.is_local or not folder.is_dir() or any(
+            p.suffix in PICKLE_SUFFIXES for p in folder.iterdir())
+        if not params.model.allow_pickle_weights and pickles and "safetensors" in str(err).lower():
             hint = (" (only safetensors weights are loaded; pickle .bin/.pt checkpoints can run "
                     "code: convert them, or set model.allow_pickle_weights: true if you trust them)")
         raise PipelineError(f"{_load_error(params.model, err)}{hint}") from None

@@ -51,7 +51,7 @@ def _jsonl(path: Path) -> Iterator[Record]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                yield where, None, f"not_utf8: byte {err.start} is not valid UTF-8 ({ENCODING_HINT})"
+                yield where, None, f"not_utf8: byte {err.start} is not valid UTF-8; {ENCODING_HINT}"
                 continue
             if not line.strip():
                 continue
