@@ -62,15 +62,17 @@ def writing(target: Path, tmp: Path | None = None) -> Iterator[None]:
             if tmp is not None and culprit.is_relative_to(tmp):
                 culprit = target / culprit.relative_to(tmp) if culprit != tmp else target
         translated = environment_error(err, culprit)
-        if translated is None and isinstance(err, RuntimeError) and _full(target):
+        if translated is None and any(m in str(err) for m in TORCH_WRITE_FAILURES) and _full(target):
             translated = environment_error(OSError(errno.ENOSPC, "disk full"), target)
         if translated is None:
             raise
         raise translated from None
 
 
-# Less free space than this after torch.save failed means the disk filled up: torch says so
-# only as "unexpected pos N vs M", with no errno.
+# torch.save reports a failed write without errno ("unexpected pos N vs M", or
+# "PytorchStreamWriter failed writing file ..."): with less free space than FULL_DISK_BYTES
+# left, the disk filled up.
+TORCH_WRITE_FAILURES = ("unexpected pos", "PytorchStreamWriter failed")
 FULL_DISK_BYTES = 64 << 10
 
 
@@ -119,7 +121,7 @@ def _remove(path: Path) -> None:
 
 def external_links(folders: Iterable[Path]) -> list[tuple[Path, Path]]:
     """(link, target) for each symlink in `folders` (or being one) that resolves outside the
-    working directory, the repository the stages run in."""
+    working directory, the repository the stages run in, and outside DVC's cache."""
     repo = Path.cwd().resolve()
     found = []
     for folder in folders:
@@ -129,7 +131,22 @@ def external_links(folders: Iterable[Path]) -> list[tuple[Path, Path]]:
         for path in candidates:
             if path.is_symlink() and not (target := path.resolve()).is_relative_to(repo):
                 found.append((path, target))
+    if found and (cache := _dvc_cache()) is not None:
+        found = [(link, target) for link, target in found if not target.is_relative_to(cache)]
     return found
+
+
+def _dvc_cache() -> Path | None:
+    """Where DVC keeps tracked files' contents: with `cache.type: symlink` and a shared cache
+    folder (`dvc cache dir`), DVC's own links point there. None outside a DVC repository."""
+    from dvc.exceptions import NotDvcRepoError
+    from dvc.repo import Repo
+
+    try:
+        with Repo(".") as repo:
+            return Path(repo.cache.local.path).resolve()
+    except NotDvcRepoError:
+        return None
 
 
 def check_external_links(folders: Iterable[Path], allow: bool) -> None:

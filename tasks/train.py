@@ -290,7 +290,7 @@ def run(params: Params) -> dict[str, Any]:
     history: list[dict[str, Any]] = []
     trainer = build_trainer(params, str(paths.CHECKPOINTS), history)
     _check_world(params, trainer.args)
-    with trainer.args.main_process_first(desc="checkpoint check"):
+    with trainer.args.main_process_first(desc="checkpoint check"), writing(paths.CHECKPOINTS):
         resume = _resume_checkpoint(params)
     model, tokenizer = trainer.model, trainer.processing_class
     trainable, total = model.get_nb_trainable_parameters()

@@ -68,7 +68,8 @@ def error_line(proc: subprocess.CompletedProcess[str], stage: str) -> str:
     """The first line of the error message; asserts exit 2 and no traceback."""
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    return next(line for line in proc.stderr.splitlines() if line.startswith(f"finetune {stage}: error: "))
+    return next((line for line in proc.stderr.splitlines() if line.startswith(f"finetune {stage}: error: ")),
+                proc.stderr[-3000:])
 
 
 def refused(ws: Path, stage: str, user: int | None = None) -> str:
@@ -80,11 +81,17 @@ def refused(ws: Path, stage: str, user: int | None = None) -> str:
     return line
 
 
+# Version control's own state, not the workspace's: git, and DVC's scratch (opening the repo
+# writes .dvc/tmp/btime).
+NOT_WORKSPACE = (".git", ".dvc/tmp")
+
+
 def snapshot(root: Path) -> dict[str, str]:
-    """Every file, folder and link under `root` but .git: its content hash, "folder" or its target."""
+    """Every file, folder and link under `root` (but NOT_WORKSPACE): its content hash,
+    "folder" or its target."""
     out = {}
     for parent, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if not (parent == str(root) and d == ".git")]
+        dirs[:] = [d for d in dirs if str(Path(parent, d).relative_to(root)) not in NOT_WORKSPACE]
         for name in dirs + files:
             path = Path(parent) / name
             rel = str(path.relative_to(root))
@@ -192,6 +199,22 @@ def test_stage_refuses_when_its_outputs_would_not_fit(ws, tmpfs, stage):
     traceback after all the work; now train and export refuse before loading any weights."""
     tmpfs(ws / "artifacts")
     assert re.fullmatch(PREFLIGHT_REFUSALS[stage], refused(ws, stage))
+
+
+# Above train's preflight estimate for the tiny model (170 KiB: weights and optimizer state),
+# below what its checkpoints take with their tokenizer and state files (about 310 KiB).
+PAST_PREFLIGHT = 200 << 10
+
+
+def test_full_disk_while_train_writes_checkpoints(ws, tmpfs):
+    """The preflight passes, the disk fills up anyway: the checkpoint folder is named, and the
+    outputs are as they were (a partial checkpoint is dropped when train resumes)."""
+    tmpfs(ws / "artifacts", slack=PAST_PREFLIGHT)
+    before = snapshot(ws)
+    line = error_line(finetune(ws, "train"), "train")
+    assert line == f"finetune train: error: artifacts/checkpoints: {NO_SPACE}"
+    after = {k: v for k, v in snapshot(ws).items() if not k.startswith("artifacts/checkpoints")}
+    assert after == before
 
 
 def test_read_only_filesystem(ws, tmpfs):
@@ -364,6 +387,17 @@ def test_linked_model_folder_outside_the_repository_is_refused(ws, tiny_model):
     assert refused(ws, "train") == (
         f"finetune train: error: models/tiny is a symlink to {tiny_model}, outside the repository: "
         "copy it into the repository, or set data.allow_external_links: true")
+
+
+def test_dvc_links_into_a_shared_cache_are_dvcs_own(ws, tmp_path):
+    """`cache.type: symlink` with a cache outside the repository: DVC's links are not foreign."""
+    run(["dvc", "cache", "dir", str(tmp_path / "shared-cache")], ws)
+    run(["dvc", "config", "cache.type", "symlink"], ws)
+    shutil.copy(ws / "data/raw/dialogues.jsonl", ws / "data/raw/more.jsonl")
+    run(["dvc", "add", "data/raw/more.jsonl"], ws)
+    assert (ws / "data/raw/more.jsonl").resolve().is_relative_to(tmp_path / "shared-cache")
+    proc = finetune(ws, "prepare")
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_link_inside_the_repository_is_fine(ws):
