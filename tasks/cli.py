@@ -16,9 +16,11 @@ import os
 import sys
 from pathlib import Path
 
-from tasks.errors import PipelineError
+from tasks.errors import PipelineError, environment_error
 
 STAGES = ("prepare", "tokenize", "train", "align", "evaluate", "export", "promote")
+# Stages whose dvc.yaml inputs include data/raw/ or models/.
+LINK_CHECKED = ("prepare", "tokenize", "train", "align", "evaluate", "export")
 # Stages (comma-separated) this machine must not compute: the Prefect flow sets it while
 # restoring a stage another worker ran (flows/finetune.py).
 RESTORE_ONLY_ENV = "FINETUNE_RESTORE_ONLY"
@@ -72,6 +74,11 @@ def _dispatch(args: argparse.Namespace) -> int:
                 "worker runs it and pushes it), but the remote holds no result for these inputs "
                 f"and params: check that worker's run and that both checkouts have the same "
                 "code, data and params.yaml")
+        if args.command in LINK_CHECKED:
+            from tasks.config import DATA_DIR, MODELS_DIR
+            from tasks.io import check_external_links
+
+            check_external_links((DATA_DIR, MODELS_DIR), params.data.allow_external_links)
         if args.command == "train" and params.train.num_processes > 1 and "LOCAL_RANK" not in os.environ:
             from tasks.train import launch
 
@@ -109,6 +116,15 @@ def main(argv: list[str] | None = None) -> int:
         return _dispatch(args)
     except PipelineError as err:
         print(f"finetune {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        # Outputs are written through tasks.io.atomic_path, which names them; this catches
+        # what a stage reads (or a library writes elsewhere) on a full, read-only or
+        # forbidden filesystem.
+        translated = environment_error(err, getattr(err, "filename", None))
+        if translated is None:
+            raise
+        print(f"finetune {args.command}: error: {translated}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"finetune {args.command}: interrupted; no output was moved into place",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -56,6 +57,10 @@ class DataConfig(Section):
     split: SplitConfig = SplitConfig()
     max_rows: int | None = Field(None, ge=1)
     on_bad_record: Literal["error", "skip"] = "error"
+    allow_external_links: bool = Field(False, description=(
+        "Follow symlinks under data/raw/ and models/ that point outside the repository (each "
+        "one is logged). Off: such a link stops the stage, since DVC would version a file the "
+        "repository does not hold."))
 
     @property
     def is_local(self) -> bool:
@@ -369,6 +374,11 @@ class Params(Section):
         return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()
 
 
+# Shows a wrong value without its whole content: a YAML alias bomb expands to billions of items.
+SHORT = reprlib.Repr()
+SHORT.maxlevel, SHORT.maxlist, SHORT.maxdict, SHORT.maxstring = 2, 4, 4, 80
+
+
 def _key_path(loc: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in loc) or "(top level)"
 
@@ -401,7 +411,7 @@ def describe(err: ValidationError) -> list[str]:
             for line in str(e["ctx"]["error"]).splitlines():
                 problems.append(f"{key}: {line}" if loc else line)
         else:
-            got = "" if e["type"] == "missing" else f" (got {e['input']!r})"
+            got = "" if e["type"] == "missing" else f" (got {SHORT.repr(e['input'])})"
             problems.append(f"{key}: {e['msg']}{got}")
     return problems
 

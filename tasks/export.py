@@ -254,6 +254,11 @@ def run(params: Params) -> dict[str, Any]:
     from tasks.modeling import load_tokenizer
 
     cfg = params.export
+    if mergeable(params):
+        from tasks.memory import export_preflight, shape
+        from tasks.modeling import device, load_config
+
+        export_preflight(params, shape(params, load_config(params)), paths.MERGED, device())
     adapter = tuned_adapter(params)
     tokenizer = load_tokenizer(params.model, str(adapter))
     rows = test_rows(params)

@@ -1,13 +1,19 @@
-"""Memory preflight: an estimate of the train stage's peak accelerator memory, from the
-model's shape and the params, printed before training and checked against the GPU.
+"""Resource preflights: from the model's shape and the params, estimates of the train
+stage's peak accelerator memory (checked against the GPU), of the disk train's checkpoints
+and export's merged model take (checked against the output folder's filesystem), and of the
+host memory export's merge takes (checked against MemAvailable). Each refuses before any
+work with one message naming the stage, the need, what is free and the params that lower it.
 
 The model is instantiated on PyTorch's meta device (no memory, no weights) to count every
-linear layer's shape, so the estimate works for any architecture transformers can build.
+linear layer's shape, so the estimates work for any architecture transformers can build.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from tasks.config import Params
@@ -32,8 +38,21 @@ def _dtype_bytes(name: str) -> int:
     return {"float32": 4, "bfloat16": 2, "float16": 2}[name]
 
 
-def estimate(params: Params, config: Any, compute_dtype: str) -> dict[str, float]:
-    """Peak memory of training, in GiB, by component."""
+@dataclass(frozen=True)
+class Shape:
+    """Parameter counts of a model and of the adapter params ask for."""
+
+    linear: int  # in the linear layers 4-bit quantization applies to (all but the output head)
+    other: int  # embeddings, norms, the output head
+    adapter: int
+    has_head: bool  # an output head over the vocabulary (generative models)
+
+    @property
+    def total(self) -> int:
+        return self.linear + self.other
+
+
+def shape(params: Params, config: Any) -> Shape:
     import torch
 
     from tasks.modeling import model_class
@@ -43,33 +62,44 @@ def estimate(params: Params, config: Any, compute_dtype: str) -> dict[str, float
     head = model.get_output_embeddings()
     linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
     linear_params = sum(m.in_features * m.out_features for m in linear)
-    other_params = sum(p.numel() for p in model.parameters()) - linear_params
-    act = _dtype_bytes(compute_dtype)
-    if params.quant.load_in_4bit:
-        per_param = NF4_BYTES_PER_PARAM + QUANT_CONSTANT_BYTES[params.quant.bnb_4bit_use_double_quant]
-        base = linear_params * per_param + other_params * act
-    else:
-        base = (linear_params + other_params) * act
     targets = params.lora.target_modules
     adapted = [m for name, m in model.named_modules() if m in linear and (
         targets == "all-linear" or any(name.endswith(t) for t in ([targets] if isinstance(targets, str) else targets)))]
-    adapter_params = sum(params.lora.r * (m.in_features + m.out_features) for m in adapted)
+    return Shape(linear=linear_params,
+                 other=sum(p.numel() for p in model.parameters()) - linear_params,
+                 adapter=sum(params.lora.r * (m.in_features + m.out_features) for m in adapted),
+                 has_head=head is not None)
+
+
+def estimate(params: Params, config: Any, compute_dtype: str, counts: Shape | None = None) -> dict[str, float]:
+    """Peak memory of training, in GiB, by component."""
+    counts = counts or shape(params, config)
+    act = _dtype_bytes(compute_dtype)
+    if params.quant.load_in_4bit:
+        per_param = NF4_BYTES_PER_PARAM + QUANT_CONSTANT_BYTES[params.quant.bnb_4bit_use_double_quant]
+        base = counts.linear * per_param + counts.other * act
+    else:
+        base = counts.total * act
     tokens = params.train.per_device_train_batch_size * params.tokenize.max_length
     hidden, layers = config.hidden_size, config.num_hidden_layers
     kept = CHECKPOINTED_VALUES_PER_LAYER * layers if params.train.gradient_checkpointing else LIVE_LAYER_VALUES * layers
     activations = tokens * hidden * act * (kept + LIVE_LAYER_VALUES)
     # A classification head's logits are a few numbers per row, not one per vocabulary entry.
-    logits = tokens * config.vocab_size * 4 * LOGITS_COPIES if head is not None else 0
-    parts = {"base_weights": base, "adapter_and_optimizer": adapter_params * ADAPTER_BYTES_PER_PARAM,
+    logits = tokens * config.vocab_size * 4 * LOGITS_COPIES if counts.has_head else 0
+    parts = {"base_weights": base, "adapter_and_optimizer": counts.adapter * ADAPTER_BYTES_PER_PARAM,
              "activations": activations, "logits": logits}
     out = {k: round(v / GIB, 4) for k, v in parts.items()}
     out["total"] = round(sum(parts.values()) / GIB, 4)
     return out
 
 
-def preflight(params: Params, config: Any, compute_dtype: str, device: str) -> dict[str, float]:
-    """Log the estimate; on a GPU, refuse to start when it exceeds the free memory."""
-    est = estimate(params, config, compute_dtype)
+def preflight(params: Params, config: Any, compute_dtype: str, device: str,
+              checkpoints: Path) -> dict[str, float]:
+    """Log the estimate; on a GPU, refuse to start when it exceeds the free memory. Refuse
+    too when the checkpoints would not fit on the disk of `checkpoints`."""
+    counts = shape(params, config)
+    train_preflight(params, counts, checkpoints)
+    est = estimate(params, config, compute_dtype, counts)
     log.info("estimated peak training memory: %.3f GiB (%s)", est["total"],
              ", ".join(f"{k} {v:.3f}" for k, v in est.items() if k != "total"))
     if device == "cuda":
@@ -87,3 +117,88 @@ def check_fits(needed_gib: float, free_gib: float) -> None:
             "lower train.per_device_train_batch_size (raise gradient_accumulation_steps to keep the "
             "effective batch) or tokenize.max_length, keep train.gradient_checkpointing: true, or "
             "use quant.load_in_4bit: true")
+
+
+# Bytes per parameter on disk: an adapter's fp32 weights, and a checkpoint's fp32 weights plus
+# AdamW's two fp32 moments (8-bit optimizers write less: this is the upper bound).
+ADAPTER_FILE_BYTES_PER_PARAM = 4
+CHECKPOINT_BYTES_PER_PARAM = 4 + 8
+# The Trainer deletes the oldest checkpoint only after writing a new one.
+EXTRA_CHECKPOINTS_AT_PEAK = 1
+GGUF_BYTES_PER_PARAM = {"f32": 4, "f16": 2, "bf16": 2, "q8_0": 34 / 32}  # q8_0: 32 int8 + an f16 scale
+# Host copies of the merged weights while export saves them: on a CPU the model itself plus
+# save_pretrained's serialized shard (up to 50 GB, so the whole model); on a GPU the shard only.
+MERGE_HOST_COPIES = {"cpu": 2, "cuda": 1}
+MEMINFO = Path("/proc/meminfo")
+
+
+def checkpoint_disk(params: Params, counts: Shape) -> int:
+    """Bytes train writes under artifacts/: its checkpoints at their peak, and the adapter."""
+    checkpoints = params.train.save_total_limit + EXTRA_CHECKPOINTS_AT_PEAK
+    return counts.adapter * (checkpoints * CHECKPOINT_BYTES_PER_PARAM + ADAPTER_FILE_BYTES_PER_PARAM)
+
+
+def merged_disk(params: Params, counts: Shape) -> int:
+    """Bytes of export's merged model in export.torch_dtype (and its GGUF file, if asked)."""
+    need = counts.total * _dtype_bytes(params.export.torch_dtype)
+    if params.export.gguf:
+        need += int(counts.total * GGUF_BYTES_PER_PARAM[params.export.gguf])
+    return need
+
+
+def available_memory() -> int | None:
+    """MemAvailable: what the kernel can give without swapping; None off Linux."""
+    try:
+        for line in MEMINFO.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024  # the file counts in KiB
+    except OSError:
+        pass
+    return None
+
+
+def size(n: float) -> str:
+    for unit, scale in (("GiB", GIB), ("MiB", 2**20)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n / 2**10:.0f} KiB"
+
+
+def check_disk(stage: str, folder: Path, need: int, what: str, lower: str) -> None:
+    from tasks.io import existing_ancestor
+
+    free = shutil.disk_usage(existing_ancestor(folder)).free
+    log.info("%s writes about %s to %s (%s); %s free there", stage, size(need), folder, what, size(free))
+    if need > free:
+        raise PipelineError(f"{stage}: {folder} needs about {size(need)} of disk ({what}) but its "
+                            f"filesystem has {size(free)} free: free space there, or {lower}")
+
+
+def check_memory(stage: str, need: int, what: str, lower: str) -> None:
+    available = available_memory()
+    if available is None:
+        return
+    log.info("%s needs about %s of host memory (%s); %s available", stage, size(need), what, size(available))
+    if need > available:
+        raise PipelineError(f"{stage}: {what} needs about {size(need)} of host memory but "
+                            f"{size(available)} is available (MemAvailable): free memory, or {lower}")
+
+
+def train_preflight(params: Params, counts: Shape, checkpoints: Path) -> None:
+    limit = params.train.save_total_limit
+    check_disk("train", checkpoints, checkpoint_disk(params, counts),
+               f"{limit + EXTRA_CHECKPOINTS_AT_PEAK} checkpoints of {size(counts.adapter * CHECKPOINT_BYTES_PER_PARAM)} "
+               "at the peak, and the adapter",
+               f"lower train.save_total_limit (now {limit})" if limit > 1 else "use a smaller lora.r")
+
+
+def export_preflight(params: Params, counts: Shape, merged: Path, device: str) -> None:
+    dtype = params.export.torch_dtype
+    options = ["set export.torch_dtype: bfloat16 (half of float32)"] if dtype == "float32" else []
+    if params.export.gguf not in (None, "q8_0"):
+        options.append("set export.gguf: q8_0 (or null)")
+    lower = " or ".join(options) or f"use a machine with more (export.torch_dtype is already {dtype})"
+    check_disk("export", merged, merged_disk(params, counts), f"the merged model in {dtype}", lower)
+    copies = MERGE_HOST_COPIES["cpu" if device == "cpu" else "cuda"]
+    check_memory("export", copies * counts.total * _dtype_bytes(dtype),
+                 f"merging the model in {dtype}", lower)

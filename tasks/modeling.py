@@ -6,8 +6,10 @@ Heavy imports (torch, transformers, peft) stay inside functions so `finetune che
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tasks.config import ModelConfig, Params
@@ -61,9 +63,72 @@ def resolve_precision(precision: str) -> str:
 
 
 def _source_kwargs(model: ModelConfig) -> dict[str, Any]:
+    if model.is_local:
+        _check_folder(Path(model.name_or_path))
     if model.trust_remote_code:
         log.warning("trust_remote_code is ON: code shipped with %s will run", model.name_or_path)
+    else:
+        refuse_remote_code(model)
     return {"revision": model.revision, "trust_remote_code": model.trust_remote_code}
+
+
+def _check_folder(folder: Path) -> None:
+    """A missing local model ends in a message about the folder, not (as transformers
+    reports it) about failing to reach the Hub."""
+    if not folder.is_dir():
+        raise PipelineError(f"model.name_or_path: {folder} does not exist (a local model is a "
+                            f"folder under models/ with config.json and safetensors weights)")
+    if not (folder / "config.json").is_file():
+        raise PipelineError(f"model.name_or_path: {folder}/config.json is missing: the folder is not "
+                            "a complete model (save it with save_pretrained)")
+
+
+# Files of a model folder whose `auto_map` names code for transformers to import.
+AUTO_MAP_FILES = ("config.json", "tokenizer_config.json", "preprocessor_config.json")
+
+
+def refuse_remote_code(model: ModelConfig) -> None:
+    """Refuses a local model folder that ships code (an `auto_map`) while
+    model.trust_remote_code is false, before transformers could import that code."""
+    folder = Path(model.name_or_path)
+    for name in AUTO_MAP_FILES:
+        try:
+            config = json.loads((folder / name).read_text(encoding="utf-8-sig"))
+        except (OSError, ValueError):
+            continue  # absent or unreadable: the loader reports it
+        auto_map = config.get("auto_map") if isinstance(config, dict) else None
+        if not isinstance(auto_map, dict) or not auto_map:
+            continue
+        first = next(iter(auto_map.values()))
+        reference = first[0] if isinstance(first, list) else str(first)
+        # "module.Class", or "other/repo--module.Class" for code kept in another Hub repo
+        module = reference.split("--")[-1].rsplit(".", 1)[0]
+        raise PipelineError(_remote_code_message(model, f"{folder / name} (auto_map) asks to "
+                                                        f"run {folder / module}.py"))
+
+
+def _remote_code_message(model: ModelConfig, what: str) -> str:
+    return (f"model.trust_remote_code is false but {what}: set model.trust_remote_code: true "
+            f"only if you have read that code and trust it, or use a model transformers ships")
+
+
+def _load_error(model: ModelConfig, err: Exception, what: str = "") -> PipelineError:
+    """A loader's failure as one line naming the key to fix."""
+    if "trust_remote_code" in str(err):
+        return PipelineError(_remote_code_message(model, f"{model.name_or_path} ships custom code"))
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return PipelineError(f"model.name_or_path: cannot load {what}{model.name_or_path!r}: {first_line}")
+
+
+def load_config(params: Params):
+    """The base model's config (shape and architecture), without its weights."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(params.model.name_or_path, **_source_kwargs(params.model),
+                                          **task_kwargs(params.model))
+    except (OSError, ValueError) as err:
+        raise _load_error(params.model, err, "the config of ") from None
 
 
 def load_tokenizer(model: ModelConfig, path: str | None = None):
@@ -75,10 +140,12 @@ def load_tokenizer(model: ModelConfig, path: str | None = None):
             return AutoTokenizer.from_pretrained(path)
         return AutoTokenizer.from_pretrained(model.name_or_path, **_source_kwargs(model))
     except (OSError, ValueError) as err:
-        raise PipelineError(f"model.name_or_path: cannot load a tokenizer from "
-                            f"{path or model.name_or_path!r}: {err}") from None
+        if path is not None:
+            raise PipelineError(f"model.name_or_path: cannot load a tokenizer from {path!r}: {err}") from None
+        raise _load_error(model, err, "a tokenizer from ") from None
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 # The transformers auto class of each model.task.
 AUTO_CLASSES = {"causal_lm": "AutoModelForCausalLM", "seq2seq": "AutoModelForSeq2SeqLM",
                 "sequence_classification": "AutoModelForSequenceClassification"}
@@ -133,11 +200,14 @@ def load_base(params: Params, *, quantized: bool, torch_dtype: torch.dtype | Non
             **kwargs)
     except (OSError, ValueError) as err:
         hint = ""
-        if not params.model.allow_pickle_weights and "safetensors" in str(err).lower():
+        folder = Path(params.model.name_or_path)
+        # A local folder without pickle files lacks its weights altogether: no pickle hint.
+        pickles = not params.model.is_local or not folder.is_dir() or any(
+            p.suffix in PICKLE_SUFFIXES for p in folder.iterdir())
+        if not params.model.allow_pickle_weights and pickles and "safetensors" in str(err).lower():
             hint = (" (only safetensors weights are loaded; pickle .bin/.pt checkpoints can run "
                     "code: convert them, or set model.allow_pickle_weights: true if you trust them)")
-        raise PipelineError(f"model.name_or_path: cannot load {params.model.name_or_path!r}: "
-                            f"{err}{hint}") from None
+        raise PipelineError(f"{_load_error(params.model, err)}{hint}") from None
     if not quantized:
         model.to(process_device())
     elif device() == "cpu":

@@ -10,8 +10,10 @@ metrics/prepare.json (rows in, out, dropped and why).
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
+import io
 import json
 import logging
 from collections import Counter
@@ -35,14 +37,21 @@ class BadRecord(Exception):
         super().__init__(message)
 
 
+# Windows tools and spreadsheet exports start UTF-8 files with a byte order mark.
+UTF8_BOM = codecs.BOM_UTF8
+ENCODING_HINT = "re-save the file as UTF-8 (e.g. iconv -f UTF-16 -t UTF-8, or Excel's 'CSV UTF-8')"
+
+
 def _jsonl(path: Path) -> Iterator[Record]:
     with path.open("rb") as f:
         for number, raw in enumerate(f, start=1):
             where = f"{path} line {number}"
+            if number == 1:
+                raw = raw.removeprefix(UTF8_BOM)
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                yield where, None, f"not_utf8: byte {err.start} is not valid UTF-8"
+                yield where, None, f"not_utf8: byte {err.start} is not valid UTF-8; {ENCODING_HINT}"
                 continue
             if not line.strip():
                 continue
@@ -57,11 +66,22 @@ def _jsonl(path: Path) -> Iterator[Record]:
             yield where, record, None
 
 
+def _text(path: Path) -> str:
+    """The whole file as text: UTF-8, with or without a BOM, else an error naming the line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise DataError(f"{path} line {line}: not UTF-8 text (byte {err.start}); {ENCODING_HINT}") from None
+
+
 def _json(path: Path) -> Iterator[Record]:
     try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DataError(f"{path}: not a valid UTF-8 JSON file: {err}") from None
+        rows = json.loads(_text(path))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path} line {err.lineno}: not a valid JSON file: {err.msg} at column "
+                        f"{err.colno}") from None
     if not isinstance(rows, list):
         raise DataError(f"{path}: expected a JSON list of records (use .jsonl for one per line)")
     for number, record in enumerate(rows):
@@ -72,12 +92,9 @@ def _json(path: Path) -> Iterator[Record]:
 
 def _csv(path: Path) -> Iterator[Record]:
     try:
-        with path.open(encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f)
-            for record in reader:
-                yield f"{path} line {reader.line_num}", record, None
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text (byte {err.start}); re-save it as UTF-8") from None
+        reader = csv.DictReader(io.StringIO(_text(path), newline=""))
+        for record in reader:
+            yield f"{path} line {reader.line_num}", record, None
     except csv.Error as err:
         raise DataError(f"{path}: malformed CSV: {err}") from None
 

@@ -26,7 +26,7 @@ from tasks import paths
 from tasks.adapters import adalora_callback
 from tasks.config import PROMPT_LEARNING, Params
 from tasks.errors import PipelineError
-from tasks.io import atomic_path, normalize_adapter_config, save_tokenizer, sha256_path, write_json
+from tasks.io import atomic_path, normalize_adapter_config, save_tokenizer, sha256_path, write_json, writing
 from tasks.modeling import device, load_base, load_tokenizer, match_vocab, resolve_precision
 from tasks.tokenize import IGNORE_INDEX
 
@@ -281,20 +281,16 @@ def _check_world(params: Params, args) -> None:
 def run(params: Params) -> dict[str, Any]:
     import torch
 
-    from transformers import AutoConfig
-
     from tasks.memory import preflight
-    from tasks.modeling import compute_dtype, task_kwargs
+    from tasks.modeling import compute_dtype, load_config
 
-    config = AutoConfig.from_pretrained(params.model.name_or_path, revision=params.model.revision,
-                                        trust_remote_code=params.model.trust_remote_code,
-                                        **task_kwargs(params.model))
+    config = load_config(params)
     dtype = str(compute_dtype(params)).removeprefix("torch.")
-    estimate = preflight(params, config, dtype, device())
+    estimate = preflight(params, config, dtype, device(), paths.CHECKPOINTS)
     history: list[dict[str, Any]] = []
     trainer = build_trainer(params, str(paths.CHECKPOINTS), history)
     _check_world(params, trainer.args)
-    with trainer.args.main_process_first(desc="checkpoint check"):
+    with trainer.args.main_process_first(desc="checkpoint check"), writing(paths.CHECKPOINTS):
         resume = _resume_checkpoint(params)
     model, tokenizer = trainer.model, trainer.processing_class
     trainable, total = model.get_nb_trainable_parameters()
@@ -303,7 +299,10 @@ def run(params: Params) -> dict[str, Any]:
         rows = trainer.train_dataset.select(range(min(PACKING_CHECK_ROWS, len(trainer.train_dataset))))
         check_padding_free(model, rows, dtype)
     try:
-        result = trainer.train(resume_from_checkpoint=resume)
+        # Checkpoints are written in place (a partial one is dropped on resume): name their
+        # folder when the disk fills up anyway.
+        with writing(paths.CHECKPOINTS):
+            result = trainer.train(resume_from_checkpoint=resume)
         eval_loss = trainer.evaluate()["eval_loss"] if trainer.eval_dataset is not None else None
     except torch.cuda.OutOfMemoryError:
         raise PipelineError("CUDA out of memory: lower train.per_device_train_batch_size (raise "

@@ -5,7 +5,8 @@ from transformers import LlamaConfig
 
 from tasks.config import parse_params
 from tasks.errors import PipelineError
-from tasks.memory import check_fits, estimate
+from tasks.memory import (GIB, available_memory, check_fits, check_memory, checkpoint_disk, estimate,
+                          merged_disk, shape)
 
 from .conftest import merge, shipped_params
 
@@ -44,3 +45,26 @@ def test_refuses_when_the_estimate_exceeds_the_device():
     check_fits(7.9, 8.0)
     with pytest.raises(PipelineError, match=r"needs about 9.0 GiB but the GPU has 8.0 GiB free: lower"):
         check_fits(9.0, 8.0)
+
+
+def test_disk_estimates_for_an_8b_model():
+    counts = shape(params(), LLAMA_8B)
+    float32 = merged_disk(params(), counts)
+    assert 29 < float32 / GIB < 31  # 8.03B parameters, 4 bytes each
+    assert merged_disk(params(export={"torch_dtype": "bfloat16"}), counts) == float32 // 2
+    checkpoints = checkpoint_disk(params(), counts)  # r=16 on every linear layer: ~42M parameters
+    assert 1.2 < checkpoints / GIB < 2.0
+    assert checkpoint_disk(params(train={"save_total_limit": 1}), counts) < checkpoints
+
+
+def test_export_refuses_more_than_the_available_host_memory():
+    """Against this machine's real MemAvailable (the disk side is tested on a real full
+    filesystem in test_adversarial.py)."""
+    available = available_memory()
+    if available is None:
+        pytest.skip("no /proc/meminfo on this system")
+    check_memory("export", available // 2, "merging the model in float32", "set export.torch_dtype: bfloat16")
+    with pytest.raises(PipelineError, match=r"^export: merging the model in float32 needs about [\d.]+ GiB of "
+                       r"host memory but [\d.]+ GiB is available \(MemAvailable\): free memory, or set "
+                       r"export.torch_dtype: bfloat16$"):
+        check_memory("export", 2 * available, "merging the model in float32", "set export.torch_dtype: bfloat16")
