@@ -31,7 +31,12 @@ def test_run_takes_every_part_by_default_and_refuses_unknown_ones(capsys):
 
 def test_wheels_cover_every_stage_import_at_the_locked_versions_and_hashes():
     carry = gpu_check.to_carry(check_env.LOCK.read_text())
-    locked = check_env.pins(check_env.LOCK)
+    # Every version the lock pins for a name, whatever the markers: the wheels are for the GPU
+    # host's Python (3.12), which need not be the one running this test.
+    locked: dict[str, set[str]] = {}
+    for line in check_env.LOCK.read_text().splitlines():
+        if m := check_env.PIN.match(line):
+            locked.setdefault(check_env.canonical(m.group(1)), set()).add(m.group(2))
     roots = {check_env.canonical(r) for r in gpu_check.STAGE_ROOTS}
     assert roots - gpu_check.FROM_IMAGE <= carry.keys()
     # What the stages' own dependencies need comes along (found through the lock's "# via").
@@ -40,8 +45,7 @@ def test_wheels_cover_every_stage_import_at_the_locked_versions_and_hashes():
     assert not any(check_env.HOST_BUILD.match(n) for n in carry)
     for name, entry in carry.items():
         assert entry["hashes"] and all(h.startswith("sha256:") for h in entry["hashes"]), name
-        if name != "numpy":  # the only pin that differs by Python version
-            assert entry["version"] == locked[name], name
+        assert entry["version"] in locked.get(name, set()), name
     text = gpu_check.requirements_text(carry)
     assert text.count("\n") == len(carry) and "transformers==5.23.0 --hash=sha256:" in text
 
