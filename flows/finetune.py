@@ -169,6 +169,14 @@ def _score_rows(evaluation: dict[str, Any]) -> list[dict[str, Any]]:
 
 def publish(stage: str) -> dict[str, Any]:
     """UI artifacts for a finished stage; stable keys so runs compare over time."""
+    if stage == "prepare":
+        leakage = json.loads(paths.METRICS["prepare"].read_text())["leakage"]
+        rows = [{"kind": kind, **leakage[kind]} for kind in ("exact", "normalized", "near")]
+        create_table_artifact(key="data-leakage", table=rows,
+                              description=f"Held-out rows repeating an earlier split's prompt "
+                                          f"({leakage['dropped']} dropped; near: Jaccard >= "
+                                          f"{leakage['threshold']})")
+        return {"leakage": leakage["rows"]}
     if stage == "align":
         alignment = json.loads(paths.METRICS["align"].read_text())
         if not alignment["enabled"]:
