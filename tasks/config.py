@@ -310,9 +310,10 @@ class ExportConfig(Section):
 
 
 class PromoteConfig(Section):
-    # Promote the exported model (registry/latest.json) only when the tuned model beats the
-    # base by at least this much on the task's headline metric on the test split (ROUGE-L for
-    # causal_lm and seq2seq, accuracy for sequence_classification).
+    # Promote the exported model (registry/latest.json) only when it beats the champion (the
+    # model registry/latest.json points at; the base before anything was promoted) by at least
+    # this much on the task's headline metric on the same test rows (ROUGE-L for causal_lm and
+    # seq2seq, accuracy for sequence_classification).
     min_gain: float = 0.0
 
 
