@@ -169,6 +169,14 @@ def _score_rows(evaluation: dict[str, Any]) -> list[dict[str, Any]]:
 
 def publish(stage: str) -> dict[str, Any]:
     """UI artifacts for a finished stage; stable keys so runs compare over time."""
+    if stage == "prepare":
+        leakage = json.loads(paths.METRICS["prepare"].read_text())["leakage"]
+        rows = [{"kind": kind, **leakage[kind]} for kind in ("exact", "normalized", "near")]
+        create_table_artifact(key="data-leakage", table=rows,
+                              description=f"Held-out rows repeating an earlier split's prompt "
+                                          f"({leakage['dropped']} dropped; near: Jaccard >= "
+                                          f"{leakage['threshold']})")
+        return {"leakage": leakage["rows"]}
     if stage == "align":
         alignment = json.loads(paths.METRICS["align"].read_text())
         if not alignment["enabled"]:
@@ -198,9 +206,15 @@ def publish(stage: str) -> dict[str, Any]:
     if stage == "promote":
         decision = json.loads(paths.METRICS["promote"].read_text())
         verdict = "PROMOTED" if decision["promoted"] else "NOT PROMOTED"
+        champion, challenger, d = decision["champion"], decision["challenger"], decision["difference"]
+        table = (f"| | model | {decision['metric']} |\n|---|---|---|\n"
+                 f"| champion | `{champion['model']}` ({champion['predictions']}) | {champion['score']} |\n"
+                 f"| challenger | `{challenger['model']}` | {challenger['score']} |\n"
+                 f"| difference | {decision['confidence_level']:.0%} CI [{d['ci_low']}, {d['ci_high']}] "
+                 f"| {d['mean']} |\n")
         create_markdown_artifact(key="promotion", markdown=f"**{verdict}**: {decision['reason']}\n\n"
-                                 f"Current model: `{decision['latest']}`\n",
-                                 description="The promotion gate's decision")
+                                 f"{table}\nCurrent model: `{decision['latest']}`\n",
+                                 description="The promotion gate: challenger vs champion")
         return {"promoted": decision["promoted"], "promotion": decision["reason"],
                 "latest": decision["latest"]}
     return {}

@@ -57,6 +57,15 @@ class DataConfig(Section):
     split: SplitConfig = SplitConfig()
     max_rows: int | None = Field(None, ge=1)
     on_bad_record: Literal["error", "skip"] = "error"
+    on_leakage: Literal["warn", "drop", "error"] = Field("warn", description=(
+        "What prepare does with a validation/test row whose prompt repeats one of an earlier "
+        "split (exactly, after normalizing case/whitespace/punctuation, or nearly: see "
+        "leakage_threshold): warn (log and count), drop (remove it from validation/test; "
+        "train is never touched) or error (stop, naming the rows)."))
+    leakage_threshold: float = Field(0.8, gt=0, le=1, description=(
+        "Near-duplicate threshold: the Jaccard similarity of two prompts' word 3-grams "
+        "(MinHash LSH candidates, exact similarity) at or above which a held-out row counts "
+        "as leaked."))
     allow_external_links: bool = Field(False, description=(
         "Follow symlinks under data/raw/ and models/ that point outside the repository (each "
         "one is logged). Off: such a link stops the stage, since DVC would version a file the "
@@ -301,9 +310,10 @@ class ExportConfig(Section):
 
 
 class PromoteConfig(Section):
-    # Promote the exported model (registry/latest.json) only when the tuned model beats the
-    # base by at least this much on the task's headline metric on the test split (ROUGE-L for
-    # causal_lm and seq2seq, accuracy for sequence_classification).
+    # Promote the exported model (registry/latest.json) only when it beats the champion (the
+    # model registry/latest.json points at; the base before anything was promoted) by at least
+    # this much on the task's headline metric on the same test rows (ROUGE-L for causal_lm and
+    # seq2seq, accuracy for sequence_classification).
     min_gain: float = 0.0
 
 

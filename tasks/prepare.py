@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tasks import paths, templates
+from tasks import leakage, paths, templates
 from tasks.config import Params
 from tasks.errors import DataError, TemplateError
 from tasks.io import atomic_path, write_json, write_jsonl
@@ -234,6 +234,9 @@ def run(params: Params) -> dict[str, Any]:
             splits[split].append({"id": row_id, **example})
     if rows_in == 0:
         raise DataError(f"data.path: {d.path} has no records")
+    leaked = leakage.check(splits, d)
+    if leaked["dropped"]:
+        dropped["leakage"] += leaked["dropped"]
     for split, rows in splits.items():
         if not rows and (split != "validation" or d.split.validation_size > 0):
             raise DataError(f"the {split} split is empty ({rows_in} rows read, "
@@ -244,7 +247,7 @@ def run(params: Params) -> dict[str, Any]:
             write_jsonl(tmp / f"{split}.jsonl", rows)
     stats = {"rows_in": rows_in, "rows_out": sum(len(r) for r in splits.values()),
              "rows_dropped": sum(dropped.values()), "dropped_by_reason": dict(sorted(dropped.items())),
-             "rows_per_split": {s: len(r) for s, r in splits.items()}}
+             "rows_per_split": {s: len(r) for s, r in splits.items()}, "leakage": leaked}
     write_json(paths.METRICS["prepare"], stats)
     log.info("prepared %s", stats)
     return stats

@@ -44,6 +44,17 @@ def per_example(predictions: list[str], references: list[str], use_stemmer: bool
                                   use_stemmer=use_stemmer, use_aggregator=False)
 
 
+def headline_per_example(predictions: list[str], references: list[str], task: str,
+                         use_stemmer: bool) -> list[float]:
+    """Each example's share of the task's HEADLINE metric: its ROUGE-L F-measure, or 1/0 for
+    a right/wrong class (whose mean is the accuracy)."""
+    if task != "sequence_classification":
+        return per_example(predictions, references, use_stemmer)[HEADLINE[task]]
+    if len(predictions) != len(references):
+        raise PipelineError(f"{len(predictions)} predictions but {len(references)} references")
+    return [float(p == r) for p, r in zip(predictions, references, strict=True)]
+
+
 def summarize(scores: dict[str, list[float]], bootstrap_samples: int, confidence_level: float,
               seed: int) -> dict[str, Any]:
     """Mean F-measure per ROUGE type with a percentile bootstrap confidence interval."""

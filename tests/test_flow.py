@@ -82,7 +82,10 @@ def test_artifacts_for_the_ui(first_run):
     assert set(rows[0]) == {"metric", "base", "tuned", "delta", "tuned_ci95"}
     assert "| reference | base | tuned |" in artifact("sample-predictions").data
     assert "artifacts/merged" in artifact("exported-model").data
-    assert "PROMOTED" in artifact("promotion").data
+    assert "PROMOTED" in artifact("promotion").data and "| champion | `base`" in artifact("promotion").data
+    leakage = artifact("data-leakage")
+    leakage_rows = json.loads(leakage.data) if isinstance(leakage.data, str) else leakage.data
+    assert [r["kind"] for r in leakage_rows] == ["exact", "normalized", "near"]
 
 
 def test_second_run_skips_every_stage(first_run):

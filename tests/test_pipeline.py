@@ -126,9 +126,10 @@ def test_second_repro_is_a_noop(ws):
 
 def test_promotion_gate_result(ws):
     decision = json.loads((ws / "metrics/promote.json").read_text())
-    assert decision["metric"] == "rougeL"
-    gain = decision["tuned"] - decision["base"]
-    assert decision["promoted"] == (gain >= decision["min_gain"])
+    assert decision["metric"] == "rougeL" and decision["champion"]["model"] == "base"
+    evaluation = json.loads((ws / "metrics/eval.json").read_text())
+    assert decision["challenger"]["score"] == evaluation["tuned"]["rougeL"]["mean"]
+    assert decision["promoted"] == (decision["difference"]["mean"] >= decision["min_gain"])
     assert (ws / "registry/latest.json").is_file() == decision["promoted"]
 
 

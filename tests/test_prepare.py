@@ -131,3 +131,88 @@ def test_chat_template_from_the_models_tokenizer(ws, tiny_model):
     row = read_split("train")[0]
     n = row["id"][1:]
     assert row == {"id": f"c{n}", "prompt": f"<|user|>\nhi {n}\n<|assistant|>\n", "completion": f"hello {n}"}
+
+
+# Leakage (tasks/leakage.py): rows of distinct random words, so that only planted twins match.
+def dialogues(n: int) -> list[dict]:
+    import random
+
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(400)]
+    return [{"id": f"r{i}", "dialogue": " ".join(rng.choices(words, k=40)), "summary": f"s {i}"}
+            for i in range(n)]
+
+
+def planted(p) -> list[dict]:
+    """Three held-out rows copying train rows under new ids: exact, re-cased with other
+    spacing and punctuation, and with one word of forty changed."""
+    base = dialogues(120)
+    train = [r for r in base if prepare._split_of(r["id"], p) == "train"]
+    held_out = (f"x{i}" for i in range(1000) if prepare._split_of(f"x{i}", p) != "train")
+    words = train[2]["dialogue"].split()
+    variants = [train[0]["dialogue"], "  " + train[1]["dialogue"].upper().replace(" ", " ,  ") + "!",
+                " ".join(words[:20] + ["changed"] + words[21:])]
+    return base + [{"id": next(held_out), "dialogue": d, "summary": "copy"} for d in variants]
+
+
+def leakage_params(**data):
+    return params(data=data)
+
+
+def test_normalize():
+    from tasks.leakage import normalize
+
+    assert normalize("  Hello,\tWORLD!\n  again? ") == "hello world again"
+
+
+def test_leakage_found_and_counted_on_warn(ws):
+    p = leakage_params(on_leakage="warn")
+    write_jsonl(ws / "data/raw/dialogues.jsonl", planted(p))
+    stats = prepare.run(p)
+    leak = stats["leakage"]
+    assert leak["rows"] == 3 and leak["dropped"] == 0
+    assert {k: sum(leak[k].values()) for k in ("exact", "normalized", "near")} == \
+        {"exact": 1, "normalized": 1, "near": 1}
+    assert stats["rows_out"] == 123
+    assert json.loads(Path("metrics/prepare.json").read_text())["leakage"] == leak
+
+
+def test_no_leakage_in_distinct_rows(ws):
+    write_jsonl(ws / "data/raw/dialogues.jsonl", dialogues(120))
+    assert prepare.run(leakage_params(on_leakage="error"))["leakage"]["rows"] == 0
+
+
+def test_leakage_drop_removes_held_out_rows_only(ws):
+    p = leakage_params(on_leakage="drop")
+    write_jsonl(ws / "data/raw/dialogues.jsonl", planted(p))
+    stats = prepare.run(p)
+    assert stats["leakage"]["dropped"] == 3 and stats["dropped_by_reason"] == {"leakage": 3}
+    assert stats["rows_in"] == stats["rows_out"] + stats["rows_dropped"] == 123
+    held_out = {r["id"] for s in ("validation", "test") for r in read_split(s)}
+    assert not any(i.startswith("x") for i in held_out)
+    assert len(read_split("train")) == stats["rows_per_split"]["train"]
+    assert sum(1 for r in read_split("train") if r["id"].startswith("r")) == len(read_split("train"))
+
+
+def test_leakage_error_is_one_line_naming_rows(ws, capsys):
+    import yaml
+
+    from tasks.cli import main
+
+    p = leakage_params(on_leakage="error")
+    rows_ = planted(p)
+    write_jsonl(ws / "data/raw/dialogues.jsonl", rows_)
+    (ws / "params.yaml").write_text(yaml.safe_dump(p.model_dump(mode="json")))
+    assert main(["prepare", "--params", "params.yaml"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data.on_leakage" in err[0] and "3 held-out rows" in err[0]
+    for planted_id in (r["id"] for r in rows_[-3:]):
+        assert planted_id in err[0]
+    assert not Path("data/prepared").exists()
+
+
+def test_leakage_threshold_is_validated():
+    from tasks.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data.leakage_threshold"):
+        leakage_params(leakage_threshold=1.5)

@@ -1,0 +1,139 @@
+"""promote, champion against challenger, over several nightly runs of the real stages (train,
+evaluate, export, promote) on the tiny model: the first run compares with the base, later runs
+with the promoted champion; a challenger that does not beat it by promote.min_gain leaves the
+champion current, one that does replaces it; a changed test set re-scores the champion by
+generating with it.
+
+The tiny random models do not learn enough in a test's few steps to order two of them by
+quality (both score about 0 ROUGE-L), so the challenger's margin is set through min_gain: a
+positive one it cannot reach, a negative one it always clears.
+
+The tests in this module run in order on one workspace."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from tasks.config import parse_params
+
+from .conftest import TINY_PARAMS, merge, shipped_params, tokenized_dir
+
+FIRST = {"max_steps": 1}
+SECOND = {"max_steps": 2}  # another adapter, so another registry entry
+UNREACHABLE = 0.5  # ROUGE-L points no tiny challenger gains over another
+ALWAYS = -1.0
+SAMPLES = 12
+
+
+def raw(train: dict, min_gain: float, max_samples: int = SAMPLES) -> dict:
+    return merge(shipped_params(), merge(TINY_PARAMS, {
+        "train": train, "promote": {"min_gain": min_gain},
+        "evaluate": {"max_samples": max_samples, "bootstrap_samples": 200}}))
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory, tiny_model):
+    root = tokenized_dir(tmp_path_factory.mktemp("promote"), tiny_model, raw(FIRST, ALWAYS))
+    cwd = os.getcwd()
+    os.chdir(root)
+    yield root
+    os.chdir(cwd)
+
+
+def night(train: dict, min_gain: float, max_samples: int = SAMPLES) -> dict:
+    """One nightly run from train to promote, in this process."""
+    from tasks import evaluate, export, promote
+    from tasks import train as train_stage
+
+    params = parse_params(raw(train, min_gain, max_samples), "params.yaml")
+    train_stage.run(params)
+    evaluate.run(params)
+    export.run(params)
+    return promote.run(params)
+
+
+def latest() -> dict:
+    return json.loads(Path("registry/latest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def first(ws):
+    return night(FIRST, ALWAYS)
+
+
+def test_first_run_compares_with_the_base(first):
+    assert first["champion"]["model"] == "base" and first["promoted"] is True
+    evaluation = json.loads(Path("metrics/eval.json").read_text())
+    assert first["champion"]["score"] == evaluation["base"]["rougeL"]["mean"]
+    assert first["challenger"]["score"] == evaluation["tuned"]["rougeL"]["mean"]
+    d = first["difference"]
+    assert d["ci_low"] <= d["mean"] <= d["ci_high"]
+    assert d["mean"] == pytest.approx(first["challenger"]["score"] - first["champion"]["score"], abs=1e-5)
+    entry = Path(latest()["path"])
+    assert {"model.safetensors", "predictions.jsonl", "scored.json", "promotion.json"} <= \
+        {p.name for p in entry.iterdir()}
+    assert json.loads((entry / "promotion.json").read_text())["champion"]["model"] == "base"
+    assert latest()["test_sha256"] == first["test_sha256"]
+
+
+@pytest.fixture(scope="module")
+def worse(first):
+    champion = latest()
+    return first, champion, night(SECOND, UNREACHABLE)
+
+
+def test_a_challenger_short_of_min_gain_is_not_promoted_and_the_champion_stays(worse):
+    first, champion, second = worse
+    assert second["champion"] == {"model": first["latest"], "score": first["challenger"]["score"],
+                                  "predictions": "reused"}
+    assert second["difference"]["mean"] < UNREACHABLE and second["promoted"] is False
+    assert "not promoted; the champion stays current" in second["reason"]
+    assert latest() == champion and second["latest"] == champion["path"]
+    assert json.loads(Path("metrics/promote.json").read_text()) == second
+
+
+@pytest.fixture(scope="module")
+def better(worse):
+    from tasks import promote
+
+    _, champion, _ = worse
+    return champion, promote.run(parse_params(raw(SECOND, ALWAYS), "params.yaml"))
+
+
+def test_a_challenger_beating_the_champion_replaces_it(better):
+    champion, third = better
+    assert third["champion"]["model"] == champion["path"] and third["promoted"] is True
+    assert third["latest"] != champion["path"] and latest()["path"] == third["latest"]
+    assert latest()["difference"] == third["difference"]
+    d = third["difference"]
+    assert d["ci_low"] <= d["mean"] <= d["ci_high"]
+
+
+def test_bootstrap_is_deterministic(better):
+    from tasks import promote
+
+    params = parse_params(raw(SECOND, UNREACHABLE), "params.yaml")
+    assert promote.run(params) == promote.run(params)
+
+
+def test_a_changed_test_set_re_scores_the_champion(better):
+    from tasks import evaluate, promote
+
+    champion = latest()
+    params = parse_params(raw(SECOND, UNREACHABLE, max_samples=SAMPLES - 4), "params.yaml")
+    evaluate.run(params)
+    decision = promote.run(params)
+    assert decision["champion"]["predictions"].startswith("generated: the test set changed")
+    assert "champion re-scored (the test set changed" in decision["reason"]
+    assert decision["num_examples"] == SAMPLES - 4 and decision["test_sha256"] != champion["test_sha256"]
+    assert decision["promoted"] is False and latest() == champion
+    # The re-scored predictions are stored: the next run reuses them.
+    entry = Path(champion["path"])
+    assert json.loads((entry / "scored.json").read_text())["test_sha256"] == decision["test_sha256"]
+    again = promote.run(params)
+    assert again["champion"]["predictions"] == "reused"
+    assert again["champion"]["score"] == decision["champion"]["score"]
