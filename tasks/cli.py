@@ -110,13 +110,24 @@ def _dispatch(args: argparse.Namespace) -> int:
     raise AssertionError(args.command)
 
 
+def _fail(command: str, message: str, code: int) -> int:
+    """Prints `message` on a line of its own and returns the exit code."""
+    # A stage stopped inside a loop leaves its tqdm bar open, with the cursor at its end:
+    # closing the bar ends that line, so the message is not glued to it.
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+    print(f"finetune {command}: {message}", file=sys.stderr)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _dispatch(args)
     except PipelineError as err:
-        print(f"finetune {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return _fail(args.command, f"error: {err}", 2)
     except Exception as err:
         # Outputs are written through tasks.io.atomic_path, which names them; this catches
         # what a stage reads (or a library writes elsewhere) on a full, read-only or
@@ -124,12 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         translated = environment_error(err, getattr(err, "filename", None))
         if translated is None:
             raise
-        print(f"finetune {args.command}: error: {translated}", file=sys.stderr)
-        return 2
+        return _fail(args.command, f"error: {translated}", 2)
     except KeyboardInterrupt:
-        print(f"finetune {args.command}: interrupted; no output was moved into place",
-              file=sys.stderr)
-        return 130
+        return _fail(args.command, "interrupted; no output was moved into place", 130)
 
 
 if __name__ == "__main__":
