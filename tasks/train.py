@@ -42,7 +42,8 @@ FINGERPRINT = "fingerprint.txt"  # in CHECKPOINTS: what the checkpoints were tra
 CPU_OPTIM = "adamw_torch"  # bitsandbytes' paged/8-bit optimizers need CUDA
 # MLflow's store when MLFLOW_TRACKING_URI is unset: a SQLite file (MLflow 3's local backend;
 # run artifacts land beside it under mlruns/).
-MLFLOW_DEFAULT_URI = "sqlite:///mlruns/mlflow.db"
+MLFLOW_DEFAULT_DIR = Path("mlruns")
+MLFLOW_DEFAULT_URI = f"sqlite:///{MLFLOW_DEFAULT_DIR}/mlflow.db"
 # Seconds between rewrites of paths.PROGRESS: often enough to watch, rare enough to cost nothing.
 PROGRESS_EVERY_S = 2.0
 PACKING_CHECK_ROWS = 3  # training rows packed into one sequence to test that they stay apart
@@ -197,7 +198,10 @@ def trackers(params: Params, name: str) -> tuple[list[str], list[Any]]:
 
         # Set every time: MLflow keeps the URI for the process, and its file store default
         # is refused by MLflow 3 (SQLite is the local backend it supports).
-        mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or MLFLOW_DEFAULT_URI)
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:
+            MLFLOW_DEFAULT_DIR.mkdir(exist_ok=True)  # SQLite makes the file, not its folder
+        mlflow.set_tracking_uri(uri or MLFLOW_DEFAULT_URI)
     return [t for t in wanted if t not in ("tensorboard", "dvclive")], callbacks
 
 

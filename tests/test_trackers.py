@@ -64,6 +64,18 @@ def test_mlflow_run_has_params_and_loss_history(root, monkeypatch, tmp_path):
     assert not (root / "mlruns").exists()  # the environment's store, not the default
 
 
+def test_mlflow_defaults_to_a_sqlite_store_under_mlruns(monkeypatch, tmp_path):
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = parse_params(merge(shipped_params(), {"train": {"report_to": ["mlflow"]}}), "params.yaml")
+    assert train.trackers(params, "train-x") == (["mlflow"], [])
+    with mlflow.start_run(run_name="train-x"):
+        mlflow.log_metric("loss", 1.0, step=1)
+    assert (tmp_path / "mlruns/mlflow.db").is_file()
+
+
 def test_dvclive_writes_its_plots_and_leaves_dvc_yaml_alone(root, monkeypatch):
     dvc_yaml = root / "dvc.yaml"
     dvc_yaml.write_text("stages: {}\n")
