@@ -16,19 +16,23 @@ another checkout), and this run then restores train's result from the remote and
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 from collections import deque
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import yaml
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
+                                update_progress_artifact)
 from prefect.states import Completed, State
 
 from tasks import paths
@@ -42,6 +46,7 @@ RETRY_DELAY_SECONDS = [30, 120]
 USER_ERROR_EXIT = 2  # tasks.cli exits 2 for errors the user can fix
 TAIL_LINES = 40  # lines of a failed stage's output quoted in the error
 DEFAULT_GPU_STAGES = ("train",)  # what a split run sends to the GPU pool by default
+PROGRESS_POLL_S = 3.0  # how often train's progress artifacts are refreshed while it runs
 
 
 class StageFailed(RuntimeError):
@@ -125,6 +130,55 @@ def _stream(cmd: list[str], env: dict[str, str], stage: str) -> tuple[int, str, 
     return code, "\n".join(tail), skipped
 
 
+class TrainProgress:
+    """Relays the train stage's reports/progress.json (rewritten by its own process, which
+    knows nothing of Prefect) to a progress artifact (step / max_steps) and a table artifact
+    (latest loss, learning rate, tokens/s, ETA) while the stage runs, and once more at the end."""
+
+    def __init__(self) -> None:
+        self.artifact_id: Any = None
+        self.seen: dict[str, Any] | None = None
+        self.stop = threading.Event()
+        # The thread needs the task run's context for its artifacts to belong to this run.
+        self.thread = threading.Thread(target=contextvars.copy_context().run, args=(self._poll,),
+                                       daemon=True)
+
+    def __enter__(self) -> TrainProgress:
+        paths.PROGRESS.unlink(missing_ok=True)  # an earlier run's position is not this one's
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.relay()
+
+    def _poll(self) -> None:
+        while not self.stop.wait(PROGRESS_POLL_S):
+            self.relay()
+
+    def relay(self) -> None:
+        try:
+            progress = json.loads(paths.PROGRESS.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return  # not started yet (or skipped by DVC)
+        if progress == self.seen:
+            return
+        self.seen = progress
+        description = f"train: step {progress['step']} of {progress['max_steps']}"
+        if self.artifact_id is None:
+            self.artifact_id = create_progress_artifact(progress["percent"], key="train-progress",
+                                                        description=description)
+        else:
+            update_progress_artifact(self.artifact_id, progress["percent"], description=description)
+        eta = progress.get("eta_seconds")
+        row = {"step": progress["step"], "max_steps": progress["max_steps"],
+               "loss": progress.get("loss"), "learning_rate": progress.get("learning_rate"),
+               "tokens_per_second": progress.get("tokens_per_second"),
+               "eta": str(timedelta(seconds=round(eta))) if eta is not None else None}
+        create_table_artifact(key="train-status", table=[row], description="train: latest step")
+
+
 @task(log_prints=True)
 def run_stage(stage: str, force: bool = False, remote: bool = False,
               restore_only: bool = False) -> dict[str, Any] | State:
@@ -148,7 +202,11 @@ def run_stage(stage: str, force: bool = False, remote: bool = False,
         commands.append((["dvc", "push", "--run-cache", stage], env))
     skipped = False
     for cmd, cmd_env in commands:
-        code, tail, skipped_now = _stream(cmd, cmd_env, stage)
+        if cmd is repro and stage == "train" and not restore_only:
+            with TrainProgress():
+                code, tail, skipped_now = _stream(cmd, cmd_env, stage)
+        else:
+            code, tail, skipped_now = _stream(cmd, cmd_env, stage)
         if code != 0:
             raise StageFailed(stage, f"exited with {USER_ERROR_EXIT}" in tail, tail)
         skipped |= cmd is repro and skipped_now

@@ -28,6 +28,7 @@ from tasks.config import Params
 from tasks.errors import DataError, PipelineError
 from tasks.io import atomic_path, normalize_adapter_config, save_tokenizer, write_json
 from tasks.prepare import BadRecord, READERS, _split_of, _to_example
+from tasks.train import tracked
 
 log = logging.getLogger("finetune.align")
 
@@ -79,13 +80,15 @@ def _trainer(params: Params, data: dict[str, list[dict[str, str]]], output_dir: 
     from trl import DPOConfig, DPOTrainer
 
     from tasks.modeling import device, load_tokenizer, resolve_precision
-    from tasks.train import _optim, trainable_base
+    from tasks.train import _optim, run_name, trackers, trainable_base
 
     a, t = params.align, params.train
     tokenizer = load_tokenizer(params.model, str(paths.ADAPTER))
     model = PeftModel.from_pretrained(trainable_base(params, tokenizer), str(paths.ADAPTER),
                                       is_trainable=True)
     precision = resolve_precision(t.precision)
+    name = run_name("align")
+    report_to, callbacks = trackers(params, name)
     args = DPOConfig(
         output_dir=output_dir, beta=a.beta, max_steps=a.max_steps, learning_rate=a.learning_rate,
         per_device_train_batch_size=a.per_device_train_batch_size,
@@ -96,8 +99,9 @@ def _trainer(params: Params, data: dict[str, list[dict[str, str]]], output_dir: 
         gradient_checkpointing=t.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         full_determinism=device() == "cpu", use_cpu=device() == "cpu", save_strategy="no",
-        logging_steps=t.logging_steps, report_to="none")
+        logging_steps=t.logging_steps, report_to=report_to or "none", run_name=name)
     return DPOTrainer(model=model, ref_model=None, args=args, processing_class=tokenizer,
+                      callbacks=callbacks,
                       train_dataset=datasets.Dataset.from_list(data["train"]),
                       eval_dataset=datasets.Dataset.from_list(data["held_out"]))
 
@@ -115,8 +119,9 @@ def run(params: Params) -> dict[str, Any]:
     log.info("DPO on %d preference pairs, %d held out", len(data["train"]), len(data["held_out"]))
     with tempfile.TemporaryDirectory() as scratch:
         trainer = _trainer(params, data, scratch)
-        result = trainer.train()
-        held_out = trainer.evaluate()
+        with tracked(params, trainer.args):
+            result = trainer.train()
+            held_out = trainer.evaluate()
     loss = result.training_loss
     if math.isnan(loss):
         raise PipelineError("DPO loss is nan: lower align.learning_rate or align.beta")

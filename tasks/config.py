@@ -216,6 +216,10 @@ class TokenizeConfig(Section):
     preview_rows: int = Field(3, ge=0)
 
 
+# train.report_to's trackers and the package each needs (checked when train starts).
+TRACKERS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb", "dvclive": "dvclive"}
+
+
 class TrainConfig(Section):
     seed: int = 42
     max_steps: int = Field(150, ge=-1)  # -1: train for num_train_epochs instead
@@ -248,6 +252,20 @@ class TrainConfig(Section):
     logging_steps: int = Field(1, ge=1)
     save_steps: int = Field(50, ge=1)  # checkpoint every N steps; a rerun resumes from the last
     save_total_limit: int = Field(2, ge=1)
+    # Experiment trackers the Trainer (and align's DPO) logs params and the loss curve to,
+    # through transformers' own integrations; []: none (the run stays offline). Each writes
+    # locally: tensorboard and dvclive under logs/, mlflow to MLFLOW_TRACKING_URI (default
+    # mlruns/ in the repo); wandb follows WANDB_* variables (WANDB_MODE=offline keeps it local).
+    report_to: list[str] = []
+
+    @field_validator("report_to")
+    @classmethod
+    def _trackers(cls, names: list[str]) -> list[str]:
+        unknown = [n for n in names if n not in TRACKERS]
+        if unknown:
+            raise ValueError(f"unknown tracker {unknown[0]!r}; allowed values: {', '.join(TRACKERS)} "
+                             "(a list, e.g. [tensorboard]; [] for none)")
+        return list(dict.fromkeys(names))  # a tracker listed twice would log every step twice
 
     @model_validator(mode="after")
     def _length(self) -> TrainConfig:

@@ -9,6 +9,9 @@ the adapter is saved.
 
 Reads data/tokenized/; writes artifacts/adapter/ (PEFT, safetensors, with the tokenizer),
 metrics/train.json and metrics/train_log.tsv (loss, learning rate, tokens seen per step).
+While it runs, reports/progress.json says where it is (step of max_steps, latest loss and
+learning rate, tokens/s, ETA), rewritten every few seconds; train.report_to's trackers
+write under logs/ (or to MLflow's store).
 
     finetune train
 """
@@ -19,6 +22,9 @@ import json
 import logging
 import math
 import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +40,12 @@ log = logging.getLogger("finetune.train")
 
 FINGERPRINT = "fingerprint.txt"  # in CHECKPOINTS: what the checkpoints were trained from
 CPU_OPTIM = "adamw_torch"  # bitsandbytes' paged/8-bit optimizers need CUDA
+# MLflow's store when MLFLOW_TRACKING_URI is unset: a SQLite file (MLflow 3's local backend;
+# run artifacts land beside it under mlruns/).
+MLFLOW_DEFAULT_DIR = Path("mlruns")
+MLFLOW_DEFAULT_URI = f"sqlite:///{MLFLOW_DEFAULT_DIR}/mlflow.db"
+# Seconds between rewrites of paths.PROGRESS: often enough to watch, rare enough to cost nothing.
+PROGRESS_EVERY_S = 2.0
 PACKING_CHECK_ROWS = 3  # training rows packed into one sequence to test that they stay apart
 # Largest |packed - separate| logit difference allowed, relative to the largest |logit|, by
 # compute dtype: rounding noise is far below these, attention across examples far above.
@@ -45,6 +57,7 @@ def _fingerprint(params: Params) -> str:
 
     sections = {k: getattr(params, k).model_dump(mode="json")
                 for k in ("model", "quant", "lora", "peft", "train")}
+    del sections["train"]["report_to"]  # trackers watch the run: switching one keeps its checkpoints
     payload = json.dumps(sections, sort_keys=True) + sha256_path(paths.TOKENIZED)
     return hashlib.sha256(payload.encode()).hexdigest()
 
@@ -99,6 +112,113 @@ def _history_callback(history: list[dict[str, Any]]):
     return History()
 
 
+def _progress_callback():
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        """Writes where training is (paths.PROGRESS) for whoever watches the stage from
+        outside, such as the Prefect flow, which cannot see inside this process."""
+
+        def __init__(self) -> None:
+            self.started = self.written = 0.0
+            self.first_step = self.first_tokens = 0
+            self.last: dict[str, Any] = {}
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.started = time.monotonic()
+            self.first_step, self.first_tokens = state.global_step, state.num_input_tokens_seen
+            self._write(state, force=True)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.last = {"loss": logs["loss"], "learning_rate": logs.get("learning_rate")}
+            self._write(state)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self._write(state, force=True)
+
+        def _write(self, state, force: bool = False) -> None:
+            now = time.monotonic()
+            if not state.is_world_process_zero or (not force and now - self.written < PROGRESS_EVERY_S):
+                return
+            self.written = now
+            elapsed, done = now - self.started, state.global_step - self.first_step
+            left = state.max_steps - state.global_step
+            write_json(paths.PROGRESS, {
+                "step": state.global_step, "max_steps": state.max_steps,
+                "percent": round(100 * state.global_step / max(state.max_steps, 1), 1),
+                **self.last,
+                "tokens_per_second": round((state.num_input_tokens_seen - self.first_tokens) / elapsed, 1)
+                if elapsed > 0 else None,
+                "elapsed_seconds": round(elapsed, 1),
+                "eta_seconds": round(left * elapsed / done, 1) if done else None})
+
+    return Progress()
+
+
+def run_name(stage: str) -> str:
+    """One name per run for every tracker (a TensorBoard subfolder, an MLflow run name)."""
+    from datetime import datetime, timezone
+
+    return f"{stage}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+
+
+def trackers(params: Params, name: str) -> tuple[list[str], list[Any]]:
+    """train.report_to split into what the Trainer's `report_to` takes as is and callbacks built
+    here so each tracker writes under the repo (TRACKERS) rather than into the checkpoint
+    folder, which is removed after the run: (report_to, callbacks)."""
+    import importlib.util
+    import os
+
+    from tasks.config import TRACKERS
+
+    wanted = params.train.report_to
+    for tracker in wanted:
+        if importlib.util.find_spec(TRACKERS[tracker]) is None:
+            raise PipelineError(f"train.report_to lists {tracker} but the {TRACKERS[tracker]} package "
+                                f"is not installed (pip install {TRACKERS[tracker]})")
+    callbacks: list[Any] = []
+    # Only the first of train.num_processes writes: a writer per process would split the curve.
+    first = os.environ.get("RANK", "0") == "0"
+    if "tensorboard" in wanted and first:
+        from torch.utils.tensorboard import SummaryWriter
+        from transformers.integrations import TensorBoardCallback
+
+        callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=str(paths.TRACKERS / "tensorboard" / name))))
+    if "dvclive" in wanted and first:
+        from dvclive import Live
+        from transformers.integrations import DVCLiveCallback  # dvclive's own is deprecated for it
+
+        # dvcyaml=None: dvc.yaml stays the one definition of the graph; save_dvc_exp=False:
+        # `dvc exp run` records the experiment itself, a stage must not make another.
+        live = Live(dir=str(paths.TRACKERS / "dvclive"), dvcyaml=None, save_dvc_exp=False)
+        callbacks.append(DVCLiveCallback(live=live))
+    if "mlflow" in wanted:
+        import mlflow
+
+        # Set every time: MLflow keeps the URI for the process, and its file store default
+        # is refused by MLflow 3 (SQLite is the local backend it supports).
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:
+            MLFLOW_DEFAULT_DIR.mkdir(exist_ok=True)  # SQLite makes the file, not its folder
+        mlflow.set_tracking_uri(uri or MLFLOW_DEFAULT_URI)
+    return [t for t in wanted if t not in ("tensorboard", "dvclive")], callbacks
+
+
+@contextmanager
+def tracked(params: Params, args) -> Iterator[None]:
+    """Holds one MLflow run open over training and the evaluation after it, so eval_loss lands
+    in the training's run (MLflow's callback ends its own run at train end, and the next log
+    call would open a second one)."""
+    if "mlflow" not in params.train.report_to or args.process_index != 0:
+        yield
+        return
+    import mlflow
+
+    with mlflow.start_run(run_name=args.run_name):
+        yield
+
+
 def trainable_base(params: Params, tokenizer):
     """The base model made ready for adapter training (also what align starts from)."""
     from peft import prepare_model_for_kbit_training
@@ -140,13 +260,14 @@ def _tf32(setting: str | bool) -> bool | None:
     return setting
 
 
-def training_arguments(params: Params, output_dir: str):
+def training_arguments(params: Params, output_dir: str, report_to: list[str] | None = None,
+                       run_name: str | None = None):
     from transformers import TrainingArguments
 
     t = params.train
     precision = resolve_precision(t.precision)
     fields = t.model_dump(exclude={"precision", "optim", "gradient_checkpointing", "tf32",
-                                   "padding_free", "num_processes"})
+                                   "padding_free", "num_processes", "report_to"})
     if t.use_liger_kernel:
         import importlib.util
 
@@ -162,7 +283,8 @@ def training_arguments(params: Params, output_dir: str):
         data_seed=t.seed, save_strategy="steps", logging_strategy="steps",
         include_num_input_tokens_seen="non_padding", remove_unused_columns=False,
         label_names=["labels"],  # a PeftModel's forward hides the argument the Trainer looks for
-        use_cpu=device() == "cpu", report_to="none", disable_tqdm=False,
+        use_cpu=device() == "cpu", report_to=report_to or "none", run_name=run_name,
+        disable_tqdm=False,
         ddp_backend="gloo" if device() == "cpu" and t.num_processes > 1 else None,
         logging_nan_inf_filter=False,  # the History callback must see a non-finite loss to stop
     )
@@ -233,15 +355,17 @@ def build_trainer(params: Params, output_dir: str, history: list[dict[str, Any]]
     import datasets
     from transformers import Trainer, set_seed
 
+    name = run_name("train")
+    report_to, callbacks = trackers(params, name)  # first: a missing package fails before loading
     set_seed(params.train.seed)
     tokenizer = load_tokenizer(params.model, str(paths.TOKENIZER))
     data = datasets.load_from_disk(str(paths.TOKENIZED)).remove_columns("id")
     model = _model(params, tokenizer)
-    callbacks = [_history_callback(history)]
+    callbacks += [_history_callback(history), _progress_callback()]
     if params.peft.method == "adalora":
         callbacks.append(adalora_callback())
     return Trainer(
-        model=model, args=training_arguments(params, output_dir),
+        model=model, args=training_arguments(params, output_dir, report_to, name),
         train_dataset=data["train"], eval_dataset=data.get("validation"),
         data_collator=_collator(params, tokenizer),
         processing_class=tokenizer, callbacks=callbacks,
@@ -301,9 +425,10 @@ def run(params: Params) -> dict[str, Any]:
     try:
         # Checkpoints are written in place (a partial one is dropped on resume): name their
         # folder when the disk fills up anyway.
-        with writing(paths.CHECKPOINTS):
-            result = trainer.train(resume_from_checkpoint=resume)
-        eval_loss = trainer.evaluate()["eval_loss"] if trainer.eval_dataset is not None else None
+        with tracked(params, trainer.args):
+            with writing(paths.CHECKPOINTS):
+                result = trainer.train(resume_from_checkpoint=resume)
+            eval_loss = trainer.evaluate()["eval_loss"] if trainer.eval_dataset is not None else None
     except torch.cuda.OutOfMemoryError:
         raise PipelineError("CUDA out of memory: lower train.per_device_train_batch_size (raise "
                             "gradient_accumulation_steps to keep the effective batch), lower "

@@ -13,6 +13,7 @@ import yaml
 
 from .conftest import TINY_PARAMS, env, make_workspace, merge
 
+STEPS = TINY_PARAMS["train"]["max_steps"]
 STAGES = ["prepare", "tokenize", "train", "align", "evaluate", "export", "promote"]
 
 
@@ -86,6 +87,17 @@ def test_artifacts_for_the_ui(first_run):
     leakage = artifact("data-leakage")
     leakage_rows = json.loads(leakage.data) if isinstance(leakage.data, str) else leakage.data
     assert [r["kind"] for r in leakage_rows] == ["exact", "normalized", "near"]
+
+
+def test_train_progress_is_relayed_to_the_ui(first_run):
+    progress = artifact("train-progress")
+    assert progress.type == "progress" and float(progress.data) == 100.0
+    assert progress.description == f"train: step {STEPS} of {STEPS}"
+    status = artifact("train-status")
+    (row,) = json.loads(status.data) if isinstance(status.data, str) else status.data
+    assert row["step"] == row["max_steps"] == STEPS
+    assert row["loss"] > 0 and row["learning_rate"] is not None and row["tokens_per_second"] > 0
+    assert row["eta"] == "0:00:00"
 
 
 def test_second_run_skips_every_stage(first_run):
