@@ -106,7 +106,10 @@ def read_inputs(params: Params, path: Path, references: str | None, tokenizer: A
             row: dict[str, Any] = {"id": str(record[id_column]) if id_column and record.get(id_column) is not None
                                    else f"row{number}", "prompt": prompt}
             if references:
-                refs = _texts(record.get(references))
+                value = record.get(references)
+                if params.model.labels is not None and type(value) is int:
+                    value = str(value)  # an integer-coded label: an index into model.labels
+                refs = _texts(value)
                 if refs is None:
                     raise BadRecord("missing_field", f"{where}: reference field {references!r} is "
                                     "missing or not text (nor a list of texts)")

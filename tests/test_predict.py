@@ -115,3 +115,59 @@ def test_bad_model_or_input_is_one_message(trained, args, content, message):
     assert proc.stderr.splitlines()[-1] == f"finetune predict: error: {message}" or \
         proc.stderr.splitlines()[-1].startswith(f"finetune predict: error: {message}")
     assert not (trained / "out/bad.jsonl").exists()
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory, tiny_bert) -> Path:
+    from .conftest import TASK_PARAMS
+
+    ws = make_workspace(tmp_path_factory.mktemp("predict-cls"), tiny_bert,
+                        merge(TINY_PARAMS, TASK_PARAMS["sequence_classification"]))
+    for stage in ("prepare", "tokenize", "train", "evaluate"):
+        run(["finetune", stage], ws)
+    return ws
+
+
+def test_classifier_writes_class_and_probabilities(classifier):
+    expected = evaluated(classifier)
+    raw = {r["id"]: r for r in read_jsonl(classifier / "data/raw/reviews.jsonl")}
+    # Integer-coded labels, as many shipped sets have them: read as indexes into model.labels.
+    labels = ["negative", "positive"]
+    (classifier / "data/raw/new.jsonl").write_text("".join(
+        json.dumps({**raw[e["id"]], "label": labels.index(raw[e["id"]]["label"])}) + "\n" for e in expected))
+    proc = finetune(classifier, "predict", "--input", "data/raw/new.jsonl", "--model", "artifacts/adapter",
+                    "--output", "preds.jsonl", "--references", "label")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "classify: 100%" in proc.stderr
+    rows = read_jsonl(classifier / "preds.jsonl")
+    assert [r["class"] for r in rows] == [e["tuned"] for e in expected]
+    for r in rows:
+        assert set(r) == {"id", "prompt", "class", "probabilities", "references"}
+        assert sum(r["probabilities"].values()) == pytest.approx(1, abs=1e-5)
+        assert r["class"] == max(r["probabilities"], key=r["probabilities"].get)
+    result = json.loads(proc.stdout)["scores"]
+    assert result == json.loads((classifier / "metrics/eval.json").read_text())["tuned"]
+
+
+def test_evaluate_scores_each_prediction_against_its_best_reference(trained, tmp_path):
+    import shutil
+
+    from tasks.scoring import score
+
+    ws = tmp_path / "ws"
+    shutil.copytree(trained, ws, symlinks=True)
+    tuned = {e["id"]: e["tuned"] for e in evaluated(ws)}
+    test = ws / "data/prepared/test.jsonl"
+    rows = read_jsonl(test)
+    # A second reference equal to the tuned prediction: the best match, where it is not empty.
+    for r in rows:
+        r["references"] = [r["completion"].strip(), tuned.get(r["id"], "x")]
+    test.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    single = json.loads((ws / "metrics/eval.json").read_text())["tuned"]
+    run(["finetune", "evaluate"], ws)
+    got = json.loads((ws / "metrics/eval.json").read_text())["tuned"]
+    scored = evaluated(ws)
+    assert [e["references"] for e in scored] == [r["references"] for r in rows[:len(scored)]]
+    expected = score([e["tuned"] for e in scored], [e["references"] for e in scored], bootstrap_samples=50)
+    assert got == expected
+    assert got["rouge1"]["mean"] > single["rouge1"]["mean"]
