@@ -86,18 +86,43 @@ TAG = "as-"
 
 def _path_shape(value: Any) -> str:
     shape = "split-files" if isinstance(value, dict | SplitFiles) else \
-        "files" if isinstance(value, list) else "file"
+        "files" if isinstance(value, list) else "none" if value is None else "file"
     return TAG + shape
 
 
-DataPath = Annotated[Annotated[SplitFiles, Tag(TAG + "split-files")] | Annotated[list[str], Tag(TAG + "files")]
-                     | Annotated[str, Tag(TAG + "file")], Discriminator(_path_shape)]
+PathShapes = Annotated[SplitFiles, Tag(TAG + "split-files")] | Annotated[list[str], Tag(TAG + "files")] \
+    | Annotated[str, Tag(TAG + "file")]
+DataPath = Annotated[PathShapes, Discriminator(_path_shape)]
+OptionalDataPath = Annotated[PathShapes | Annotated[None, Tag(TAG + "none")], Discriminator(_path_shape)]
+
+
+class SourceConfig(Section):
+    """One source of a mixture (data.sources); unset keys take data's and prompt's values."""
+    path: DataPath
+    name: str | None = None
+    revision: str | None = None
+    columns: dict[str, str] | None = None
+    template: str | None = None  # this source's prompt.template (and completion)
+    completion: str | None = None
+    # A share of the mixture relative to the other weighted sources (the largest mixture with
+    # these shares that repeats no row), or a cap on the rows taken; neither: all its rows.
+    # Both apply to the whole source; each split gets its hash share of the rows kept.
+    weight: float | None = Field(None, gt=0)
+    row_cap: int | None = Field(None, ge=1)
+    # Its name in metrics/prepare.json and in row ids (<label>/<id>); null: source<N>.
+    label: str | None = Field(None, pattern=r"^[^/]+$")
+
+    @model_validator(mode="after")
+    def _one_limit(self) -> SourceConfig:
+        if self.weight is not None and self.row_cap is not None:
+            raise ValueError("give a source a weight or a row_cap, not both")
+        return self
 
 
 class DataConfig(Section):
     # A local file under data/raw/ (.jsonl, .jsonl.gz, .jsonl.zst, .json, .csv, .tsv,
     # .parquet), a glob or list of them, or {train, validation, test} split files; else a Hub id.
-    path: DataPath
+    path: OptionalDataPath = None  # null with data.sources
     name: str | None = None  # Hub dataset configuration (datasets.load_dataset's `name`)
     revision: str | None = None  # Hub dataset revision; required for Hub datasets
     columns: dict[str, str] = {}  # template field -> column name in the source
@@ -117,9 +142,20 @@ class DataConfig(Section):
     # null: the completion is the reference (or, when its field holds a list, each item is).
     references: list[str] | None = Field(None, min_length=1)
 
+    # A mixture: several sources, each with its own path and optionally columns, template
+    # and a weight or row cap; sampled by split.seed. null: the one source data.path names.
+    sources: list[SourceConfig] | None = Field(None, min_length=1)
+
     @property
     def is_local(self) -> bool:
-        return not isinstance(self.path, str) or data_suffix(self.path) is not None
+        return self.path is not None and (not isinstance(self.path, str) or data_suffix(self.path) is not None)
+
+    def source(self, index: int) -> DataConfig:
+        """data as source `index` of the mixture sees it (validated like data itself)."""
+        src = (self.sources or [])[index]
+        return DataConfig.model_validate({
+            **self.model_dump(exclude={"sources"}), "path": src.model_dump()["path"], "name": src.name,
+            "revision": src.revision, "columns": self.columns if src.columns is None else src.columns})
 
     def local_sources(self) -> list[tuple[str | None, list[str]]]:
         """(fixed split, or None for the hash split; files or globs) per local source."""
@@ -135,6 +171,23 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _source(self) -> DataConfig:
+        if (self.path is None) == (self.sources is None):
+            raise ValueError("give data.path (one source) or data.sources (a mixture), not both")
+        if self.sources is not None:
+            problems = []
+            for i, src in enumerate(self.sources):
+                try:
+                    self.source(i)
+                    if src.template is not None:
+                        PromptConfig(template=src.template, completion=src.completion)
+                except ValidationError as err:
+                    problems += [f"sources.{i}: {p}" for p in describe(err)]
+            labels = [s.label for s in self.sources if s.label is not None]
+            if len(set(labels)) != len(labels):
+                problems.append("sources: two sources have the same label")
+            if problems:
+                raise ValueError("\n".join(problems))
+            return self
         if self.is_local:
             for split, files in self.local_sources():
                 key = "path" if split is None else f"path.{split}"

@@ -203,3 +203,60 @@ def test_references_need_a_one_field_completion():
         parse_params(merge(shipped_params(), {
             "data": {"references": ["a", "b"]},
             "prompt": {"template": "Q: {q}", "completion": " {a} because {b}"}}), "params.yaml")
+
+
+def _mixture(ws, seed: int = 42, **limits) -> dict:
+    """Three sources: dialogues (jsonl), Q&A pairs (tsv, own template and columns), and
+    instructions whose ids collide with the dialogues'."""
+    write(ws / "data/raw/dialogues.jsonl", jsonl_bytes(rows(300)))
+    qa = [{"id": f"q{i}", "Q": f"what is {i}?", "A": str(i)} for i in range(200)]
+    write(ws / "data/raw/qa.tsv", _tsv_any(qa))
+    write(ws / "data/raw/inst.jsonl", jsonl_bytes(
+        [{"id": f"r{i}", "instruction": f"say {i}", "input": "", "response": f"{i}"} for i in range(100)]))
+    return {"path": None, "split": {"seed": seed}, "sources": [
+        {"path": "data/raw/dialogues.jsonl", "label": "dialogues", **limits.get("dialogues", {})},
+        {"path": "data/raw/qa.tsv", "label": "qa", "template": "question_answer",
+         "columns": {"question": "Q", "answer": "A"}, **limits.get("qa", {})},
+        {"path": "data/raw/inst.jsonl", "template": "instruction", **limits.get("inst", {})}]}
+
+
+def test_mixture_weights_caps_and_rows_per_source(ws):
+    data = _mixture(ws, dialogues={"weight": 3}, qa={"weight": 1}, inst={"row_cap": 40})
+    stats = prepare.run(params(**data))
+    out = prepared()
+    per_source = stats["rows_per_source"]
+    assert set(per_source) == {"dialogues", "qa", "source2"}
+    total = {label: sum(n.values()) for label, n in per_source.items()}
+    # 3:1 with 300 dialogues and 200 Q&A: all dialogues, 100 Q&A; the capped source 40.
+    assert total == {"dialogues": 300, "qa": 100, "source2": 40}
+    for split, rows_ in out.items():
+        assert {label: n[split] for label, n in per_source.items()} == \
+            {label: sum(r["id"].startswith(label + "/") for r in rows_) for label in per_source}
+    # Each source keeps its own template; colliding ids stay apart under their labels.
+    by_id = {r["id"]: r for split_rows in out.values() for r in split_rows}
+    assert "dialogues/r0" in by_id and by_id["dialogues/r0"]["prompt"].startswith("Summarize")
+    assert any(i.startswith("qa/q") and by_id[i]["prompt"].startswith("Please answer") for i in by_id)
+    assert stats["rows_per_split"] == {s: len(r) for s, r in out.items()}
+    # Deterministic by seed: the same rows again; another seed picks other Q&A rows.
+    prepare.run(params(**data))
+    assert prepared() == out
+    data["split"]["seed"] = 7
+    prepare.run(params(**data))
+    qa_ids = {r["id"] for split_rows in prepared().values() for r in split_rows if r["id"].startswith("qa/")}
+    assert len(qa_ids) == 100 and qa_ids != {i for i in by_id if i.startswith("qa/")}
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"sources": [{"path": "data/raw/a.jsonl"}]}, "give data.path .* or data.sources .*, not both"),
+    ({"path": None, "sources": [{"path": "data/raw/a.jsonl", "weight": 1, "row_cap": 5}]},
+     "data.sources.0: give a source a weight or a row_cap, not both"),
+    ({"path": None, "sources": [{"path": "/etc/a.jsonl"}]},
+     "data: sources.0: path: local data must be under data/raw/"),
+    ({"path": None, "sources": [{"path": "data/raw/a.jsonl", "template": "nope"}]},
+     "data: sources.0: template 'nope' is neither a built-in"),
+    ({"path": None, "sources": [{"path": "data/raw/a.jsonl", "label": "a/b"}]},
+     "data.sources.0.label: String should match pattern"),
+])
+def test_mixture_params_are_checked(data, message):
+    with pytest.raises(ConfigError, match=message):
+        params(**data)
