@@ -15,11 +15,9 @@ import hashlib
 import json
 import reprlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from typing import Annotated
-
 from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, create_model,
                       field_validator, model_validator)
 
@@ -159,6 +157,7 @@ class DataConfig(Section):
 
     def local_sources(self) -> list[tuple[str | None, list[str]]]:
         """(fixed split, or None for the hash split; files or globs) per local source."""
+        assert self.path is not None, "a mixture's parts each have a path (DataConfig.source)"
         if isinstance(self.path, SplitFiles):
             return list(self.path.given().items())
         return [(None, [self.path] if isinstance(self.path, str) else self.path)]

@@ -84,7 +84,7 @@ def _chat_prompt(messages: Any, tokenizer: Any, where: str) -> str:
 
 def read_inputs(params: Params, path: Path, references: str | None, tokenizer: Any) -> list[dict[str, Any]]:
     """{id, prompt[, references]} per record of `path`; a bad record stops with its line."""
-    from tasks.prepare import BadRecord, _label_name, _texts, prompt_values, read_file
+    from tasks.prepare import BadRecord, label_name, prompt_values, read_file, reference_texts
 
     if not path.is_file():
         raise DataError(f"--input: {path} does not exist")
@@ -109,12 +109,12 @@ def read_inputs(params: Params, path: Path, references: str | None, tokenizer: A
                 value = record.get(references)
                 if params.model.labels is not None and type(value) is int:
                     value = str(value)  # an integer-coded label: an index into model.labels
-                refs = _texts(value)
+                refs = reference_texts(value)
                 if refs is None:
                     raise BadRecord("missing_field", f"{where}: reference field {references!r} is "
                                     "missing or not text (nor a list of texts)")
                 if params.model.labels is not None:
-                    refs = [_label_name(params.model.labels, r.strip(), where) for r in refs]
+                    refs = [label_name(params.model.labels, r.strip(), where) for r in refs]
                 row["references"] = [r.strip() for r in refs]
         except (BadRecord, TemplateError) as err:
             message = str(err) if isinstance(err, TemplateError) else err.args[-1]

@@ -2,7 +2,7 @@
 and split them deterministically into train/validation/test.
 
 Reads `data.*` and `prompt.*` (one local file, a glob or list of files, {train, validation,
-test} split files, or a Hub dataset); writes data/prepared/{train,validation,test}.jsonl
+test} split files, or a Hub dataset; or a mixture of such sources, data.sources); writes data/prepared/{train,validation,test}.jsonl
 (rows: {id, prompt, completion}; for sequence_classification the completion is the class
 name; test rows with several references add `references`, a list of texts) and
 metrics/prepare.json (rows in, out, dropped and why).
@@ -191,7 +191,7 @@ def _local(files: list[Path], d: DataConfig) -> Iterator[Record]:
         yield from read_file(path, d)
 
 
-def _texts(value: Any) -> list[str] | None:
+def reference_texts(value: Any) -> list[str] | None:
     """A reference cell as texts: one text, or a list of them; None when it is not text."""
     texts = value if isinstance(value, list) else [value]
     return texts if texts and all(isinstance(t, str) and t.strip() for t in texts) else None
@@ -205,7 +205,7 @@ def _references(d: DataConfig, ref_field: str | None, record: dict[str, Any], wh
         for column in d.references:
             if record.get(column) is None:
                 continue  # training rows often carry one reference under another column
-            texts = _texts(record[column])
+            texts = reference_texts(record[column])
             if texts is None:
                 raise BadRecord("wrong_type", f"{where}: reference column {column!r} is neither "
                                 "text nor a list of texts")
@@ -214,7 +214,7 @@ def _references(d: DataConfig, ref_field: str | None, record: dict[str, Any], wh
     value = record.get(d.columns.get(ref_field, ref_field)) if ref_field else None
     if not isinstance(value, list):
         return None
-    if _texts(value) is None:
+    if reference_texts(value) is None:
         raise BadRecord("wrong_type", f"{where}: field {ref_field!r} is a list, but not of texts")
     return value
 
@@ -253,7 +253,7 @@ def _to_example(params: Params, tpl: templates.Template | None, tokenizer: Any, 
     if not completion.strip():
         raise BadRecord("empty_completion", f"{where}: the completion is empty")
     if params.model.labels is not None:
-        completion = _label_name(params.model.labels, completion.strip(), where)
+        completion = label_name(params.model.labels, completion.strip(), where)
     example: dict[str, Any] = {"prompt": prompt, "completion": completion}
     if refs and tpl is not None and ref_field is not None:
         # Each reference is rendered as the completion would be, so evaluate compares like
@@ -263,7 +263,7 @@ def _to_example(params: Params, tpl: templates.Template | None, tokenizer: Any, 
     return example
 
 
-def _label_name(labels: list[str], value: str, where: str) -> str:
+def label_name(labels: list[str], value: str, where: str) -> str:
     """The class name a record's label stands for: the name itself, or its index."""
     if value in labels:
         return value
