@@ -2,7 +2,8 @@
 
     finetune check                      # validate params.yaml, list every problem
     finetune prepare|tokenize|train|evaluate|export
-    finetune score --predictions P --references R [--field NAME]
+    finetune score --predictions P --references R [R2 ...] [--field NAME]
+    finetune predict --input FILE --model MODEL --output FILE.jsonl [--references FIELD]
     finetune push --repo-id ORG/NAME     # upload artifacts/merged to the Hub (HF_TOKEN)
     finetune smoke-model [--arch t5|bert] # rebuild an offline smoke model in models/
 """
@@ -36,12 +37,26 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--params", type=Path, default=Path("params.yaml"))
     score = sub.add_parser("score", help="ROUGE of predictions against references, as JSON")
     score.add_argument("--predictions", type=Path, required=True)
-    score.add_argument("--references", type=Path, required=True)
-    score.add_argument("--field", help="JSONL field holding the text (for .jsonl files)")
+    score.add_argument("--references", type=Path, nargs="+", required=True,
+                       help="one file per reference; a prediction scores against its best")
+    score.add_argument("--field", help="JSONL field holding the text (for .jsonl files); a field "
+                       "of the references may hold a list of texts")
+    score.add_argument("--prediction-field", help="the predictions' JSONL field (default: --field)")
+    score.add_argument("--reference-field", help="the references' JSONL field (default: --field)")
     score.add_argument("--no-stemmer", action="store_true", help="score without Porter stemming")
     score.add_argument("--bootstrap-samples", type=int, default=1000)
     score.add_argument("--confidence-level", type=float, default=0.95)
     score.add_argument("--seed", type=int, default=0)
+    predict = sub.add_parser("predict", help="run a tuned model on a data file (not a DVC stage)")
+    predict.add_argument("--params", type=Path, default=Path("params.yaml"))
+    predict.add_argument("--input", type=Path, required=True,
+                         help="records in any format prepare reads, rendered with prompt.template")
+    predict.add_argument("--model", required=True,
+                         help="an adapter folder (artifacts/adapter), an export (artifacts/merged) "
+                         "or registry/latest")
+    predict.add_argument("--output", type=Path, required=True, help="predictions, a .jsonl file")
+    predict.add_argument("--references", metavar="FIELD",
+                         help="the input's reference field (text or list): also score, as evaluate does")
     push = sub.add_parser("push", help="upload the exported model to the Hugging Face Hub")
     push.add_argument("--repo-id", required=True, help="e.g. my-org/my-model")
     push.add_argument("--folder", type=Path, default=Path("artifacts/merged"),
@@ -86,14 +101,24 @@ def _dispatch(args: argparse.Namespace) -> int:
         importlib.import_module(f"tasks.{args.command}").run(params)
         return 0
     if args.command == "score":
-        from tasks.scoring import read_texts, score
+        from tasks.scoring import read_predictions, read_references, score
 
-        predictions = read_texts(args.predictions, args.field)
-        references = read_texts(args.references, args.field)
+        predictions = read_predictions(args.predictions, args.prediction_field or args.field)
+        references = read_references(args.references, args.reference_field or args.field)
         result = score(predictions, references, use_stemmer=not args.no_stemmer,
                        bootstrap_samples=args.bootstrap_samples,
                        confidence_level=args.confidence_level, seed=args.seed)
         print(json.dumps(result, indent=2, sort_keys=True))
+        return 0
+    if args.command == "predict":
+        from tasks import predict
+        from tasks.config import load_params
+        from tasks.io import setup_logging
+
+        params = load_params(args.params)
+        setup_logging()
+        print(json.dumps(predict.run(params, args.input, args.model, args.output, args.references),
+                         indent=2, sort_keys=True))
         return 0
     if args.command == "push":
         from tasks import push

@@ -15,11 +15,11 @@ import hashlib
 import json
 import reprlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, create_model,
+                      field_validator, model_validator)
 
 from tasks import templates
 from tasks.errors import ConfigError, TemplateError
@@ -27,7 +27,19 @@ from tasks.errors import ConfigError, TemplateError
 # Local inputs must live where dvc.yaml tracks them, or DVC could not notice they changed.
 DATA_DIR = Path("data/raw")
 MODELS_DIR = Path("models")
-LOCAL_DATA_SUFFIXES = {".jsonl", ".json", ".csv", ".parquet"}
+# Formats prepare reads; compressed JSONL is decompressed as it is read.
+LOCAL_DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".csv", ".tsv", ".parquet")
+SPLIT_NAMES = ("train", "validation", "test")
+
+
+def data_suffix(path: str) -> str | None:
+    """The format of a local data file (or glob), e.g. '.jsonl.gz'; None for a Hub id."""
+    name = Path(path).name.lower()
+    return next((s for s in sorted(LOCAL_DATA_SUFFIXES, key=len, reverse=True) if name.endswith(s)), None)
+
+
+# A file, a glob, or a list of them: read as one split, files in sorted order.
+Files = str | list[str]
 
 
 class Section(BaseModel):
@@ -48,8 +60,67 @@ class SplitConfig(Section):
         return self
 
 
+class SplitFiles(Section):
+    """A dataset shipped as split files. A missing validation or test split is carved out of
+    train by the hash split, with data.split's sizes."""
+    train: Files
+    validation: Files | None = None
+    test: Files | None = None
+
+    def given(self) -> dict[str, list[str]]:
+        """The splits that have files, each as a list of files or globs."""
+        out = {}
+        for split in SPLIT_NAMES:
+            value = getattr(self, split)
+            if value is not None:
+                out[split] = [value] if isinstance(value, str) else value
+        return out
+
+
+# Tags of a union's members start with this; messages leave them out of the key path, so a
+# problem in split files reads `data.path.train`, with no report on the other shapes.
+TAG = "as-"
+
+
+def _path_shape(value: Any) -> str:
+    shape = "split-files" if isinstance(value, dict | SplitFiles) else \
+        "files" if isinstance(value, list) else "none" if value is None else "file"
+    return TAG + shape
+
+
+PathShapes = Annotated[SplitFiles, Tag(TAG + "split-files")] | Annotated[list[str], Tag(TAG + "files")] \
+    | Annotated[str, Tag(TAG + "file")]
+DataPath = Annotated[PathShapes, Discriminator(_path_shape)]
+OptionalDataPath = Annotated[PathShapes | Annotated[None, Tag(TAG + "none")], Discriminator(_path_shape)]
+
+
+class SourceConfig(Section):
+    """One source of a mixture (data.sources); unset keys take data's and prompt's values."""
+    path: DataPath
+    name: str | None = None
+    revision: str | None = None
+    columns: dict[str, str] | None = None
+    template: str | None = None  # this source's prompt.template (and completion)
+    completion: str | None = None
+    # A share of the mixture relative to the other weighted sources (the largest mixture with
+    # these shares that repeats no row), or a cap on the rows taken; neither: all its rows.
+    # Both apply to the whole source; each split gets its hash share of the rows kept.
+    weight: float | None = Field(None, gt=0)
+    row_cap: int | None = Field(None, ge=1)
+    # Its name in metrics/prepare.json and in row ids (<label>/<id>); null: source<N>.
+    label: str | None = Field(None, pattern=r"^[^/]+$")
+
+    @model_validator(mode="after")
+    def _one_limit(self) -> SourceConfig:
+        if self.weight is not None and self.row_cap is not None:
+            raise ValueError("give a source a weight or a row_cap, not both")
+        return self
+
+
 class DataConfig(Section):
-    path: str  # a local .jsonl/.json/.csv/.parquet under data/raw/, or a Hub dataset id
+    # A local file under data/raw/ (.jsonl, .jsonl.gz, .jsonl.zst, .json, .csv, .tsv,
+    # .parquet), a glob or list of them, or {train, validation, test} split files; else a Hub id.
+    path: OptionalDataPath = None  # null with data.sources
     name: str | None = None  # Hub dataset configuration (datasets.load_dataset's `name`)
     revision: str | None = None  # Hub dataset revision; required for Hub datasets
     columns: dict[str, str] = {}  # template field -> column name in the source
@@ -71,19 +142,76 @@ class DataConfig(Section):
         "one is logged). Off: such a link stops the stage, since DVC would version a file the "
         "repository does not hold."))
 
+    # The field separator of .csv/.tsv files; null: ',' for .csv, a tab for .tsv.
+    delimiter: str | None = Field(None, min_length=1, max_length=1)
+    # Columns holding a test row's reference texts (each text or list of texts), e.g.
+    # [summary1, summary2, summary3]: evaluate scores a prediction against its best reference.
+    # null: the completion is the reference (or, when its field holds a list, each item is).
+    references: list[str] | None = Field(None, min_length=1)
+
+    # A mixture: several sources, each with its own path and optionally columns, template
+    # and a weight or row cap; sampled by split.seed. null: the one source data.path names.
+    sources: list[SourceConfig] | None = Field(None, min_length=1)
+
     @property
     def is_local(self) -> bool:
-        return Path(self.path).suffix.lower() in LOCAL_DATA_SUFFIXES
+        return self.path is not None and (not isinstance(self.path, str) or data_suffix(self.path) is not None)
+
+    def source(self, index: int) -> DataConfig:
+        """data as source `index` of the mixture sees it (validated like data itself)."""
+        src = (self.sources or [])[index]
+        return DataConfig.model_validate({
+            **self.model_dump(exclude={"sources"}), "path": src.model_dump()["path"], "name": src.name,
+            "revision": src.revision, "columns": self.columns if src.columns is None else src.columns})
+
+    def local_sources(self) -> list[tuple[str | None, list[str]]]:
+        """(fixed split, or None for the hash split; files or globs) per local source."""
+        assert self.path is not None, "a mixture's parts each have a path (DataConfig.source)"
+        if isinstance(self.path, SplitFiles):
+            return list(self.path.given().items())
+        return [(None, [self.path] if isinstance(self.path, str) else self.path)]
+
+    @property
+    def hash_splits(self) -> set[str]:
+        """The splits the hash split fills: all of them, or those no split file gives."""
+        given = self.path.given() if isinstance(self.path, SplitFiles) else {}
+        return {s for s in SPLIT_NAMES if s == "train" or s not in given}
 
     @model_validator(mode="after")
     def _source(self) -> DataConfig:
+        if (self.path is None) == (self.sources is None):
+            raise ValueError("give data.path (one source) or data.sources (a mixture), not both")
+        if self.sources is not None:
+            problems = []
+            for i, src in enumerate(self.sources):
+                try:
+                    self.source(i)
+                    if src.template is not None:
+                        PromptConfig(template=src.template, completion=src.completion)
+                except ValidationError as err:
+                    problems += [f"sources.{i}: {p}" for p in describe(err)]
+            labels = [s.label for s in self.sources if s.label is not None]
+            if len(set(labels)) != len(labels):
+                problems.append("sources: two sources have the same label")
+            if problems:
+                raise ValueError("\n".join(problems))
+            return self
         if self.is_local:
-            p = Path(self.path)
-            if p.is_absolute() or ".." in p.parts or p.parts[:2] != DATA_DIR.parts:
-                raise ValueError(f"local data must be under {DATA_DIR}/ (dvc.yaml tracks that folder), "
-                                 f"got {self.path!r}")
+            for split, files in self.local_sources():
+                key = "path" if split is None else f"path.{split}"
+                if not files:
+                    raise ValueError(f"{key}: name at least one file")
+                for f in files:
+                    p = Path(f)
+                    if data_suffix(f) is None:
+                        raise ValueError(f"{key}: {f!r} is not a format prepare reads "
+                                         f"({', '.join(LOCAL_DATA_SUFFIXES)})")
+                    if p.is_absolute() or ".." in p.parts or p.parts[:2] != DATA_DIR.parts:
+                        raise ValueError(f"{key}: local data must be under {DATA_DIR}/ (dvc.yaml "
+                                         f"tracks that folder), got {f!r}")
             if self.split.source_splits:
-                raise ValueError("split.source_splits needs a Hub dataset; a local file is split by seed")
+                raise ValueError("split.source_splits needs a Hub dataset; for local files give "
+                                 "path as {train: ..., validation: ..., test: ...}")
         elif self.revision is None:
             raise ValueError(f"{self.path!r} is read from the Hugging Face Hub: pin `revision` "
                              "(a tag or commit sha) so reruns read the same data")
@@ -122,6 +250,14 @@ class PromptConfig(Section):
         tpl = templates.resolve(self.template, self.completion)
         alternatives = "".join(tpl.prompt_when_empty.values())
         return list(dict.fromkeys(templates.fields_of(tpl.prompt + alternatives + tpl.completion)))
+
+
+def reference_field(prompt: PromptConfig) -> str | None:
+    """The one field a text template's completion is made of (its reference text), if any."""
+    if prompt.template == templates.CHAT:
+        return None
+    names = set(templates.fields_of(templates.resolve(prompt.template, prompt.completion).completion))
+    return names.pop() if len(names) == 1 else None
 
 
 TASKS = ("causal_lm", "seq2seq", "sequence_classification")
@@ -383,6 +519,10 @@ class Params(Section):
             if self.align.enabled:
                 problems.append(f"align.enabled needs model.task causal_lm (DPO scores completions "
                                 f"of a causal LM; task is {task})")
+        if self.data.references and (task == "sequence_classification"
+                                     or reference_field(self.prompt) is None):
+            problems.append("data.references needs a generative model.task and a text template whose "
+                            "completion has exactly one {field} (each reference fills it)")
         if self.export.gguf and (task != "causal_lm" or method in PROMPT_LEARNING):
             problems.append("export.gguf needs model.task causal_lm and a peft.method that merges "
                             "(GGUF holds one standalone decoder model)")
@@ -425,7 +565,7 @@ def _allowed(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
 def describe(err: ValidationError) -> list[str]:
     problems = []
     for e in err.errors():
-        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith(("function-", TAG))))
         key = _key_path(loc)
         if e["type"] == "extra_forbidden" and "token" in str(loc[-1]).lower():
             problems.append(f"{key}: tokens never go in params (they would land in dvc.lock, git "

@@ -16,37 +16,39 @@ bootstrap confidence interval), reports/predictions.jsonl and reports/eval_previ
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from tasks import paths
 from tasks.config import Params
 from tasks.generation import generate, predict_labels, test_rows
 from tasks.io import atomic_path, write_json, write_jsonl
-from tasks.scoring import HEADLINE, classification, metric_names, per_example, summarize
+from tasks.scoring import HEADLINE, References, classification, metric_names, per_example, summarize
 
 log = logging.getLogger("finetune.evaluate")
 
 
-def load_base_and_tokenizer(params: Params):
-    """The base model, quantized as in training, and the tuned adapter's tokenizer."""
+def load_base_and_tokenizer(params: Params, adapter: Path | None = None):
+    """The base model, quantized as in training, and the tokenizer of `adapter` (default: the
+    tuned adapter)."""
     from tasks.adapters import tuned_adapter
     from tasks.modeling import load_base, load_tokenizer, match_vocab
 
-    tokenizer = load_tokenizer(params.model, str(tuned_adapter(params)))
+    tokenizer = load_tokenizer(params.model, str(adapter or tuned_adapter(params)))
     base = load_base(params, quantized=params.quant.load_in_4bit)
     match_vocab(base, tokenizer)
     base.eval()
     return base, tokenizer
 
 
-def attach_adapter(base, params: Params):
-    """`base` with the tuned adapter (SFT's, or the DPO-aligned one when align is on) on it,
+def attach_adapter(base, params: Params, adapter: Path | None = None):
+    """`base` with `adapter` (default: SFT's, or the DPO-aligned one when align is on) on it,
     in place: no second copy of the weights."""
     from peft import PeftModel
 
     from tasks.adapters import tuned_adapter
 
-    model = PeftModel.from_pretrained(base, str(tuned_adapter(params)))
+    model = PeftModel.from_pretrained(base, str(adapter or tuned_adapter(params)))
     model.eval()
     return model
 
@@ -68,10 +70,10 @@ def outputs(model, tokenizer, prompts: list[str], params: Params) -> list[str]:
     return generate(model, tokenizer, prompts, params)
 
 
-def scores(predictions: list[str], references: list[str], params: Params) -> dict[str, Any]:
+def scores(predictions: list[str], references: References, params: Params) -> dict[str, Any]:
     cfg = params.evaluate
     if params.model.task == "sequence_classification":
-        return classification(predictions, references, params.model.labels or [],
+        return classification(predictions, [r if isinstance(r, str) else r[0] for r in references], params.model.labels or [],
                               cfg.bootstrap_samples, cfg.confidence_level, cfg.seed)
     return summarize(per_example(predictions, references, cfg.use_stemmer),
                      cfg.bootstrap_samples, cfg.confidence_level, cfg.seed)
@@ -83,16 +85,20 @@ def run(params: Params) -> dict[str, Any]:
     model, tokenizer = load_base_and_tokenizer(params)
     prompts = [r["prompt"] for r in rows]
     references = [r["completion"].strip() for r in rows]
+    # Several references per row (data.references): scored against the best of them.
+    scored = [r.get("references") or [ref] for r, ref in zip(rows, references, strict=True)] \
+        if any("references" in r for r in rows) else references
     log.info("running %d test examples through the base model", len(rows))
     base = outputs(model, tokenizer, prompts, params)
     model = attach_adapter(model, params)
     log.info("running %d test examples through the tuned model", len(rows))
     tuned = outputs(model, tokenizer, prompts, params)
-    result: dict[str, Any] = {"base": scores(base, references, params),
-                              "tuned": scores(tuned, references, params)}
+    result: dict[str, Any] = {"base": scores(base, scored, params),
+                              "tuned": scores(tuned, scored, params)}
     result["delta"] = {t: round(result["tuned"][t]["mean"] - result["base"][t]["mean"], 6)
                        for t in metric_names(params.model.task)}
     predictions = [{"id": r["id"], "prompt": r["prompt"], "reference": ref, "base": b, "tuned": t}
+                   | ({"references": r["references"]} if "references" in r else {})
                    for r, ref, b, t in zip(rows, references, base, tuned, strict=True)]
     with atomic_path(paths.PREDICTIONS) as tmp:
         write_jsonl(tmp, predictions)

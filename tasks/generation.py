@@ -63,18 +63,29 @@ def model_batches(model, tokenizer, prompts: list[str], params: Params):
         yield idx, ids_batch.to(device), mask.to(device)
 
 
+def class_probabilities(model, tokenizer, prompts: list[str], params: Params) -> list[list[float]]:
+    """Each prompt's probability of each of model.labels, in head order (sequence_classification)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    outputs: list[list[float]] = [[] for _ in prompts]
+    with torch.inference_mode():
+        progress = tqdm(total=len(prompts), desc="classify", unit="example")
+        for idx, ids, mask in model_batches(model, tokenizer, prompts, params):
+            progress.update(len(idx))
+            probs = model(input_ids=ids, attention_mask=mask).logits.float().softmax(dim=-1).tolist()
+            for i, row in zip(idx, probs, strict=True):
+                outputs[i] = row
+    return outputs
+
+
+def most_likely(labels: list[str], probabilities: list[list[float]]) -> list[str]:
+    return [labels[max(range(len(p)), key=p.__getitem__)] for p in probabilities]
+
+
 def predict_labels(model, tokenizer, prompts: list[str], params: Params) -> list[str]:
     """The class name the model picks for each prompt (sequence_classification)."""
-    import torch
-
-    labels = params.model.labels or []
-    outputs: list[str] = [""] * len(prompts)
-    with torch.inference_mode():
-        for idx, ids, mask in model_batches(model, tokenizer, prompts, params):
-            picked = model(input_ids=ids, attention_mask=mask).logits.argmax(dim=-1).tolist()
-            for i, label in zip(idx, picked, strict=True):
-                outputs[i] = labels[label]
-    return outputs
+    return most_likely(params.model.labels or [], class_probabilities(model, tokenizer, prompts, params))
 
 
 def generate(model, tokenizer, prompts: list[str], params: Params) -> list[str]:

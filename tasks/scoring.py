@@ -6,6 +6,7 @@ scorer against a published baseline's outputs:
 
     finetune score --predictions preds.txt --references refs.txt
     finetune score --predictions preds.jsonl --references refs.jsonl --field summary
+    finetune score --predictions preds.txt --references refs1.txt refs2.txt refs3.txt
 """
 
 from __future__ import annotations
@@ -35,7 +36,11 @@ def rouge_metric():
     return evaluate.load(str(METRIC_DIR))
 
 
-def per_example(predictions: list[str], references: list[str], use_stemmer: bool) -> dict[str, list[float]]:
+# One reference text per prediction, or several (each prediction then scores against its best).
+References = list[str] | list[list[str]]
+
+
+def per_example(predictions: list[str], references: References, use_stemmer: bool) -> dict[str, list[float]]:
     if len(predictions) != len(references):
         raise PipelineError(f"{len(predictions)} predictions but {len(references)} references")
     if not predictions:
@@ -113,14 +118,15 @@ def classification(predictions: list[str], references: list[str], labels: list[s
     return out
 
 
-def score(predictions: list[str], references: list[str], *, use_stemmer: bool = True,
+def score(predictions: list[str], references: References, *, use_stemmer: bool = True,
           bootstrap_samples: int = 1000, confidence_level: float = 0.95, seed: int = 0) -> dict[str, Any]:
     return summarize(per_example(predictions, references, use_stemmer), bootstrap_samples,
                      confidence_level, seed)
 
 
-def read_texts(path: Path, field: str | None) -> list[str]:
-    """One text per line of a .txt file, or the `field` of each line of a .jsonl file."""
+def read_texts(path: Path, field: str | None) -> list[str | list[str]]:
+    """One text per line of a .txt file, or the `field` of each line of a .jsonl file (a
+    text, or a list of texts: several references)."""
     if not path.is_file():
         raise PipelineError(f"{path}: file not found")
     try:
@@ -128,10 +134,10 @@ def read_texts(path: Path, field: str | None) -> list[str]:
     except UnicodeDecodeError as err:
         raise PipelineError(f"{path}: not UTF-8 text (byte {err.start})") from None
     if path.suffix != ".jsonl":
-        return lines
+        return list(lines)
     if not field:
         raise PipelineError(f"{path}: a .jsonl file needs --field NAME (the key holding the text)")
-    texts = []
+    texts: list[str | list[str]] = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -141,7 +147,27 @@ def read_texts(path: Path, field: str | None) -> list[str]:
             raise PipelineError(f"{path} line {number}: not a JSON object ({err})") from None
         except KeyError:
             raise PipelineError(f"{path} line {number}: no field {field!r}") from None
-        if not isinstance(value, str):
-            raise PipelineError(f"{path} line {number}: field {field!r} is not text")
+        if not (isinstance(value, str) or isinstance(value, list) and value
+                and all(isinstance(v, str) for v in value)):
+            raise PipelineError(f"{path} line {number}: field {field!r} is neither text nor a list of texts")
         texts.append(value)
     return texts
+
+
+def read_predictions(path: Path, field: str | None) -> list[str]:
+    texts = read_texts(path, field)
+    if any(isinstance(t, list) for t in texts):
+        raise PipelineError(f"{path}: field {field!r} holds lists; a prediction is one text")
+    return [t for t in texts if isinstance(t, str)]
+
+
+def read_references(files: list[Path], field: str | None) -> References:
+    """Each prediction's references: one per file (or a list from a JSONL field), side by side."""
+    columns = [read_texts(f, field) for f in files]
+    if len(columns) == 1 and all(isinstance(t, str) for t in columns[0]):
+        return [t for t in columns[0] if isinstance(t, str)]
+    if len({len(c) for c in columns}) > 1:
+        raise PipelineError("the --references files differ in length: "
+                            + ", ".join(f"{f} has {len(c)}" for f, c in zip(files, columns, strict=True)))
+    return [[t for cell in row for t in ([cell] if isinstance(cell, str) else cell)]
+            for row in zip(*columns, strict=True)]

@@ -122,12 +122,21 @@ def resolve(template: str, completion: str | None) -> Template:
     return Template(prompt=template, completion=completion)
 
 
-def render(tpl: Template, values: Mapping[str, Any], where: str) -> tuple[str, str]:
+def render_prompt(tpl: Template, values: Mapping[str, Any], where: str) -> str:
     prompt = tpl.prompt
     for name, alternative in tpl.prompt_when_empty.items():
         if not values.get(name):
             prompt = alternative
-    return fill(prompt, values, where), fill(tpl.completion, values, where)
+    return fill(prompt, values, where)
+
+
+def prompt_fields(tpl: Template) -> list[str]:
+    """The fields a prompt (and its alternatives) reads: what new data must carry."""
+    return list(dict.fromkeys(fields_of(tpl.prompt + "".join(tpl.prompt_when_empty.values()))))
+
+
+def render(tpl: Template, values: Mapping[str, Any], where: str) -> tuple[str, str]:
+    return render_prompt(tpl, values, where), fill(tpl.completion, values, where)
 
 
 def render_chat(messages: Any, tokenizer: Any, where: str) -> tuple[str, str]:

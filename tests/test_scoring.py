@@ -53,3 +53,40 @@ def test_cli_score_errors_are_one_line(tmp_path, capsys):
     assert main(["score", "--predictions", str(tmp_path / "p.jsonl"),
                  "--references", str(tmp_path / "r.txt")]) == 2
     assert "file not found" in capsys.readouterr().err
+
+
+# Three references per prediction; the best one differs by example and by ROUGE type.
+MULTI = [[r, "the mat has a cat on it", "world"] for r in REFERENCES]
+
+
+@pytest.mark.parametrize("use_stemmer", [True, False])
+def test_several_references_equal_rouge_scores_score_multi(use_stemmer):
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=use_stemmer)
+    ours = score(PREDICTIONS, MULTI, use_stemmer=use_stemmer, bootstrap_samples=50)
+    single = score(PREDICTIONS, REFERENCES, use_stemmer=use_stemmer, bootstrap_samples=50)
+    for t in ROUGE_TYPES:
+        expected = sum(scorer.score_multi(refs, p)[t].fmeasure for p, refs in zip(PREDICTIONS, MULTI)) / 4
+        assert ours[t]["mean"] == pytest.approx(expected, abs=1e-6)
+    assert ours["rouge1"]["mean"] > single["rouge1"]["mean"]  # the extra references were used
+
+
+def test_one_reference_in_a_list_changes_nothing():
+    assert score(PREDICTIONS, [[r] for r in REFERENCES]) == score(PREDICTIONS, REFERENCES)
+
+
+def test_cli_score_several_references(tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("\n".join(PREDICTIONS) + "\n")
+    for k in range(3):
+        (tmp_path / f"r{k}.txt").write_text("\n".join(refs[k] for refs in MULTI) + "\n")
+    assert main(["score", "--predictions", str(tmp_path / "p.txt"),
+                 "--references", *(str(tmp_path / f"r{k}.txt") for k in range(3))]) == 0
+    from_files = json.loads(capsys.readouterr().out)
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prediction": p}) + "\n" for p in PREDICTIONS))
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps({"summary": refs}) + "\n" for refs in MULTI))
+    assert main(["score", "--predictions", str(tmp_path / "p.jsonl"), "--prediction-field", "prediction",
+                 "--references", str(tmp_path / "r.jsonl"), "--reference-field", "summary"]) == 0
+    assert json.loads(capsys.readouterr().out) == from_files == score(PREDICTIONS, MULTI)
+    (tmp_path / "short.txt").write_text("x\n")
+    assert main(["score", "--predictions", str(tmp_path / "p.txt"), "--references",
+                 str(tmp_path / "r0.txt"), str(tmp_path / "short.txt")]) == 2
+    assert "the --references files differ in length" in capsys.readouterr().err

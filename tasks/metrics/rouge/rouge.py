@@ -14,7 +14,9 @@ _DESCRIPTION = """ROUGE-1/2/L/Lsum F-measure computed with Google's rouge_score 
 _KWARGS_DESCRIPTION = """
 Args:
     predictions: list of generated texts.
-    references: list of reference texts, one per prediction.
+    references: list of reference texts, one per prediction; or a list of lists of texts
+        (several references per prediction: each prediction is scored against its best
+        reference per ROUGE type, as rouge_score's score_multi does).
     rouge_types: which scores (default rouge1, rouge2, rougeL, rougeLsum).
     use_stemmer: Porter-stem words before matching (default True).
     use_aggregator: return the mean over examples (True) or per-example lists (False).
@@ -30,8 +32,10 @@ class Rouge(evaluate.Metric):
             description=_DESCRIPTION,
             citation=_CITATION,
             inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({"predictions": datasets.Value("string"),
-                                        "references": datasets.Value("string")}),
+            features=[datasets.Features({"predictions": datasets.Value("string"),
+                                         "references": datasets.Sequence(datasets.Value("string"))}),
+                      datasets.Features({"predictions": datasets.Value("string"),
+                                         "references": datasets.Value("string")})],
             codebase_urls=["https://github.com/google-research/google-research/tree/master/rouge"],
         )
 
@@ -40,7 +44,8 @@ class Rouge(evaluate.Metric):
         scorer = rouge_scorer.RougeScorer(list(rouge_types), use_stemmer=use_stemmer)
         per_example = {t: [] for t in rouge_types}
         for prediction, reference in zip(predictions, references):
-            scores = scorer.score(reference, prediction)
+            scores = scorer.score_multi(reference, prediction) if isinstance(reference, list) \
+                else scorer.score(reference, prediction)
             for t in rouge_types:
                 per_example[t].append(scores[t].fmeasure)
         if not use_aggregator:

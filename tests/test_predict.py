@@ -1,0 +1,173 @@
+"""`finetune predict` through the real CLI on a trained tiny workspace: the adapter gives
+evaluate's own predictions for the same rows, an export and registry/latest load as
+standalone models, references are scored as `finetune score` scores them, and a bad input or
+model ends in one message with exit 2 and no output."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from .conftest import TINY_PARAMS, env, make_workspace, merge, run
+
+STAGE_TIMEOUT_S = 600
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model) -> Path:
+    # min_gain -1: promote whatever 4 steps of training give, so registry/latest exists.
+    ws = make_workspace(tmp_path_factory.mktemp("predict"), tiny_model,
+                        merge(TINY_PARAMS, {"promote": {"min_gain": -1.0}}))
+    for stage in ("prepare", "tokenize", "train", "evaluate"):
+        run(["finetune", stage], ws)
+    return ws
+
+
+def finetune(ws: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["finetune", *args], cwd=ws, env=env(), capture_output=True, text=True,
+                          timeout=STAGE_TIMEOUT_S)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def evaluated(ws: Path) -> list[dict]:
+    return read_jsonl(ws / "reports/predictions.jsonl")
+
+
+def write_input(ws: Path, name: str = "new.tsv") -> Path:
+    """The raw records of the rows evaluate scored, as a TSV file (dialogues hold newlines,
+    so the writer quotes them)."""
+    wanted = [r["id"] for r in evaluated(ws)]
+    raw = {r["id"]: r for r in read_jsonl(ws / "data/raw/dialogues.jsonl")}
+    path = ws / "data/raw" / name
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["id", "dialogue", "summary"], delimiter="\t",
+                                extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(raw[i] for i in wanted)
+    return path
+
+
+def test_adapter_predicts_what_evaluate_predicted_and_scores_like_finetune_score(trained):
+    write_input(trained)
+    proc = finetune(trained, "predict", "--input", "data/raw/new.tsv", "--model", "artifacts/adapter",
+                    "--output", "out/preds.jsonl", "--references", "summary")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "generate: 100%" in proc.stderr  # the progress bar
+    result = json.loads(proc.stdout)
+    rows = read_jsonl(trained / "out/preds.jsonl")
+    expected = evaluated(trained)
+    assert [set(r) for r in rows] == [{"id", "prompt", "prediction", "references"}] * len(expected)
+    assert [(r["id"], r["prompt"], r["prediction"], r["references"]) for r in rows] == \
+        [(e["id"], e["prompt"], e["tuned"], [e["reference"]]) for e in expected]
+    assert result["rows"] == len(expected)
+    eval_json = json.loads((trained / "metrics/eval.json").read_text())
+    assert result["scores"] == eval_json["tuned"]
+    scored = finetune(trained, "score", "--predictions", "out/preds.jsonl", "--prediction-field",
+                      "prediction", "--references", "out/preds.jsonl",
+                      "--reference-field", "references", "--bootstrap-samples", "50")
+    assert scored.returncode == 0, scored.stderr
+    assert json.loads(scored.stdout)["rougeL"]["mean"] == result["scores"]["rougeL"]["mean"]
+    nothing_promoted = finetune(trained, "predict", "--input", "data/raw/new.tsv", "--model",
+                                "registry/latest", "--output", "out/latest.jsonl")
+    assert nothing_promoted.returncode == 2
+    assert "--model registry/latest: no model was promoted yet" in nothing_promoted.stderr
+
+
+def test_export_and_registry_latest_load_as_standalone_models(trained):
+    write_input(trained, "new2.tsv")
+    for stage in ("export", "promote"):
+        run(["finetune", stage], trained)
+    outputs = []
+    for model in ("artifacts/merged", "registry/latest"):
+        proc = finetune(trained, "predict", "--input", "data/raw/new2.tsv", "--model", model,
+                        "--output", f"out/{model.replace('/', '_')}.jsonl")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outputs.append(read_jsonl(trained / f"out/{model.replace('/', '_')}.jsonl"))
+        assert json.loads(proc.stdout)["model"].startswith(model.split("/")[0])
+    assert outputs[0] == outputs[1]
+    assert [r["id"] for r in outputs[0]] == [e["id"] for e in evaluated(trained)]
+    assert all(set(r) == {"id", "prompt", "prediction"} for r in outputs[0])
+
+
+@pytest.mark.parametrize(("args", "content", "message"), [
+    (("--model", "artifacts/nothing"), None, "--model: artifacts/nothing is not a folder"),
+    (("--model", "data"), None, "--model: data holds neither an adapter"),
+    (("--model", "artifacts/adapter"), b"id\tdialogue\nx1\thi\n",
+     "data/raw/bad.tsv line 2: reference field 'summary' is missing"),
+    (("--model", "artifacts/adapter"), b"id\ttext\nx1\thi\n",
+     "data/raw/bad.tsv line 2: missing field 'dialogue'"),
+])
+def test_bad_model_or_input_is_one_message(trained, args, content, message):
+    if content is not None:
+        (trained / "data/raw/bad.tsv").write_bytes(content)
+    else:
+        write_input(trained, "bad.tsv")
+    proc = finetune(trained, "predict", "--input", "data/raw/bad.tsv", *args, "--output", "out/bad.jsonl",
+                    "--references", "summary")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.splitlines()[-1] == f"finetune predict: error: {message}" or \
+        proc.stderr.splitlines()[-1].startswith(f"finetune predict: error: {message}")
+    assert not (trained / "out/bad.jsonl").exists()
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory, tiny_bert) -> Path:
+    from .conftest import TASK_PARAMS
+
+    ws = make_workspace(tmp_path_factory.mktemp("predict-cls"), tiny_bert,
+                        merge(TINY_PARAMS, TASK_PARAMS["sequence_classification"]))
+    for stage in ("prepare", "tokenize", "train", "evaluate"):
+        run(["finetune", stage], ws)
+    return ws
+
+
+def test_classifier_writes_class_and_probabilities(classifier):
+    expected = evaluated(classifier)
+    raw = {r["id"]: r for r in read_jsonl(classifier / "data/raw/reviews.jsonl")}
+    # Integer-coded labels, as many shipped sets have them: read as indexes into model.labels.
+    labels = ["negative", "positive"]
+    (classifier / "data/raw/new.jsonl").write_text("".join(
+        json.dumps({**raw[e["id"]], "label": labels.index(raw[e["id"]]["label"])}) + "\n" for e in expected))
+    proc = finetune(classifier, "predict", "--input", "data/raw/new.jsonl", "--model", "artifacts/adapter",
+                    "--output", "preds.jsonl", "--references", "label")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "classify: 100%" in proc.stderr
+    rows = read_jsonl(classifier / "preds.jsonl")
+    assert [r["class"] for r in rows] == [e["tuned"] for e in expected]
+    for r in rows:
+        assert set(r) == {"id", "prompt", "class", "probabilities", "references"}
+        assert sum(r["probabilities"].values()) == pytest.approx(1, abs=1e-5)
+        assert r["class"] == max(r["probabilities"], key=r["probabilities"].get)
+    result = json.loads(proc.stdout)["scores"]
+    assert result == json.loads((classifier / "metrics/eval.json").read_text())["tuned"]
+
+
+def test_evaluate_scores_each_prediction_against_its_best_reference(trained, tmp_path):
+    import shutil
+
+    from tasks.scoring import score
+
+    ws = tmp_path / "ws"
+    shutil.copytree(trained, ws, symlinks=True)
+    tuned = {e["id"]: e["tuned"] for e in evaluated(ws)}
+    test = ws / "data/prepared/test.jsonl"
+    rows = read_jsonl(test)
+    # A second reference equal to the tuned prediction: the best match, where it is not empty.
+    for r in rows:
+        r["references"] = [r["completion"].strip(), tuned.get(r["id"], "x")]
+    test.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    single = json.loads((ws / "metrics/eval.json").read_text())["tuned"]
+    run(["finetune", "evaluate"], ws)
+    got = json.loads((ws / "metrics/eval.json").read_text())["tuned"]
+    scored = evaluated(ws)
+    assert [e["references"] for e in scored] == [r["references"] for r in rows[:len(scored)]]
+    expected = score([e["tuned"] for e in scored], [e["references"] for e in scored], bootstrap_samples=50)
+    assert got == expected
+    assert got["rouge1"]["mean"] > single["rouge1"]["mean"]
