@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from tasks import paths, templates
-from tasks.config import Params
+from tasks.config import SPLIT_NAMES, Params
 from tasks.errors import DataError, PipelineError
 from tasks.io import atomic_path, normalize_adapter_config, save_tokenizer, write_json
-from tasks.prepare import BadRecord, READERS, _split_of, _to_example
+from tasks.prepare import BadRecord, _split_of, _to_example, read_file
 from tasks.train import tracked
 
 log = logging.getLogger("finetune.align")
@@ -47,7 +47,7 @@ def pairs(params: Params) -> dict[str, list[dict[str, str]]]:
     answer_fields = templates.fields_of(tpl.completion)
     id_column = params.data.id_column or "id"
     out: dict[str, list[dict[str, str]]] = {"train": [], "held_out": []}
-    for where, record, bad in READERS[path.suffix.lower()](path):
+    for where, record, bad in read_file(path, params.data):
         if bad is not None:
             raise DataError(f"{where}: {bad}")
         assert record is not None
@@ -63,7 +63,8 @@ def pairs(params: Params) -> dict[str, list[dict[str, str]]]:
         except BadRecord as err:
             raise DataError(str(err)) from None
         row_id = str(record[id_column])
-        split = "train" if _split_of(row_id, params) == "train" else "held_out"
+        # Held out by the hash alone: data.path's split files say nothing of preference pairs.
+        split = "train" if _split_of(row_id, params, set(SPLIT_NAMES)) == "train" else "held_out"
         out[split].append({"id": row_id, "prompt": rendered["chosen"]["prompt"],
                            "chosen": rendered["chosen"]["completion"],
                            "rejected": rendered["rejected"]["completion"]})

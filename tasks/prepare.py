@@ -273,13 +273,15 @@ def label_name(labels: list[str], value: str, where: str) -> str:
                     f"({', '.join(labels)}) nor an index into them")
 
 
-def _split_of(key: str, params: Params) -> str:
+def _split_of(key: str, params: Params, derived: set[str] | None = None) -> str:
+    """The split a row's id hashes to; `derived` (default: data.hash_splits) are the splits
+    the hash may fill, the others' shares staying in train."""
     s = params.data.split
     # A hash of (seed, id) rather than a shuffle: a row keeps its split when data is added
     # or reordered, so test rows never leak into training as the dataset grows. A split
     # given as files takes no train rows: its share of them stays in train.
     u = int(hashlib.sha256(f"{s.seed}:{key}".encode()).hexdigest()[:8], 16) / 2**32
-    derived = params.data.hash_splits
+    derived = params.data.hash_splits if derived is None else derived
     if u < s.test_size:
         return "test" if "test" in derived else "train"
     if u < s.test_size + s.validation_size and "validation" in derived:
