@@ -47,11 +47,19 @@ class Section(BaseModel):
 
 
 class SplitConfig(Section):
-    seed: int = 42
-    validation_size: float = Field(0.1, ge=0, lt=1)
-    test_size: float = Field(0.1, gt=0, lt=1)
-    # Use the source's own splits (e.g. {train: train, validation: validation, test: test}).
-    source_splits: dict[Literal["train", "validation", "test"], str] | None = None
+    seed: int = Field(42, description=(
+        "Seed of the hash split: the same seed and the same ids give the same split, whatever "
+        "the row order."))
+    validation_size: float = Field(0.1, ge=0, lt=1, description=(
+        "Share of rows for the validation split, in [0, 1); 0: no validation split. The "
+        "validation loss is computed once after training (metrics/train.json)."))
+    test_size: float = Field(0.1, gt=0, lt=1, description=(
+        "Share of rows for the test split, in (0, 1): what evaluate, export and promote score."))
+    source_splits: dict[Literal["train", "validation", "test"], str] | None = Field(None, description=(
+        "Hub only: use the dataset's own splits, e.g. {train: train, validation: validation, "
+        "test: test} (our split: the source's). The seed and sizes then no longer decide the "
+        "split; map train and test, and validation too unless validation_size is 0. For local "
+        "files, give data.path as split files instead."))
 
     @model_validator(mode="after")
     def _sizes(self) -> SplitConfig:
@@ -63,9 +71,15 @@ class SplitConfig(Section):
 class SplitFiles(Section):
     """A dataset shipped as split files. A missing validation or test split is carved out of
     train by the hash split, with data.split's sizes."""
-    train: Files
-    validation: Files | None = None
-    test: Files | None = None
+    train: Files = Field(description=(
+        "The train split: a file under data/raw/, a glob or a list of them (read in sorted "
+        "order), in any format data.path takes."))
+    validation: Files | None = Field(None, description=(
+        "The validation split's files; null: carved out of train by the hash split "
+        "(data.split.validation_size)."))
+    test: Files | None = Field(None, description=(
+        "The test split's files, e.g. the official test set every published number uses; null: "
+        "carved out of train by the hash split (data.split.test_size)."))
 
     def given(self) -> dict[str, list[str]]:
         """The splits that have files, each as a list of files or globs."""
@@ -96,19 +110,31 @@ OptionalDataPath = Annotated[PathShapes | Annotated[None, Tag(TAG + "none")], Di
 
 class SourceConfig(Section):
     """One source of a mixture (data.sources); unset keys take data's and prompt's values."""
-    path: DataPath
-    name: str | None = None
-    revision: str | None = None
-    columns: dict[str, str] | None = None
-    template: str | None = None  # this source's prompt.template (and completion)
-    completion: str | None = None
-    # A share of the mixture relative to the other weighted sources (the largest mixture with
-    # these shares that repeats no row), or a cap on the rows taken; neither: all its rows.
-    # Both apply to the whole source; each split gets its hash share of the rows kept.
-    weight: float | None = Field(None, gt=0)
-    row_cap: int | None = Field(None, ge=1)
-    # Its name in metrics/prepare.json and in row ids (<label>/<id>); null: source<N>.
-    label: str | None = Field(None, pattern=r"^[^/]+$")
+    path: DataPath = Field(description=(
+        "This source's data, in any form data.path takes: a file, glob or list under data/raw/, "
+        "split files, or a Hub dataset id (with revision)."))
+    name: str | None = Field(None, description="This source's Hub dataset configuration (Hub only).")
+    revision: str | None = Field(None, description=(
+        "This source's Hub dataset tag or commit sha: required for a Hub source."))
+    columns: dict[str, str] | None = Field(None, description=(
+        "Template field to column name for this source; null: data.columns."))
+    template: str | None = Field(None, description=(
+        "This source's prompt template (a built-in name or a string with {field} "
+        "placeholders); null: prompt.template."))
+    completion: str | None = Field(None, description=(
+        "This source's completion template, with a custom template; null: prompt.completion."))
+    weight: float | None = Field(None, gt=0, description=(
+        "This source's share of the mixture, relative to the other weighted sources; give a "
+        "weight or a row_cap, not both (neither: all its rows). The mixture is the largest with "
+        "these shares that repeats no row: 3:1 over 300 and 200 rows takes 300 and 100. It "
+        "applies to the whole source, choosing rows by a hash of (split.seed, id), so a rerun "
+        "keeps the same rows; each split gets its hash share of the rows kept."))
+    row_cap: int | None = Field(None, ge=1, description=(
+        "Take at most this many rows of this source (chosen by a hash of split.seed and the "
+        "id); give a row_cap or a weight, not both."))
+    label: str | None = Field(None, pattern=r"^[^/]+$", description=(
+        "This source's name in metrics/prepare.json (rows_per_source) and in row ids "
+        "(<label>/<id>, so sources may reuse ids); null: source0, source1, ... No '/' in it."))
 
     @model_validator(mode="after")
     def _one_limit(self) -> SourceConfig:
@@ -118,40 +144,65 @@ class SourceConfig(Section):
 
 
 class DataConfig(Section):
-    # A local file under data/raw/ (.jsonl, .jsonl.gz, .jsonl.zst, .json, .csv, .tsv,
-    # .parquet), a glob or list of them, or {train, validation, test} split files; else a Hub id.
-    path: OptionalDataPath = None  # null with data.sources
-    name: str | None = None  # Hub dataset configuration (datasets.load_dataset's `name`)
-    revision: str | None = None  # Hub dataset revision; required for Hub datasets
-    columns: dict[str, str] = {}  # template field -> column name in the source
-    id_column: str | None = "id"
-    split: SplitConfig = SplitConfig()
-    max_rows: int | None = Field(None, ge=1)
-    on_bad_record: Literal["error", "skip"] = "error"
+    path: OptionalDataPath = Field(None, description=(
+        "The data: a file under data/raw/, a glob or a list of them, {train, validation, test} "
+        "split files, or a Hub dataset id; null with data.sources. Local formats: .jsonl (one "
+        "JSON object per line; also gzip .jsonl.gz and zstd .jsonl.zst), .json (a list of "
+        "objects), .csv/.tsv (header row) and .parquet. A glob (data/raw/part-*.jsonl) or a "
+        "list is read as one source, files in sorted order. A split left out of split files is "
+        "carved out of train by the hash split."))
+    name: str | None = Field(None, description=(
+        "Hub dataset configuration (datasets.load_dataset's name); Hub only."))
+    revision: str | None = Field(None, description=(
+        "Hub dataset tag or commit sha: required for Hub datasets. A branch such as main "
+        "passes the check but moves on the Hub, and DVC sees only this string: pin a tag or a "
+        "commit."))
+    columns: dict[str, str] = Field({}, description=(
+        "Template field to column name in your data, e.g. {dialogue: text}; unmapped fields "
+        "use their own name."))
+    id_column: str | None = Field("id", description=(
+        "Column holding a unique row id, used for the split and the duplicate check; null: "
+        "none. Rows are then named row0, row1, ... and split by a hash of their rendered "
+        "content."))
+    split: SplitConfig = Field(SplitConfig(), description=(
+        "How rows are split into train, validation and test: by a hash of each row's id."))
+    max_rows: int | None = Field(None, ge=1, description=(
+        "Read only the first N rows of each source split, for quick trials; null: all. With "
+        "source_splits, N counts across the splits in the order listed."))
+    on_bad_record: Literal["error", "skip"] = Field("error", description=(
+        "error: stop at the first bad record, naming its file and line; skip: drop it and count "
+        "why in metrics/prepare.json. Bad records: malformed JSON, invalid UTF-8, a missing "
+        "field or id, a duplicate id, a wrong type, an empty completion, an unknown label."))
     on_leakage: Literal["warn", "drop", "error"] = Field("warn", description=(
         "What prepare does with a validation/test row whose prompt repeats one of an earlier "
-        "split (exactly, after normalizing case/whitespace/punctuation, or nearly: see "
-        "leakage_threshold): warn (log and count), drop (remove it from validation/test; "
-        "train is never touched) or error (stop, naming the rows)."))
+        "split: warn (log and count), drop (remove it from validation/test; train is never "
+        "touched) or error (stop, naming the rows). A repeat is exact, normalized (equal once "
+        "case, whitespace and punctuation are ignored) or near (see leakage_threshold), under "
+        "another id. Counts per kind and split go to metrics/prepare.json under leakage (and "
+        "to the Prefect artifact data-leakage)."))
     leakage_threshold: float = Field(0.8, gt=0, le=1, description=(
-        "Near-duplicate threshold: the Jaccard similarity of two prompts' word 3-grams "
-        "(MinHash LSH candidates, exact similarity) at or above which a held-out row counts "
-        "as leaked."))
+        "Near-duplicate threshold: the Jaccard similarity of two prompts' word 3-grams at or "
+        "above which a held-out row counts as leaked. Candidates come from MinHash LSH "
+        "(datasketch, fixed seed: deterministic), their similarity is then computed exactly. "
+        "At 0.8, changing one word in forty still counts."))
     allow_external_links: bool = Field(False, description=(
         "Follow symlinks under data/raw/ and models/ that point outside the repository (each "
         "one is logged). Off: such a link stops the stage, since DVC would version a file the "
         "repository does not hold."))
-
-    # The field separator of .csv/.tsv files; null: ',' for .csv, a tab for .tsv.
-    delimiter: str | None = Field(None, min_length=1, max_length=1)
-    # Columns holding a test row's reference texts (each text or list of texts), e.g.
-    # [summary1, summary2, summary3]: evaluate scores a prediction against its best reference.
-    # null: the completion is the reference (or, when its field holds a list, each item is).
-    references: list[str] | None = Field(None, min_length=1)
-
-    # A mixture: several sources, each with its own path and optionally columns, template
-    # and a weight or row cap; sampled by split.seed. null: the one source data.path names.
-    sources: list[SourceConfig] | None = Field(None, min_length=1)
+    delimiter: str | None = Field(None, min_length=1, max_length=1, description=(
+        "The field separator of .csv/.tsv files, one character such as ';'; null: ',' for "
+        ".csv, a tab for .tsv."))
+    references: list[str] | None = Field(None, min_length=1, description=(
+        "Columns holding a test row's reference texts, e.g. [summary1, summary2, summary3]; "
+        "null: the completion. Each column holds a text or a list of texts, and evaluate scores "
+        "a prediction against its best reference. With null, a completion field that holds a "
+        "list of texts gives each item as a reference (the first is what training learns). "
+        "Needs a text template whose completion has exactly one {field}."))
+    sources: list[SourceConfig] | None = Field(None, min_length=1, description=(
+        "A mixture of several sources instead of data.path (set path: null); null: the one "
+        "source data.path names. Each source has its own path and optionally columns, "
+        "template, label and a weight or row_cap; id_column, delimiter, references and split "
+        "are shared by all of them."))
 
     @property
     def is_local(self) -> bool:
@@ -219,10 +270,14 @@ class DataConfig(Section):
 
 
 class PromptConfig(Section):
-    # A built-in name (dialogue_summary, instruction, question_answer, chat) or a template
-    # string with {field} placeholders.
-    template: str = "dialogue_summary"
-    completion: str | None = None  # completion template; required with a custom template
+    template: str = Field("dialogue_summary", description=(
+        "A built-in template (dialogue_summary, instruction, question_answer, "
+        "text_classification, chat) or your own string with {field} placeholders. "
+        "Placeholders are plain field names only: no attributes, indexing, format specs or "
+        "expressions, so a template cannot run code; write {{ and }} for literal braces."))
+    completion: str | None = Field(None, description=(
+        "Completion template, e.g. ' {answer}': required with a custom template, refused with "
+        "a built-in."))
 
     @model_validator(mode="after")
     def _template(self) -> PromptConfig:
@@ -264,19 +319,31 @@ TASKS = ("causal_lm", "seq2seq", "sequence_classification")
 
 
 class ModelConfig(Section):
-    # What the model learns: causal_lm (a decoder-only LM continues the prompt), seq2seq (an
-    # encoder-decoder such as T5 writes the completion from the prompt) or
-    # sequence_classification (a new head picks one of `labels` for the prompt text).
-    task: Literal[TASKS] = "causal_lm"
-    # sequence_classification only: the class names, in head order. A record's completion
-    # must render to one of them, or to its index (0, 1, ...) for integer-coded data.
-    labels: list[str] | None = None
-    name_or_path: str = "models/smoke-llama"  # Hub id or a local directory under models/
-    revision: str | None = None  # required for Hub ids: a tag or commit sha
-    trust_remote_code: bool = False
-    # Pickle checkpoints (.bin/.pt) can run code when loaded: refused unless this is true.
-    allow_pickle_weights: bool = False
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    task: Literal[TASKS] = Field("causal_lm", description=(
+        "What the model learns: causal_lm (AutoModelForCausalLM continues the prompt), seq2seq "
+        "(AutoModelForSeq2SeqLM, such as T5: the encoder reads the prompt, the decoder writes "
+        "the completion) or sequence_classification (AutoModelForSequenceClassification: a new "
+        "head picks one of labels)."))
+    labels: list[str] | None = Field(None, description=(
+        "sequence_classification only (required there, refused elsewhere): two or more class "
+        "names, in head order. A record's completion must render to a name or to its index "
+        "(0, 1, ...), so integer-coded datasets work as they are; anything else is a bad record "
+        "naming its line."))
+    name_or_path: str = Field("models/smoke-llama", description=(
+        "A Hub id (e.g. HuggingFaceTB/SmolLM2-360M) or a local directory under models/, "
+        "loadable with the task's auto class. A model is local if its path exists, is "
+        "absolute, or starts with '.' or models/."))
+    revision: str | None = Field(None, description=(
+        "Hub tag or commit sha: required for Hub ids, so reruns use the same weights."))
+    trust_remote_code: bool = Field(False, description=(
+        "Run model code shipped with the checkpoint (config.json's auto_map): only if you have "
+        "read it and trust it. A warning is logged when this is on."))
+    allow_pickle_weights: bool = Field(False, description=(
+        "Load pickle .bin/.pt weights, which can run code when loaded; false: safetensors only. "
+        "Logged when on."))
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field("sdpa", description=(
+        "Attention kernel; flash_attention_2 needs the flash-attn package, which is not a "
+        "dependency."))
 
     @property
     def is_local(self) -> bool:
@@ -314,18 +381,32 @@ Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 
 
 class QuantConfig(Section):
-    load_in_4bit: bool = True  # QLoRA; false trains LoRA on the unquantized base
-    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
-    bnb_4bit_use_double_quant: bool = True
-    bnb_4bit_compute_dtype: Dtype = "auto"  # auto: follows train.precision
+    load_in_4bit: bool = Field(True, description=(
+        "QLoRA: a 4-bit base (bitsandbytes) plus trained adapters; false: the adapters train on "
+        "the unquantized base."))
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field("nf4", description=(
+        "4-bit data type: nf4 (as in the QLoRA paper) or fp4."))
+    bnb_4bit_use_double_quant: bool = Field(True, description=(
+        "Quantize the quantization constants too (about 0.4 bit per parameter saved)."))
+    bnb_4bit_compute_dtype: Dtype = Field("auto", description=(
+        "Dtype of the 4-bit layers' matmuls; auto follows the resolved train.precision (bf16: "
+        "bfloat16, fp16: float16, fp32: float32)."))
 
 
 class LoraConfig(Section):
-    r: int = Field(16, ge=1)
-    lora_alpha: float = Field(32, gt=0)
-    lora_dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: str | list[str] = "all-linear"
-    bias: Literal["none", "all", "lora_only"] = "none"
+    r: int = Field(16, ge=1, description=(
+        "Adapter rank, at least 1. DoRA, LoHa and LoKr use it too; AdaLoRA starts at this rank "
+        "and prunes."))
+    lora_alpha: float = Field(32, gt=0, description=(
+        "Scaling numerator (the update is scaled by lora_alpha / r), usually 2*r; LoHa and "
+        "LoKr take it as their alpha."))
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description=(
+        "Dropout on the adapter's input, in [0, 1); LoHa and LoKr take it as rank_dropout."))
+    target_modules: str | list[str] = Field("all-linear", description=(
+        "Layers that get adapters: all-linear (every linear layer but the output head) or a "
+        "list of module names such as [q_proj, v_proj]. Every layer-adapting peft.method uses "
+        "it (IA3 uses only this)."))
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases train.")
 
 
 PROMPT_LEARNING = ("prompt_tuning", "prefix_tuning", "p_tuning")
@@ -337,19 +418,38 @@ class PeftMethodConfig(Section):
     # in lora.target_modules (with lora.r / lora_alpha / lora_dropout where the method has
     # them) and can be merged into the base; prompt_tuning, prefix_tuning and p_tuning learn
     # virtual tokens in front of the input and leave the base untouched (not mergeable).
-    method: Literal["lora", "dora", "adalora", "loha", "lokr", "ia3", *PROMPT_LEARNING] = "lora"
-    num_virtual_tokens: int = Field(16, ge=1)  # soft prompts only
-    adalora_target_r: int = Field(4, ge=1)  # AdaLoRA prunes from lora.r down to this average rank
+    method: Literal["lora", "dora", "adalora", "loha", "lokr", "ia3", *PROMPT_LEARNING] = Field(
+        "lora", description=(
+            "The PEFT method (lora with quant.load_in_4bit is QLoRA). lora, dora, adalora, loha, "
+            "lokr and ia3 adapt the layers in lora.target_modules and merge into the base; "
+            "prompt_tuning, prefix_tuning and p_tuning learn virtual tokens in front of the "
+            "input and leave the base untouched (not mergeable). loha and lokr need "
+            "quant.load_in_4bit: false; prefix_tuning needs train.gradient_checkpointing: false."))
+    num_virtual_tokens: int = Field(16, ge=1, description=(
+        "Soft-prompt length in tokens (prompt_tuning, prefix_tuning and p_tuning only)."))
+    adalora_target_r: int = Field(4, ge=1, description=(
+        "adalora only: the average rank it prunes lora.r down to (below lora.r). AdaLoRA "
+        "reallocates ranks after every optimizer step over train.max_steps, which must be "
+        "positive."))
 
 
 class TokenizeConfig(Section):
-    max_length: int = Field(512, ge=8)
-    completion_only_loss: bool = True
-    # Which end of a too-long prompt to cut: "left" keeps the end of the prompt (its cue, e.g.
-    # "Summary:") and the whole completion; "right" cuts the end of the sequence.
-    truncation_side: Literal["left", "right"] = "left"
-    overlong: Literal["truncate", "drop"] = "truncate"
-    preview_rows: int = Field(3, ge=0)
+    max_length: int = Field(512, ge=8, description=(
+        "Tokens per example, at least 8: prompt + completion + EOS for causal_lm; for seq2seq "
+        "the limit of the encoder input and of the labels each; for classification, of the "
+        "input."))
+    completion_only_loss: bool = Field(True, description=(
+        "Loss on the completion only (prompt tokens get label -100); false: on every token."))
+    truncation_side: Literal["left", "right"] = Field("left", description=(
+        "Which end of a too-long example to cut: left cuts the start of the prompt, keeping a "
+        "leading BOS, its cue (such as Summary:) and the whole completion; right cuts the end "
+        "of the sequence, the completion first (which can leave nothing to train on: an error). "
+        "At generation time evaluate and export always cut long prompts from the left."))
+    overlong: Literal["truncate", "drop"] = Field("truncate", description=(
+        "What to do with rows over max_length (counted in metrics/tokenize.json either way)."))
+    preview_rows: int = Field(3, ge=0, description=(
+        "Train rows written to reports/label_preview.txt with the trained span marked, to check "
+        "what the loss is on."))
 
 
 # train.report_to's trackers and the package each needs (checked when train starts).
@@ -357,42 +457,80 @@ TRACKERS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb", 
 
 
 class TrainConfig(Section):
-    seed: int = 42
-    max_steps: int = Field(150, ge=-1)  # -1: train for num_train_epochs instead
-    num_train_epochs: float = Field(1.0, gt=0)
-    per_device_train_batch_size: int = Field(8, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    # Data-parallel processes on this host (one per GPU; gloo processes on a CPU-only host).
-    # The effective batch is per_device_train_batch_size * gradient_accumulation_steps * this.
-    num_processes: int = Field(1, ge=1)
-    learning_rate: float = Field(3e-3, gt=0)
+    seed: int = Field(42, description=(
+        "Seeds initialisation, dropout and data order: the same seed gives the same adapter."))
+    max_steps: int = Field(150, ge=-1, description=(
+        "Optimizer steps; -1: train for num_train_epochs instead (0 is refused)."))
+    num_train_epochs: float = Field(1.0, gt=0, description=(
+        "Passes over the train split, used only when max_steps is -1."))
+    per_device_train_batch_size: int = Field(8, ge=1, description=(
+        "Examples per batch in each process."))
+    gradient_accumulation_steps: int = Field(1, ge=1, description=(
+        "Batches per optimizer step: the effective batch is per_device_train_batch_size * this "
+        "* num_processes."))
+    num_processes: int = Field(1, ge=1, description=(
+        "Data-parallel processes on this host: one per GPU (NCCL), or gloo processes on a "
+        "CPU-only host. finetune train launches them itself (torch's elastic launcher, what "
+        "torchrun is); each loads its own 4-bit copy of the base on its own GPU. Under an "
+        "outside launcher (torchrun, accelerate launch) a different process count is refused, "
+        "because the effective batch would not be what params.yaml says."))
+    learning_rate: float = Field(3e-3, gt=0, description=(
+        "Peak learning rate; the shipped 3e-3 is high because the smoke model starts from "
+        "random weights (about 2e-4 for real models)."))
     lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup",
-                               "cosine_with_restarts"] = "cosine"
-    warmup_steps: float = Field(0.05, ge=0)  # below 1: a fraction of the total steps
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
-    optim: str = "paged_adamw_8bit"  # needs CUDA; falls back to adamw_torch on CPU (logged)
-    gradient_checkpointing: bool = True
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 > fp16 > fp32 by hardware
-    # "group_by_length" batches rows of similar length together (less padding per batch).
-    train_sampling_strategy: Literal["random", "group_by_length"] = "random"
-    # Concatenate each batch into one row with position ids restarting at every example: no
-    # padding is computed, and the attention mask derived from the position ids keeps examples
-    # apart (train checks that on the model before the first step). auto: on with
-    # flash_attention_2, whose varlen kernels attend within each example only; off with sdpa
-    # and eager, which build a dense mask over the whole packed row (slower: BENCHMARKS.md).
-    padding_free: Literal["auto"] | bool = "auto"
-    torch_compile: bool = False  # compile the model with torch.compile (first steps are slower)
-    use_liger_kernel: bool = False  # Liger's fused kernels; needs the liger-kernel package (CUDA)
-    tf32: Literal["auto"] | bool = "auto"  # auto: on for GPUs that have TF32 (Ampere and newer)
-    logging_steps: int = Field(1, ge=1)
-    save_steps: int = Field(50, ge=1)  # checkpoint every N steps; a rerun resumes from the last
-    save_total_limit: int = Field(2, ge=1)
-    # Experiment trackers the Trainer (and align's DPO) logs params and the loss curve to,
-    # through transformers' own integrations; []: none (the run stays offline). Each writes
-    # locally: tensorboard and dvclive under logs/, mlflow to MLFLOW_TRACKING_URI (default
-    # mlruns/ in the repo); wandb follows WANDB_* variables (WANDB_MODE=offline keeps it local).
-    report_to: list[str] = []
+                               "cosine_with_restarts"] = Field("cosine", description=(
+                                   "Learning-rate schedule after the warmup."))
+    warmup_steps: float = Field(0.05, ge=0, description=(
+        "Warmup: below 1, a fraction of the total steps; otherwise a number of steps."))
+    weight_decay: float = Field(0.0, ge=0, description="The optimizer's weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description=(
+        "Gradient clipping: the largest gradient norm."))
+    optim: str = Field("paged_adamw_8bit", description=(
+        "Any TrainingArguments optimizer name; paged and 8-bit ones need CUDA and fall back to "
+        "adamw_torch on a CPU-only machine, with a logged warning."))
+    gradient_checkpointing: bool = Field(True, description=(
+        "Trade compute for activation memory (non-reentrant gradient checkpointing)."))
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description=(
+        "Training precision; auto picks bf16 on GPUs that support it, else fp16 on CUDA, else "
+        "fp32 (CPU)."))
+    train_sampling_strategy: Literal["random", "group_by_length"] = Field("random", description=(
+        "Batch order; group_by_length batches rows of similar length together (less padding "
+        "per batch)."))
+    padding_free: Literal["auto"] | bool = Field("auto", description=(
+        "Pack each batch into one row, examples end to end with position ids restarting at "
+        "each, so no padding is computed; auto: on with flash_attention_2 only; false: pad "
+        "each batch to its longest row. The attention mask derived from the position ids keeps "
+        "examples apart: before the first step, train runs a few rows packed and one by one and "
+        "refuses (naming this key) if the logits differ, as they do for architectures that "
+        "ignore position ids in their mask (OPT, Bloom). The loss is that of padded batches (a "
+        "test holds them within 1%; measured 1e-4 apart). flash_attention_2's varlen kernels "
+        "attend within each example; with sdpa or eager the packed row gets a dense "
+        "block-diagonal mask over its whole length, which costs more attention than the "
+        "padding saves (0.87x on the CPU benchmark, BENCHMARKS.md)."))
+    torch_compile: bool = Field(False, description=(
+        "Compile the model with torch.compile (slower first steps; for long GPU runs)."))
+    use_liger_kernel: bool = Field(False, description=(
+        "Liger's fused kernels; needs the liger-kernel package (CUDA), refused with a message "
+        "if it is missing."))
+    tf32: Literal["auto"] | bool = Field("auto", description=(
+        "TF32 matmuls; auto: on for GPUs that have TF32 (Ampere and newer); true on a machine "
+        "without one is refused."))
+    logging_steps: int = Field(1, ge=1, description=(
+        "Log the loss, learning rate and tokens seen every N steps (a row of "
+        "metrics/train_log.tsv, and the trackers of report_to)."))
+    save_steps: int = Field(50, ge=1, description=(
+        "Checkpoint every N steps into artifacts/checkpoints/; rerunning after a crash resumes "
+        "from the last one."))
+    save_total_limit: int = Field(2, ge=1, description=(
+        "Checkpoints kept; save_total_limit + 1 exist at the peak, which the disk preflight "
+        "counts."))
+    report_to: list[str] = Field([], json_schema_extra={"items": {"enum": list(TRACKERS)}}, description=(
+        "Experiment trackers that get the run's params and loss curve (train and align), e.g. "
+        "[tensorboard, mlflow]; []: none (offline). They log through transformers' own "
+        "integrations and write locally: tensorboard and dvclive under logs/, mlflow to "
+        "MLFLOW_TRACKING_URI (default: mlruns/ in the repository); wandb follows its WANDB_* "
+        "variables (WANDB_MODE=offline keeps it local). A listed tracker whose package is not "
+        "installed stops train, naming the package."))
 
     @field_validator("report_to")
     @classmethod
@@ -412,19 +550,27 @@ class TrainConfig(Section):
 
 
 class AlignConfig(Section):
-    # Preference tuning with TRL's DPO, starting from the SFT adapter. Off by default: the
-    # stage then only records that it is off.
-    enabled: bool = False
-    # Records with the data's template fields (data.columns applies) plus `chosen` and
-    # `rejected` completions, under data/raw/; the id's split (data.split) decides which
-    # pairs are held out for the reported reward accuracy and margins.
-    path: str = "data/raw/preferences.jsonl"
-    beta: float = Field(0.1, gt=0)  # strength of the KL pull towards the reference (the SFT model)
-    max_steps: int = Field(30, ge=1)
-    per_device_train_batch_size: int = Field(4, ge=1)
-    per_device_eval_batch_size: int = Field(8, ge=1)
-    learning_rate: float = Field(5e-4, gt=0)
-    seed: int = 0
+    enabled: bool = Field(False, description=(
+        "Run DPO (TRL) on preference pairs after SFT, starting from the SFT adapter; false: the "
+        "stage only records that it is off. Needs peft.method lora and a template other than "
+        "chat. When on, evaluate scores and export merges the aligned adapter."))
+    path: str = Field("data/raw/preferences.jsonl", description=(
+        "Preference records under data/raw/: the template's input fields (data.columns "
+        "applies), chosen and rejected completions, and the id column. The id's split "
+        "(data.split) decides which pairs are held out for the reported reward accuracy and "
+        "margins."))
+    beta: float = Field(0.1, gt=0, description=(
+        "DPO's beta: how strongly the policy is held near the reference, the SFT model (the "
+        "implicit KL penalty)."))
+    max_steps: int = Field(30, ge=1, description="DPO optimizer steps.")
+    per_device_train_batch_size: int = Field(4, ge=1, description=(
+        "Preference pairs per batch in each process."))
+    per_device_eval_batch_size: int = Field(8, ge=1, description=(
+        "Batch for the held-out reward metrics."))
+    learning_rate: float = Field(5e-4, gt=0, description=(
+        "DPO's peak learning rate; the shipped 5e-4 is high for the random smoke model (about "
+        "5e-6 to 5e-5 for real models)."))
+    seed: int = Field(0, description="Seeds DPO's data order and dropout.")
 
     @model_validator(mode="after")
     def _local(self) -> AlignConfig:
@@ -435,55 +581,84 @@ class AlignConfig(Section):
 
 class EvaluateConfig(Section):
     # Generation settings, shared with export's re-scoring:
-    max_new_tokens: int = Field(48, ge=1)
-    per_device_eval_batch_size: int = Field(16, ge=1)
-    max_samples: int | None = Field(None, ge=1)  # score the first N test rows (None: all)
+    max_new_tokens: int = Field(48, ge=1, description=(
+        "Generation length in tokens (generative tasks), also used by export. For causal_lm it "
+        "must be below tokenize.max_length: prompt and answer share the sequence."))
+    per_device_eval_batch_size: int = Field(16, ge=1, description=(
+        "Generation batch, also used by export and finetune predict."))
+    max_samples: int | None = Field(None, ge=1, description=(
+        "Score only the first N test rows; null: all. Also used by export."))
     # Scoring settings, read by evaluate only:
-    use_stemmer: bool = True
-    bootstrap_samples: int = Field(1000, ge=10)
-    confidence_level: float = Field(0.95, gt=0, lt=1)
-    seed: int = 0
-    preview_rows: int = Field(5, ge=0)
+    use_stemmer: bool = Field(True, description=(
+        "ROUGE with Porter stemming, as rouge_score and most papers do."))
+    bootstrap_samples: int = Field(1000, ge=10, description=(
+        "Resamples for the percentile-bootstrap confidence intervals (at least 10); promote "
+        "uses them too."))
+    confidence_level: float = Field(0.95, gt=0, lt=1, description=(
+        "Confidence level of the bootstrap intervals, in (0, 1)."))
+    seed: int = Field(0, description="Bootstrap seed: the same inputs give the same intervals.")
+    preview_rows: int = Field(5, ge=0, description=(
+        "Predictions shown in reports/eval_preview.md."))
 
 
 class ExportConfig(Section):
-    torch_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    # "dequantized": merge into the 4-bit weights the adapter was trained against, cast up to
-    # torch_dtype (the merged model then reproduces the tuned one); "original": reload the
-    # full-precision checkpoint and merge there (what most tutorials do; drifts a little).
-    merge_into: Literal["dequantized", "original"] = "dequantized"
-    check_prompts: int = Field(4, ge=1)  # test prompts whose logits are compared
-    logits_atol: float = Field(1e-3, gt=0)  # max |merged - (base + adapter)| logit difference
-    # max |merged - adapter| of the task's headline metric on the test split (ROUGE-L for
-    # the generative tasks, accuracy for classification)
-    metric_atol: float = Field(0.02, ge=0)
-    # Also write the merged model as GGUF (llama.cpp's format) in this tensor type, through
-    # llama.cpp's own converter (`make gguf-converter`), then load it back with transformers
-    # and re-score it on the test split (metric_atol applies). null: no GGUF.
-    gguf: Literal["f32", "f16", "bf16", "q8_0"] | None = None
+    torch_dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description=(
+        "Dtype of the merged model; float16 and bfloat16 take half the disk and memory of "
+        "float32 but round the merged weights."))
+    merge_into: Literal["dequantized", "original"] = Field("dequantized", description=(
+        "dequantized: merge into the 4-bit weights the adapter was trained against, cast up to "
+        "torch_dtype (the merged model reproduces the tuned one); original: reload the "
+        "full-precision checkpoint and merge there (what most tutorials do; drifts a little). "
+        "The merge never happens in 4-bit, and both export checks (logits, metric) must pass "
+        "before anything is written."))
+    check_prompts: int = Field(4, ge=1, description=(
+        "Test prompts whose logits are compared, merged model against base + adapter: the next "
+        "token's after the prompt (causal_lm), the decoder's first token's (seq2seq), the "
+        "classes' (classification)."))
+    logits_atol: float = Field(1e-3, gt=0, description=(
+        "Largest allowed absolute logit difference, merged model against base + adapter."))
+    metric_atol: float = Field(0.02, ge=0, description=(
+        "Largest allowed |merged - adapter| of the headline metric (ROUGE-L; accuracy for "
+        "classification) on the scored test rows; also bounds |GGUF - merged|."))
+    gguf: Literal["f32", "f16", "bf16", "q8_0"] | None = Field(None, description=(
+        "Also write artifacts/merged/model-<type>.gguf in this tensor type; null: no GGUF. It "
+        "goes through llama.cpp's own converter (make gguf-converter), is loaded back with "
+        "transformers and re-scored on the test split (metric_atol applies). causal_lm and "
+        "merging methods only."))
 
 
 class PromoteConfig(Section):
-    # Promote the exported model (registry/latest.json) only when it beats the champion (the
-    # model registry/latest.json points at; the base before anything was promoted) by at least
-    # this much on the task's headline metric on the same test rows (ROUGE-L for causal_lm and
-    # seq2seq, accuracy for sequence_classification).
-    min_gain: float = 0.0
+    min_gain: float = Field(0.0, description=(
+        "Promote the exported model (registry/latest.json) only when it beats the champion by "
+        "at least this on the headline metric, on the same test rows. The champion is the model "
+        "registry/latest.json points at (the base before anything was promoted), so from the "
+        "second run on the margin is over the last promoted model; the headline metric is "
+        "ROUGE-L for causal_lm and seq2seq, accuracy for sequence_classification."))
 
 
 class Params(Section):
-    data: DataConfig
-    prompt: PromptConfig = PromptConfig()
-    model: ModelConfig = ModelConfig()
-    quant: QuantConfig = QuantConfig()
-    lora: LoraConfig = LoraConfig()
-    peft: PeftMethodConfig = PeftMethodConfig()
-    tokenize: TokenizeConfig = TokenizeConfig()
-    train: TrainConfig = TrainConfig()
-    align: AlignConfig = AlignConfig()
-    evaluate: EvaluateConfig = EvaluateConfig()
-    export: ExportConfig = ExportConfig()
-    promote: PromoteConfig = PromoteConfig()
+    """The pipeline's parameters (params.yaml): one section per concern."""
+    data: DataConfig = Field(description="The dataset, its split and checks (prepare).")
+    prompt: PromptConfig = Field(PromptConfig(), description=(
+        "How a record becomes a prompt and a completion."))
+    model: ModelConfig = Field(ModelConfig(), description="The base model and the task.")
+    quant: QuantConfig = Field(QuantConfig(), description=(
+        "4-bit quantization of the base (bitsandbytes): QLoRA."))
+    lora: LoraConfig = Field(LoraConfig(), description=(
+        "LoRA hyperparameters, also used by the LoRA-family methods of peft.method."))
+    peft: PeftMethodConfig = Field(PeftMethodConfig(), description="Which PEFT method trains.")
+    tokenize: TokenizeConfig = Field(TokenizeConfig(), description=(
+        "Tokenization, loss masking and truncation."))
+    train: TrainConfig = Field(TrainConfig(), description=(
+        "Supervised fine-tuning with the transformers Trainer."))
+    align: AlignConfig = Field(AlignConfig(), description=(
+        "Optional preference tuning (DPO) after SFT."))
+    evaluate: EvaluateConfig = Field(EvaluateConfig(), description=(
+        "Generation and scoring on the test split, base against tuned."))
+    export: ExportConfig = Field(ExportConfig(), description=(
+        "The merge, its checks and the standalone model (and GGUF)."))
+    promote: PromoteConfig = Field(PromoteConfig(), description=(
+        "The release rule: promote the exported model only when it beats the champion."))
 
     @model_validator(mode="after")
     def _cross(self) -> Params:
