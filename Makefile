@@ -28,7 +28,7 @@ TORCH_SOURCE := $(if $(FIND_LINKS),$(addprefix --find-links ,$(FIND_LINKS)),--in
 endif
 endif
 
-.PHONY: setup lock upgrade print-python pools browser postgres run test bench gpu-check check clean example-minilm gguf-converter
+.PHONY: setup lock upgrade print-python pools browser postgres run test bench gpu-check check clean example-minilm gguf-converter docs docs-reference
 
 setup: $(STAMP)
 
@@ -64,6 +64,18 @@ upgrade: $(BIN)/uv
 
 check: setup
 	$(BIN)/finetune check
+
+# Everything written about a param comes from its field in tasks/config.py: this rewrites
+# docs/reference/params.md, params.schema.json, params.yaml's inline comments and the schema
+# line of examples/*.yaml (tests/test_docs.py fails when they are stale). Rerun after adding
+# or changing a param, and commit what it wrote.
+docs-reference: setup
+	$(BIN)/python -m tasks.schema_docs
+
+# The docs site (MkDocs, Material theme) into site/, offline; a warning (a broken link, a page
+# missing from the nav) fails the build. tests/test_docs.py runs the same build in `make test`.
+docs: setup
+	$(BIN)/mkdocs build --strict --quiet
 
 run: setup
 	$(BIN)/dvc repro

@@ -1,6 +1,7 @@
 """`finetune`: one subcommand per pipeline stage (what dvc.yaml runs), plus tools.
 
     finetune check                      # validate params.yaml, list every problem
+    finetune check --explain KEY        # what a param means: description, type, default, values
     finetune prepare|tokenize|train|evaluate|export
     finetune score --predictions P --references R [R2 ...] [--field NAME]
     finetune predict --input FILE --model MODEL --output FILE.jsonl [--references FIELD]
@@ -32,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="validate params.yaml and exit")
     check.add_argument("--params", type=Path, default=Path("params.yaml"))
+    check.add_argument("--explain", metavar="KEY", help="print what a key (e.g. train.learning_rate) "
+                       "means, its type, default and allowed values, instead of validating")
     for stage in STAGES:
         p = sub.add_parser(stage, help=f"run the {stage} stage")
         p.add_argument("--params", type=Path, default=Path("params.yaml"))
@@ -71,6 +74,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "check" and args.explain:
+        from tasks.schema_docs import explain
+
+        print(explain(args.explain, args.params))
+        return 0
     if args.command == "check":
         from tasks.config import load_params
 

@@ -175,9 +175,10 @@ class DataConfig(Section):
         "field or id, a duplicate id, a wrong type, an empty completion, an unknown label."))
     on_leakage: Literal["warn", "drop", "error"] = Field("warn", description=(
         "What prepare does with a validation/test row whose prompt repeats one of an earlier "
-        "split: warn (log and count), drop (remove it from validation/test; train is never "
-        "touched) or error (stop, naming the rows). A repeat is exact, normalized (equal once "
-        "case, whitespace and punctuation are ignored) or near (see leakage_threshold), under "
+        "split: warn, drop or error. With warn it logs and counts them; drop removes them from "
+        "validation/test (train is never touched); error stops, naming the rows. A repeat is "
+        "exact, normalized (equal once case, whitespace and punctuation are ignored) or near "
+        "(see leakage_threshold), under "
         "another id. Counts per kind and split go to metrics/prepare.json under leakage (and "
         "to the Prefect artifact data-leakage)."))
     leakage_threshold: float = Field(0.8, gt=0, le=1, description=(
@@ -320,10 +321,11 @@ TASKS = ("causal_lm", "seq2seq", "sequence_classification")
 
 class ModelConfig(Section):
     task: Literal[TASKS] = Field("causal_lm", description=(
-        "What the model learns: causal_lm (AutoModelForCausalLM continues the prompt), seq2seq "
-        "(AutoModelForSeq2SeqLM, such as T5: the encoder reads the prompt, the decoder writes "
-        "the completion) or sequence_classification (AutoModelForSequenceClassification: a new "
-        "head picks one of labels)."))
+        "What the model learns, and with it the auto class: causal_lm, seq2seq or "
+        "sequence_classification. With causal_lm, AutoModelForCausalLM continues the prompt; "
+        "seq2seq: AutoModelForSeq2SeqLM (T5, BART, ...), whose encoder reads the prompt and decoder writes "
+        "the completion; sequence_classification: AutoModelForSequenceClassification, where a new "
+        "head picks one of labels."))
     labels: list[str] | None = Field(None, description=(
         "sequence_classification only (required there, refused elsewhere): two or more class "
         "names, in head order. A record's completion must render to a name or to its index "
@@ -420,8 +422,8 @@ class PeftMethodConfig(Section):
     # virtual tokens in front of the input and leave the base untouched (not mergeable).
     method: Literal["lora", "dora", "adalora", "loha", "lokr", "ia3", *PROMPT_LEARNING] = Field(
         "lora", description=(
-            "The PEFT method (lora with quant.load_in_4bit is QLoRA). lora, dora, adalora, loha, "
-            "lokr and ia3 adapt the layers in lora.target_modules and merge into the base; "
+            "The PEFT method; lora with quant.load_in_4bit is QLoRA. Layer methods (lora, dora, "
+            "adalora, loha, lokr, ia3) adapt the layers in lora.target_modules and merge into the base; "
             "prompt_tuning, prefix_tuning and p_tuning learn virtual tokens in front of the "
             "input and leave the base untouched (not mergeable). loha and lokr need "
             "quant.load_in_4bit: false; prefix_tuning needs train.gradient_checkpointing: false."))
@@ -435,18 +437,21 @@ class PeftMethodConfig(Section):
 
 class TokenizeConfig(Section):
     max_length: int = Field(512, ge=8, description=(
-        "Tokens per example, at least 8: prompt + completion + EOS for causal_lm; for seq2seq "
-        "the limit of the encoder input and of the labels each; for classification, of the "
-        "input."))
+        "Tokens per example (at least 8): prompt + completion + EOS for causal_lm. For seq2seq "
+        "it limits the encoder input and the labels each; for classification, the input."))
     completion_only_loss: bool = Field(True, description=(
         "Loss on the completion only (prompt tokens get label -100); false: on every token."))
     truncation_side: Literal["left", "right"] = Field("left", description=(
-        "Which end of a too-long example to cut: left cuts the start of the prompt, keeping a "
-        "leading BOS, its cue (such as Summary:) and the whole completion; right cuts the end "
-        "of the sequence, the completion first (which can leave nothing to train on: an error). "
-        "At generation time evaluate and export always cut long prompts from the left."))
+        "Which end of a too-long example to cut: left keeps the end of the prompt and the "
+        "completion; right cuts the end of the sequence. With left, tokens go from the start of "
+        "the prompt, keeping a leading BOS, its cue (such as Summary:) and the whole completion, "
+        "which is cut from its end only if it does not fit on its own. With right, the "
+        "completion goes first (EOS included), then the end of the prompt, which can leave "
+        "nothing to train on (an error). At generation time evaluate and export always cut "
+        "long prompts from the left, to max_length - max_new_tokens tokens, keeping BOS."))
     overlong: Literal["truncate", "drop"] = Field("truncate", description=(
-        "What to do with rows over max_length (counted in metrics/tokenize.json either way)."))
+        "What to do with rows over max_length: truncate or drop them, counted in "
+        "metrics/tokenize.json either way."))
     preview_rows: int = Field(3, ge=0, description=(
         "Train rows written to reports/label_preview.txt with the trained span marked, to check "
         "what the loss is on."))
@@ -470,7 +475,7 @@ class TrainConfig(Section):
         "* num_processes."))
     num_processes: int = Field(1, ge=1, description=(
         "Data-parallel processes on this host: one per GPU (NCCL), or gloo processes on a "
-        "CPU-only host. finetune train launches them itself (torch's elastic launcher, what "
+        "CPU-only host. The train stage launches them itself (torch's elastic launcher, what "
         "torchrun is); each loads its own 4-bit copy of the base on its own GPU. Under an "
         "outside launcher (torchrun, accelerate launch) a different process count is refused, "
         "because the effective batch would not be what params.yaml says."))
@@ -486,8 +491,8 @@ class TrainConfig(Section):
     max_grad_norm: float = Field(1.0, gt=0, description=(
         "Gradient clipping: the largest gradient norm."))
     optim: str = Field("paged_adamw_8bit", description=(
-        "Any TrainingArguments optimizer name; paged and 8-bit ones need CUDA and fall back to "
-        "adamw_torch on a CPU-only machine, with a logged warning."))
+        "Any TrainingArguments optimizer name; paged and 8-bit ones need CUDA. On a CPU-only "
+        "machine they fall back to adamw_torch, with a logged warning."))
     gradient_checkpointing: bool = Field(True, description=(
         "Trade compute for activation memory (non-reentrant gradient checkpointing)."))
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description=(
@@ -497,10 +502,11 @@ class TrainConfig(Section):
         "Batch order; group_by_length batches rows of similar length together (less padding "
         "per batch)."))
     padding_free: Literal["auto"] | bool = Field("auto", description=(
-        "Pack each batch into one row, examples end to end with position ids restarting at "
-        "each, so no padding is computed; auto: on with flash_attention_2 only; false: pad "
-        "each batch to its longest row. The attention mask derived from the position ids keeps "
-        "examples apart: before the first step, train runs a few rows packed and one by one and "
+        "Pack each batch into one row with no padding; auto: on with flash_attention_2 only; "
+        "false: pad each batch to its longest row. Examples sit end to end with position ids "
+        "restarting at each, so no padding is computed. The attention mask derived from the "
+        "position ids keeps examples apart: before the first step, train runs a few rows "
+        "packed and one by one and "
         "refuses (naming this key) if the logits differ, as they do for architectures that "
         "ignore position ids in their mask (OPT, Bloom). The loss is that of padded batches (a "
         "test holds them within 1%; measured 1e-4 apart). flash_attention_2's varlen kernels "
@@ -525,8 +531,8 @@ class TrainConfig(Section):
         "Checkpoints kept; save_total_limit + 1 exist at the peak, which the disk preflight "
         "counts."))
     report_to: list[str] = Field([], json_schema_extra={"items": {"enum": list(TRACKERS)}}, description=(
-        "Experiment trackers that get the run's params and loss curve (train and align), e.g. "
-        "[tensorboard, mlflow]; []: none (offline). They log through transformers' own "
+        "Experiment trackers that get the run's params and loss curve; []: none (offline). A "
+        "list such as [tensorboard, mlflow], used by train and align. They log through transformers' own "
         "integrations and write locally: tensorboard and dvclive under logs/, mlflow to "
         "MLFLOW_TRACKING_URI (default: mlruns/ in the repository); wandb follows its WANDB_* "
         "variables (WANDB_MODE=offline keeps it local). A listed tracker whose package is not "
@@ -606,15 +612,16 @@ class ExportConfig(Section):
         "Dtype of the merged model; float16 and bfloat16 take half the disk and memory of "
         "float32 but round the merged weights."))
     merge_into: Literal["dequantized", "original"] = Field("dequantized", description=(
-        "dequantized: merge into the 4-bit weights the adapter was trained against, cast up to "
-        "torch_dtype (the merged model reproduces the tuned one); original: reload the "
-        "full-precision checkpoint and merge there (what most tutorials do; drifts a little). "
-        "The merge never happens in 4-bit, and both export checks (logits, metric) must pass "
-        "before anything is written."))
+        "Which weights the adapter is merged into: dequantized (the 4-bit weights it was "
+        "trained against) or original (the full-precision checkpoint). With dequantized, those "
+        "4-bit weights are cast up to torch_dtype, so the merged model reproduces the tuned one "
+        "that evaluate scored; original reloads the full-precision checkpoint and merges there "
+        "(what most tutorials do; drifts a little). The merge never happens in 4-bit, and both "
+        "export checks (logits, metric) must pass before anything is written."))
     check_prompts: int = Field(4, ge=1, description=(
-        "Test prompts whose logits are compared, merged model against base + adapter: the next "
-        "token's after the prompt (causal_lm), the decoder's first token's (seq2seq), the "
-        "classes' (classification)."))
+        "Test prompts whose logits are compared, merged model against base + adapter. The "
+        "logits are the next token's after the prompt (causal_lm), the decoder's first token's "
+        "(seq2seq) or the classes' (classification)."))
     logits_atol: float = Field(1e-3, gt=0, description=(
         "Largest allowed absolute logit difference, merged model against base + adapter."))
     metric_atol: float = Field(0.02, ge=0, description=(
