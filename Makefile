@@ -75,7 +75,7 @@ docs-reference: setup
 # The docs site (MkDocs, Material theme) into site/, offline; a warning (a broken link, a page
 # missing from the nav) fails the build. tests/test_docs.py runs the same build in `make test`.
 docs: setup
-	$(BIN)/mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict  # the variable silences Material's end-of-life banner
 
 run: setup
 	$(BIN)/dvc repro

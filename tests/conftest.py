@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,21 @@ def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedPr
 
 
 merge = deep_merge
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_MISSING = "Chromium is not installed (make test installs Debian's chromium where apt-get can run as root)"
+# Flags that keep headless Chromium off the (closed) network and usable as root.
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-quic", "--window-size=1400,1000", "--virtual-time-budget=20000"]
+
+
+def chromium(args: list[str], home: Path) -> str:
+    """Headless Chromium with a fresh profile under `home`; returns its stdout (e.g. --dump-dom)."""
+    profile = home / f"chromium-{time.monotonic_ns()}"
+    proc = subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
+                          capture_output=True, text=True, timeout=120)
+    return proc.stdout
 
 
 def shipped_params() -> dict[str, Any]:

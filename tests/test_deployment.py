@@ -8,7 +8,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -18,15 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, env, make_workspace, run
+from .conftest import CHROMIUM, CHROMIUM_MISSING, REPO, chromium, env, make_workspace, run
 
 SERVER_START_TIMEOUT = 120
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SCREENSHOTS = REPO / "test-artifacts"
-# Flags that keep headless Chromium off the (closed) network and usable as root.
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-quic", "--window-size=1400,1000", "--virtual-time-budget=20000"]
 COMPLETED: dict[str, str] = {}  # flow run id of the nightly run, for the UI check
 
 
@@ -135,15 +129,7 @@ def test_nightly_deployment_runs_on_a_gpu_pool_worker(server, tmp_path_factory, 
     run(["dvc", "status"], ws)  # the worker left a consistent DVC workspace
 
 
-def chromium(args: list[str], home: Path) -> str:
-    profile = home / f"chromium-{time.monotonic_ns()}"
-    proc = subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
-                          capture_output=True, text=True, timeout=120)
-    return proc.stdout
-
-
-@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (make test installs "
-                    "Debian's chromium where apt-get can run as root)")
+@pytest.mark.skipif(CHROMIUM is None, reason=CHROMIUM_MISSING)
 def test_ui_shows_the_deployment_and_the_completed_run(server):
     if not COMPLETED:
         pytest.skip("the nightly run did not complete (see the test above)")
