@@ -94,10 +94,8 @@ def entries(sch: dict[str, Any] | None = None) -> list[tuple[str, dict[str, Any]
         rows, nested = [], []
         for name, node in model["properties"].items():
             key = f"{prefix}.{name}"
-            models = _models(node, defs)
-            only_model = "$ref" in node
-            rows.append(Entry(key, node, only_model))
-            nested += [(key + suffix, m) for suffix, m in models]
+            rows.append(Entry(key, node, section="$ref" in node))
+            nested += [(key + suffix, m) for suffix, m in _models(node, defs)]
         out.append((prefix, model, rows))
         for key, m in nested:
             walk(key, m)
@@ -234,7 +232,9 @@ def reference() -> str:
         "[Writing params.yaml](../params.md#validation-rules).",
         "",
     ]
-    for prefix, model, rows in entries(sch):
+    sections = entries(sch)
+    known = {e.key: e for _, _, rows in sections for e in rows}
+    for prefix, model, rows in sections:
         depth = prefix.count(".")
         title = f"`{prefix}`"
         if prefix.endswith("[]"):
@@ -242,7 +242,7 @@ def reference() -> str:
         elif model.get("title") == "SplitFiles":
             title += " as split files"
         lines += [f"##{'#' * min(depth, 1)} {title}", ""]
-        parent = next((e for _, _, r in entries(sch) for e in r if e.key == prefix.removesuffix("[]")), None)
+        parent = known.get(prefix.removesuffix("[]"))
         about = model.get("description") or (parent.node.get("description") if parent
                                              else sch["properties"][prefix].get("description"))
         if about:
