@@ -211,7 +211,9 @@ def default_text(entry: Entry) -> str:
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    """Text as one markdown table cell: pipes escaped, and <type> shown, not read as HTML."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|") \
+        .replace("\n", " ")
 
 
 def reference() -> str:
