@@ -116,11 +116,18 @@ def chat_ids(tokenizer, messages: list[dict[str, Any]], where: str) -> tuple[lis
     front of a text (BOS) unless the chat template wrote them: as prompt_ids does, so
     training and generation see the same start."""
     ids, mask = templates.assistant_mask(messages, tokenizer, where)
-    with_special, plain = (token_ids(tokenizer, ["a"], add_special_tokens=s)[0] for s in (True, False))
-    lead = with_special[:len(with_special) - len(plain)] if with_special[-len(plain):] == plain else []
+    lead = leading_special_ids(tokenizer)
     if lead and ids[:len(lead)] != lead:
         ids, mask = [*lead, *ids], [0] * len(lead) + mask
     return ids, mask
+
+
+def leading_special_ids(tokenizer) -> list[int]:
+    """The special tokens the tokenizer writes before a text (e.g. [BOS]; often none)."""
+    with_special, plain = (token_ids(tokenizer, ["a"], add_special_tokens=s)[0] for s in (True, False))
+    starts = (i for i in range(len(with_special) - len(plain) + 1)
+              if with_special[i:i + len(plain)] == plain)
+    return with_special[:next(starts, 0)]
 
 
 def trains_conversation(row: dict[str, Any], marked: bool) -> bool:

@@ -227,3 +227,18 @@ def test_chat_template_that_cannot_end_or_mark_every_turn_is_refused(chat_tok, o
     tok.chat_template = CHATML_TEMPLATE.replace(old, new)
     with pytest.raises(TemplateError, match=needle):
         tokenize.chat_ids(tok, CHAT, "r")
+
+
+@pytest.mark.parametrize("template_bos", [False, True])
+def test_chat_starts_with_bos_once_when_the_tokenizer_adds_one(chat_tok, template_bos):
+    from tokenizers import processors
+
+    from .conftest import CHATML_TEMPLATE
+
+    tok = copy.deepcopy(chat_tok)  # as Llama-2's and Mistral's tokenizers, BOS before every text
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)])
+    tok.chat_template = ("{{- bos_token }}" if template_bos else "") + CHATML_TEMPLATE
+    ids, mask = tokenize.chat_ids(tok, CHAT, "r")
+    assert ids[0] == tok.bos_token_id != ids[1] and mask[0] == 0
+    assert tokenize.prompt_ids(tok, [tok.decode(ids)])[0] == ids  # as generation will see it
