@@ -2,7 +2,9 @@
 
 By `model.task`:
 - causal_lm: one sequence, prompt then completion; prompt tokens get label -100 (loss on the
-  completion only, configurable) and EOS is appended to every completion.
+  completion only, configurable) and EOS is appended to every completion. A chat row's
+  `messages` are one sequence through the chat template, with every assistant turn trained
+  (what its {% generation %} blocks mark, EOS included) and the rest masked.
 - seq2seq: input_ids are the prompt (the encoder's input, with the tokenizer's own special
   tokens); labels are the completion's tokens plus EOS (what the decoder writes).
 - sequence_classification: input_ids are the prompt; the label is the class's index in
