@@ -60,11 +60,15 @@ def test_every_assistant_turn_is_trained_end_to_end(tmp_path, monkeypatch, tiny_
         trained = [t for t, label in zip(row["input_ids"], row["labels"], strict=True)
                    if label != tokenize.IGNORE_INDEX]
         assert tok.decode(trained) == "".join(a + "<|im_end|>" for a in answers)
-    preview = Path("reports/label_preview.txt").read_text()
-    first = chats[saved[0]["id"]]
-    for m in first:
-        shown = f"[[{m['content']}<|im_end|>]]" if m["role"] == "assistant" else f"\n{m['content']}<|im_end|>"
-        assert shown in preview
+    # The preview: each assistant turn inside [[ ]], the rest outside.
+    preview = Path("reports/label_preview.txt").read_text().split("\n\n", 1)[1].split("\n\n-----\n\n")
+    assert len(preview) == params.tokenize.preview_rows == 3
+    for shown, row in zip(preview, saved, strict=False):
+        assert shown.rstrip("\n") == "".join(
+            f"<|im_start|>{m['role']}\n" + (f"[[{m['content']}<|im_end|>]]" if m["role"] == "assistant"
+                                            else f"{m['content']}<|im_end|>") + "\n"
+            for m in chats[row["id"]]).rstrip("\n")
+    assert max(sum(m["role"] == "assistant" for m in chats[row["id"]]) for row in saved.select(range(3))) > 1
 
     metrics = train.run(params)
     assert metrics["steps"] == 2 and math.isfinite(metrics["train_loss"])
