@@ -2,8 +2,9 @@
 
 A template renders one record into a (prompt, completion) pair; the loss is later put on
 the completion only. A chat is also trained as its whole conversation, every assistant turn
-as the chat template's {% generation %} blocks mark it (assistant_mask). Placeholders are plain field names and nothing else: no attribute
-access, indexing, format specs or expressions, so a template can never run code.
+as the chat template's {% generation %} blocks mark it (assistant_mask). Placeholders are
+plain field names and nothing else: no attribute access, indexing, format specs or
+expressions, so a template can never run code.
 `{{` and `}}` stand for literal braces.
 """
 
