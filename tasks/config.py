@@ -437,10 +437,12 @@ class PeftMethodConfig(Section):
 
 class TokenizeConfig(Section):
     max_length: int = Field(512, ge=8, description=(
-        "Tokens per example (at least 8): prompt + completion + EOS for causal_lm. For seq2seq "
+        "Tokens per example (at least 8): prompt + completion + EOS for causal_lm (a chat: the "
+        "whole conversation). For seq2seq "
         "it limits the encoder input and the labels each; for classification, the input."))
     completion_only_loss: bool = Field(True, description=(
-        "Loss on the completion only (prompt tokens get label -100); false: on every token."))
+        "Loss on the completion only (prompt tokens get label -100; a chat: on its assistant "
+        "turns); false: on every token."))
     truncation_side: Literal["left", "right"] = Field("left", description=(
         "Which end of a too-long example to cut: left keeps the end of the prompt and the "
         "completion; right cuts the end of the sequence. With left, tokens go from the start of "

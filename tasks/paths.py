@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-PREPARED = Path("data/prepared")  # {train,validation,test}.jsonl: {id, prompt, completion}
+PREPARED = Path("data/prepared")  # {train,validation,test}.jsonl: {id, prompt, completion[, messages]}
 TOKENIZED = Path("data/tokenized")  # save_to_disk DatasetDict {train, validation}
 TOKENIZER = TOKENIZED / "tokenizer"  # the tokenizer every later stage loads (pad token fixed)
 LABEL_PREVIEW = Path("reports/label_preview.txt")

@@ -4,7 +4,8 @@ and split them deterministically into train/validation/test.
 Reads `data.*` and `prompt.*` (one local file, a glob or list of files, {train, validation,
 test} split files, or a Hub dataset; or a mixture of such sources, data.sources); writes data/prepared/{train,validation,test}.jsonl
 (rows: {id, prompt, completion}; for sequence_classification the completion is the class
-name; test rows with several references add `references`, a list of texts) and
+name; test rows with several references add `references`, a list of texts; train and
+validation rows of prompt.template chat add `messages`, the whole conversation) and
 metrics/prepare.json (rows in, out, dropped and why).
 
     finetune prepare
@@ -255,6 +256,9 @@ def _to_example(params: Params, tpl: templates.Template | None, tokenizer: Any, 
     if params.model.labels is not None:
         completion = label_name(params.model.labels, completion.strip(), where)
     example: dict[str, Any] = {"prompt": prompt, "completion": completion}
+    if tpl is None:
+        # tokenize trains every assistant turn of the conversation, not only the last.
+        example["messages"] = values["messages"]
     if refs and tpl is not None and ref_field is not None:
         # Each reference is rendered as the completion would be, so evaluate compares like
         # with like (the completion template may add text around the field).
@@ -379,7 +383,10 @@ def run(params: Params) -> dict[str, Any]:
                     example = _to_example(part, tpl, tokenizer, where, record)
                     if d.id_column is None:
                         row_id = f"{prefix}row{rows_in - 1}"
-                        key = json.dumps(example, sort_keys=True)
+                        # The rendered pair alone, as before chats kept their messages:
+                        # a row keeps the split it had.
+                        key = json.dumps({k: v for k, v in example.items() if k != "messages"},
+                                         sort_keys=True)
                     else:
                         if record.get(d.id_column) is None:
                             raise BadRecord("missing_id", f"{where}: missing id column {d.id_column!r} "
@@ -397,6 +404,8 @@ def run(params: Params) -> dict[str, Any]:
                 split = fixed_split or _split_of(key, part)
                 if split != "test":
                     example.pop("references", None)  # only evaluate reads them
+                else:
+                    example.pop("messages", None)  # evaluate generates the last turn from the prompt
                 splits[split].append({"id": row_id, **example})
     d = params.data
     if rows_in == 0:

@@ -1,8 +1,10 @@
 """Prompt templates: built-in recipes and user strings with `{field}` placeholders.
 
 A template renders one record into a (prompt, completion) pair; the loss is later put on
-the completion only. Placeholders are plain field names and nothing else: no attribute
-access, indexing, format specs or expressions, so a template can never run code.
+the completion only. A chat is also trained as its whole conversation, every assistant turn
+as the chat template's {% generation %} blocks mark it (assistant_mask). Placeholders are
+plain field names and nothing else: no attribute access, indexing, format specs or
+expressions, so a template can never run code.
 `{{` and `}}` stand for literal braces.
 """
 
@@ -155,3 +157,61 @@ def render_chat(messages: Any, tokenizer: Any, where: str) -> tuple[str, str]:
     prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False,
                                            add_generation_prompt=True)
     return prompt, messages[-1]["content"]
+
+
+# What transformers looks for before it can mask assistant tokens (chat_template_utils).
+GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+def assistant_turns(messages: list[dict[str, Any]]) -> int:
+    return sum(m["role"] == "assistant" for m in messages)
+
+
+def marks_assistant_turns(tokenizer: Any) -> bool:
+    """Whether the tokenizer's chat template wraps assistant messages in {% generation %}."""
+    try:
+        return bool(GENERATION_TAG.search(tokenizer.get_chat_template()))
+    except ValueError:  # no chat template at all
+        return False
+
+
+def _unmarked(where: str, problem: str) -> TemplateError:
+    return TemplateError(
+        f"{where}: {problem}, so prompt.template: chat cannot train every assistant turn. Give the "
+        "tokenizer a chat template that wraps each assistant message and its end-of-turn token in "
+        "{% generation %}...{% endgeneration %} (edit chat_template.jinja in a local copy of the "
+        "model under models/), or keep one assistant turn per conversation (the last), or use a "
+        "text template")
+
+
+def assistant_mask(messages: list[dict[str, Any]], tokenizer: Any, where: str) -> tuple[list[int], list[int]]:
+    """The whole conversation through the chat template: (token ids, 1 on each assistant
+    turn's tokens as the template's {% generation %} blocks mark them, else 0).
+
+    Raises TemplateError when the template cannot mark every assistant turn, or its marked
+    turns leave out EOS (the model would never learn to end a turn)."""
+    import jinja2
+
+    turns = assistant_turns(messages)
+    if not marks_assistant_turns(tokenizer):
+        raise _unmarked(where, f"the conversation has {turns} assistant turns, but the chat template "
+                        f"of model.name_or_path ({tokenizer.name_or_path}) has no {{% generation %}} "
+                        "block to mark them")
+    try:
+        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True)
+    except (jinja2.TemplateError, ValueError) as err:
+        raise TemplateError(f"{where}: the chat template cannot render this conversation: {err}") from None
+    ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
+    marked = sum(1 for i, m in enumerate(mask) if m and (i == 0 or not mask[i - 1]))
+    if marked < turns:
+        raise _unmarked(where, f"the chat template of model.name_or_path ({tokenizer.name_or_path}) "
+                        f"marks {marked} of the conversation's {turns} assistant turns")
+    eos = tokenizer.eos_token_id
+    if not any(m and t == eos for t, m in zip(ids, mask, strict=True)):
+        raise TemplateError(
+            f"{where}: the chat template of model.name_or_path ({tokenizer.name_or_path}) ends no "
+            f"assistant turn with EOS {tokenizer.eos_token!r} inside its {{% generation %}} block, so "
+            "the model would never learn to end a turn: move the end-of-turn token inside "
+            "{% generation %}...{% endgeneration %}, or make it the tokenizer's EOS token")
+    return ids, mask

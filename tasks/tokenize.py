@@ -2,7 +2,9 @@
 
 By `model.task`:
 - causal_lm: one sequence, prompt then completion; prompt tokens get label -100 (loss on the
-  completion only, configurable) and EOS is appended to every completion.
+  completion only, configurable) and EOS is appended to every completion. A chat row's
+  `messages` are one sequence through the chat template, with every assistant turn trained
+  (what its {% generation %} blocks mark, EOS included) and the rest masked.
 - seq2seq: input_ids are the prompt (the encoder's input, with the tokenizer's own special
   tokens); labels are the completion's tokens plus EOS (what the decoder writes).
 - sequence_classification: input_ids are the prompt; the label is the class's index in
@@ -24,7 +26,7 @@ import json
 import logging
 from typing import Any
 
-from tasks import paths
+from tasks import paths, templates
 from tasks.config import Params, TokenizeConfig
 from tasks.errors import DataError, PipelineError
 from tasks.io import atomic_path, read_jsonl, save_tokenizer, write_json
@@ -87,6 +89,57 @@ def encode_pair(prompt_ids: list[int], completion_ids: list[int], eos_id: int, b
             "trainable": len(completion) + (0 if cfg.completion_only_loss else len(prompt))}
 
 
+def encode_chat(ids: list[int], mask: list[int], eos_id: int, bos_id: int | None,
+                cfg: TokenizeConfig) -> dict[str, Any]:
+    """One conversation: input_ids, labels on the tokens `mask` marks (every assistant turn,
+    as the chat template's generation blocks end it), and what truncation cut."""
+    labels = [t if m or not cfg.completion_only_loss else IGNORE_INDEX
+              for t, m in zip(ids, mask, strict=True)]
+    overflow = len(ids) - cfg.max_length
+    kept = range(len(ids))
+    if overflow > 0:
+        if cfg.truncation_side == "left":
+            # Cut the earliest turns, keeping a leading BOS as encode_pair does.
+            head = 1 if ids and ids[0] == bos_id else 0
+            kept = [*range(head), *range(head + overflow, len(ids))]
+        else:
+            kept = range(cfg.max_length)
+    cut = set(range(len(ids))) - set(kept)
+    completion_cut = sum(labels[i] != IGNORE_INDEX for i in cut)
+    ids, labels = [ids[i] for i in kept], [labels[i] for i in kept]
+    trained = [t for t in labels if t != IGNORE_INDEX]
+    return {"input_ids": ids, "labels": labels, "prompt_cut": len(cut) - completion_cut,
+            "completion_cut": completion_cut, "eos_in_labels": eos_id in trained,
+            "trainable": len(trained)}
+
+
+def chat_ids(tokenizer, messages: list[dict[str, Any]], where: str) -> tuple[list[int], list[int]]:
+    """A conversation's ids and assistant mask, with the special tokens the tokenizer puts in
+    front of a text (BOS) unless the chat template wrote them: as prompt_ids does, so
+    training and generation see the same start."""
+    ids, mask = templates.assistant_mask(messages, tokenizer, where)
+    lead = leading_special_ids(tokenizer)
+    if lead and ids[:len(lead)] != lead:
+        ids, mask = [*lead, *ids], [0] * len(lead) + mask
+    return ids, mask
+
+
+def leading_special_ids(tokenizer) -> list[int]:
+    """The special tokens the tokenizer writes before a text (e.g. [BOS]; often none)."""
+    with_special, plain = (token_ids(tokenizer, ["a"], add_special_tokens=s)[0] for s in (True, False))
+    starts = (i for i in range(len(with_special) - len(plain) + 1)
+              if with_special[i:i + len(plain)] == plain)
+    return with_special[:next(starts, 0)]
+
+
+def trains_conversation(row: dict[str, Any], marked: bool) -> bool:
+    """Whether a prepared chat row is trained as a whole conversation (every assistant turn)
+    rather than as its prompt/completion pair (the last turn). With a chat template that marks
+    assistant turns, every chat row is, so all rows end their turns the template's way; without,
+    one-turn chats keep their pair (the same training) and longer ones are refused."""
+    return "messages" in row and (marked or templates.assistant_turns(row["messages"]) > 1)
+
+
 def token_ids(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
     """Batched ids only: the fast tokenizer's Rust backend directly, skipping the attention
     masks and offsets `tokenizer(...)` would also build."""
@@ -132,10 +185,20 @@ def _encode_chunk(rows: list[dict[str, str]], tokenizer, params: Params) -> list
     cfg, task = params.tokenize, params.model.task
     eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
     if task == "causal_lm":
-        prompts = prompt_ids(tokenizer, [r["prompt"] for r in rows])
-        completions = token_ids(tokenizer, [r["completion"] for r in rows], add_special_tokens=False)
-        return [{"id": r["id"], **encode_pair(p, c, eos, bos, cfg)}
-                for r, p, c in zip(rows, prompts, completions, strict=True)]
+        marked = templates.marks_assistant_turns(tokenizer)
+        chats = [trains_conversation(r, marked) for r in rows]
+        pairs = [r for r, chat in zip(rows, chats, strict=True) if not chat]
+        prompts = prompt_ids(tokenizer, [r["prompt"] for r in pairs])
+        completions = token_ids(tokenizer, [r["completion"] for r in pairs], add_special_tokens=False)
+        encoded = iter([encode_pair(p, c, eos, bos, cfg) for p, c in zip(prompts, completions, strict=True)])
+        out = []
+        for r, chat in zip(rows, chats, strict=True):
+            if chat:
+                ids, mask = chat_ids(tokenizer, r["messages"], f"prepared row {r['id']!r}")
+                out.append({"id": r["id"], **encode_chat(ids, mask, eos, bos, cfg)})
+            else:
+                out.append({"id": r["id"], **next(encoded)})
+        return out
     inputs, prompt_cut = source_ids(tokenizer, [r["prompt"] for r in rows], cfg)
     if task == "sequence_classification":
         labels = params.model.labels or []

@@ -130,7 +130,30 @@ def test_chat_template_from_the_models_tokenizer(ws, tiny_model):
     assert prepare.run(p)["rows_out"] == 40
     row = read_split("train")[0]
     n = row["id"][1:]
-    assert row == {"id": f"c{n}", "prompt": f"<|user|>\nhi {n}\n<|assistant|>\n", "completion": f"hello {n}"}
+    assert row == {"id": f"c{n}", "prompt": f"<|user|>\nhi {n}\n<|assistant|>\n", "completion": f"hello {n}",
+                   "messages": chats[int(n)]["conversation"]}
+
+
+def test_multi_turn_chat_keeps_the_conversation_for_training_only(ws, tiny_model):
+    import shutil
+
+    shutil.copytree(tiny_model, ws / "models/tiny")
+    chats = [{"conversation": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": "hello"},
+                               {"role": "user", "content": "bye"}, {"role": "assistant", "content": f"bye {i}"}]}
+             for i in range(40)]
+    write_jsonl(ws / "data/raw/chats.jsonl", chats)
+    p = params(data={"path": "data/raw/chats.jsonl", "columns": {"messages": "conversation"}, "id_column": None},
+               prompt={"template": "chat"}, model={"name_or_path": "models/tiny"})
+    prepare.run(p)
+    train, test = read_split("train"), read_split("test")
+    # The last turn stays the pair evaluate generates; training rows carry every turn.
+    i = int(test[0]["completion"].split()[1])
+    assert test[0] == {"id": test[0]["id"], "completion": f"bye {i}",
+                       "prompt": f"<|user|>\nhi {i}\n<|assistant|>\nhello\n<|user|>\nbye\n<|assistant|>\n"}
+    assert all(r["messages"] == chats[int(r["completion"].split()[1])]["conversation"] for r in train)
+    # Without an id column a row's split hashes its rendered pair, as before it kept its messages.
+    key = json.dumps({"prompt": test[0]["prompt"], "completion": test[0]["completion"]}, sort_keys=True)
+    assert prepare._split_of(key, p) == "test"
 
 
 # Leakage (tasks/leakage.py): rows of distinct random words, so that only planted twins match.

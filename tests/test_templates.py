@@ -60,3 +60,13 @@ def test_chat_template_uses_tokenizer():
     assert prompt == "<|user|>\nhi\n<|assistant|>\n" and completion == "hello"
     with pytest.raises(TemplateError, match="last message must be the assistant's"):
         templates.render_chat(messages[:1], tok, "r")
+
+
+def test_generation_markers_are_found_in_the_chat_template():
+    tok = build_tokenizer(["hello there", "general kenobi"], vocab_size=300)
+    assert not templates.marks_assistant_turns(tok)  # the smoke model's template marks nothing
+    for tag in ("{% generation %}", "{%- generation -%}", "{%generation%}"):
+        tok.chat_template = "{% for m in messages %}" + tag + "{{ m['content'] }}{% endgeneration %}{% endfor %}"
+        assert templates.marks_assistant_turns(tok), tag
+    tok.chat_template = None
+    assert not templates.marks_assistant_turns(tok)

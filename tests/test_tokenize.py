@@ -1,5 +1,6 @@
 """tokenize: label masking, EOS, truncation accounting, pad token, preview."""
 
+import copy
 import json
 from pathlib import Path
 
@@ -117,3 +118,127 @@ def test_zero_trainable_tokens_is_an_error(tmp_path, monkeypatch, tiny_model):
     with pytest.raises(DataError, match=r"rows \['long'\] .* no trainable token"):
         _stage(tmp_path, tiny_model, rows, max_length=16, truncation_side="right")
     assert not Path("data/tokenized").exists()
+
+
+# Multi-turn chat: every assistant turn is trained, as the chat template's generation blocks mark it.
+CHAT = [{"role": "system", "content": "You summarize."},
+        {"role": "user", "content": "A: hello Bob"}, {"role": "assistant", "content": "A greets Bob."},
+        {"role": "user", "content": "B: hi Amanda"}, {"role": "assistant", "content": "B greets Amanda."},
+        {"role": "user", "content": "A: bye"}, {"role": "assistant", "content": "A leaves."}]
+
+
+@pytest.fixture(scope="module")
+def chat_tok(tiny_chat_model):
+    return AutoTokenizer.from_pretrained(tiny_chat_model)
+
+
+def trained_spans(tok, e) -> list[str]:
+    spans, run = [], []
+    for t, label in [*zip(e["input_ids"], e["labels"], strict=True), (None, IGNORE_INDEX)]:
+        if label != IGNORE_INDEX:
+            assert label == t
+            run.append(t)
+        elif run:
+            spans.append(tok.decode(run))
+            run = []
+    return spans
+
+
+def test_every_assistant_turn_is_trained_and_the_rest_masked(chat_tok):
+    ids, mask = tokenize.chat_ids(chat_tok, CHAT, "r")
+    e = tokenize.encode_chat(ids, mask, chat_tok.eos_token_id, chat_tok.bos_token_id, cfg(max_length=512))
+    assistant = [m["content"] for m in CHAT if m["role"] == "assistant"]
+    # Each answer and the <|im_end|> (EOS) that ends its turn; no system or user token.
+    assert trained_spans(chat_tok, e) == [a + "<|im_end|>" for a in assistant]
+    assert e["trainable"] == sum(label != IGNORE_INDEX for label in e["labels"])
+    assert e["eos_in_labels"] and e["prompt_cut"] == e["completion_cut"] == 0
+    assert chat_tok.decode(e["input_ids"]) == chat_tok.apply_chat_template(CHAT, tokenize=False)
+    p = parse_params(shipped_params(), "params.yaml")
+    assert label_preview(chat_tok, e, p) == (
+        "<|im_start|>system\nYou summarize.<|im_end|>\n<|im_start|>user\nA: hello Bob<|im_end|>\n"
+        "<|im_start|>assistant\n[[A greets Bob.<|im_end|>]]\n<|im_start|>user\nB: hi Amanda<|im_end|>\n"
+        "<|im_start|>assistant\n[[B greets Amanda.<|im_end|>]]\n<|im_start|>user\nA: bye<|im_end|>\n"
+        "<|im_start|>assistant\n[[A leaves.<|im_end|>]]\n")
+
+
+def test_chat_truncation_cuts_the_earliest_turns_and_counts_them():
+    ids, mask = [BOS, 10, 11, 20, 21, EOS, 12, 13, 22, EOS], [0, 0, 0, 1, 1, 1, 0, 0, 1, 1]
+    e = tokenize.encode_chat(ids, mask, EOS, BOS, cfg(max_length=8, truncation_side="left"))
+    assert e["input_ids"] == [BOS, 20, 21, EOS, 12, 13, 22, EOS]
+    assert e["labels"] == [IGNORE_INDEX, 20, 21, EOS, IGNORE_INDEX, IGNORE_INDEX, 22, EOS]
+    assert (e["prompt_cut"], e["completion_cut"], e["trainable"]) == (2, 0, 5) and e["eos_in_labels"]
+    e = tokenize.encode_chat(ids, mask, EOS, BOS, cfg(max_length=8, truncation_side="right"))
+    assert e["input_ids"] == ids[:8] and (e["prompt_cut"], e["completion_cut"]) == (0, 2)
+    e = tokenize.encode_chat(ids, mask, EOS, BOS, cfg(max_length=8, completion_only_loss=False))
+    assert e["labels"] == e["input_ids"]
+
+
+def _chat_rows(turns: int, n: int = 4) -> list[dict]:
+    rows = []
+    for i in range(n):
+        messages = [m for t in range(turns) for m in (
+            {"role": "user", "content": f"A: hello {i} {t}"}, {"role": "assistant", "content": f"hi {i} {t}"})]
+        rows.append({"id": f"c{i}", "prompt": "unused", "completion": messages[-1]["content"],
+                     "messages": messages})
+    return rows
+
+
+def test_multi_turn_chat_without_generation_markers_is_refused(tmp_path, monkeypatch, tiny_model):
+    from tasks.errors import TemplateError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TemplateError) as err:
+        _stage(tmp_path, tiny_model, _chat_rows(turns=2))
+    message = str(err.value)
+    for needle in ("prompt.template: chat", "models/tiny", "2 assistant turns", "{% generation %}",
+                   "one assistant turn per conversation"):
+        assert needle in message
+    assert not Path("data/tokenized").exists()
+
+
+def test_one_turn_chat_without_markers_trains_its_pair(tmp_path, monkeypatch, tiny_model):
+    import datasets
+
+    monkeypatch.chdir(tmp_path)
+    rows = _chat_rows(turns=1)
+    for r in rows:
+        r["prompt"] = f"<|user|>\n{r['messages'][0]['content']}\n<|assistant|>\n"
+    _stage(tmp_path, tiny_model, rows)
+    saved = datasets.load_from_disk("data/tokenized")["train"]
+    tok = AutoTokenizer.from_pretrained("data/tokenized/tokenizer")
+    assert trained_spans(tok, saved[0]) == [f"{rows[0]['completion']}</s>"]
+
+
+@pytest.mark.parametrize(("old", "new", "needle"), [
+    # <|im_end|> outside the generation block: the model would never learn to end a turn.
+    ("{{- m['content'] + '<|im_end|>' }}{% endgeneration %}",
+     "{{- m['content'] }}{% endgeneration %}{{- '<|im_end|>' }}", "ends no assistant turn with EOS"),
+    # Only the last answer marked (as templates that drop earlier reasoning do).
+    ("{%- if m['role'] == 'assistant' %}", "{%- if m['role'] == 'assistant' and loop.last %}",
+     "marks 1 of the conversation's 3 assistant turns"),
+])
+def test_chat_template_that_cannot_end_or_mark_every_turn_is_refused(chat_tok, old, new, needle):
+    from tasks.errors import TemplateError
+
+    from .conftest import CHATML_TEMPLATE
+
+    assert old in CHATML_TEMPLATE
+    tok = copy.deepcopy(chat_tok)
+    tok.chat_template = CHATML_TEMPLATE.replace(old, new)
+    with pytest.raises(TemplateError, match=needle):
+        tokenize.chat_ids(tok, CHAT, "r")
+
+
+@pytest.mark.parametrize("template_bos", [False, True])
+def test_chat_starts_with_bos_once_when_the_tokenizer_adds_one(chat_tok, template_bos):
+    from tokenizers import processors
+
+    from .conftest import CHATML_TEMPLATE
+
+    tok = copy.deepcopy(chat_tok)  # as Llama-2's and Mistral's tokenizers, BOS before every text
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)])
+    tok.chat_template = ("{{- bos_token }}" if template_bos else "") + CHATML_TEMPLATE
+    ids, mask = tokenize.chat_ids(tok, CHAT, "r")
+    assert ids[0] == tok.bos_token_id != ids[1] and mask[0] == 0
+    assert tokenize.prompt_ids(tok, [tok.decode(ids)])[0] == ids  # as generation will see it
