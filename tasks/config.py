@@ -27,6 +27,7 @@ from tasks.errors import ConfigError, TemplateError
 # Local inputs must live where dvc.yaml tracks them, or DVC could not notice they changed.
 DATA_DIR = Path("data/raw")
 MODELS_DIR = Path("models")
+LM_EVAL_DIR = Path("data/lm_eval")  # local lm-evaluation-harness task YAMLs and their data
 # Formats prepare reads; compressed JSONL is decompressed as it is read.
 LOCAL_DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".csv", ".tsv", ".parquet")
 SPLIT_NAMES = ("train", "validation", "test")
@@ -607,6 +608,35 @@ class EvaluateConfig(Section):
     seed: int = Field(0, description="Bootstrap seed: the same inputs give the same intervals.")
     preview_rows: int = Field(5, ge=0, description=(
         "Predictions shown in reports/eval_preview.md."))
+    # The general-capability check, read by evaluate only (off while lm_eval_tasks is []):
+    lm_eval_tasks: list[str] = Field([], description=(
+        "EleutherAI lm-evaluation-harness tasks run on the base and on the tuned model (adapter "
+        "attached) to catch forgetting (metrics/lm_eval.json; promote.max_regression gates on "
+        "it): harness task or group names (e.g. hellaswag, arc_easy: their data comes from the "
+        "Hugging Face Hub) or paths of task YAMLs under data/lm_eval/ (local data, offline). "
+        "[]: off."))
+    lm_eval_limit: int | None = Field(None, ge=1, description=(
+        "Score only the first N items of each harness task (the harness's `limit`); null: all."))
+    lm_eval_num_fewshot: int | None = Field(None, ge=0, description=(
+        "Few-shot examples in each harness prompt (the harness's `num_fewshot`); null: each "
+        "task's own default (0 where it sets none)."))
+
+    @field_validator("lm_eval_tasks")
+    @classmethod
+    def _lm_eval_tasks(cls, specs: list[str]) -> list[str]:
+        problems = []
+        for spec in specs:
+            if not spec.endswith((".yaml", ".yml")):
+                continue  # a harness task name, checked by the harness when evaluate runs
+            p = Path(spec)
+            if p.is_absolute() or ".." in p.parts or p.parts[:2] != LM_EVAL_DIR.parts:
+                problems.append(f"{spec!r}: a task YAML must be under {LM_EVAL_DIR}/ (dvc.yaml "
+                                "tracks that folder)")
+        if len(set(specs)) != len(specs):
+            problems.append("a task is listed twice")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return specs
 
 
 class ExportConfig(Section):
@@ -643,6 +673,10 @@ class PromoteConfig(Section):
         "registry/latest.json points at (the base before anything was promoted), so from the "
         "second run on the margin is over the last promoted model; the headline metric is "
         "ROUGE-L for causal_lm and seq2seq, accuracy for sequence_classification."))
+    max_regression: float | None = Field(None, ge=0, description=(
+        "Refuse promotion when any task of evaluate.lm_eval_tasks drops by more than this from "
+        "the base to the tuned model, in the task's main metric (its first; e.g. acc, 0-1); "
+        "null: the scores are reported, not checked."))
 
 
 class Params(Section):
@@ -710,6 +744,14 @@ class Params(Section):
         if self.export.gguf and (task != "causal_lm" or method in PROMPT_LEARNING):
             problems.append("export.gguf needs model.task causal_lm and a peft.method that merges "
                             "(GGUF holds one standalone decoder model)")
+        # seq2seq is the harness's other backend, but untested here with an adapter attached.
+        if self.evaluate.lm_eval_tasks and (task != "causal_lm" or method in PROMPT_LEARNING):
+            problems.append("evaluate.lm_eval_tasks scores a causal LM's log-likelihoods: it needs "
+                            "model.task causal_lm and a peft.method that keeps the input as it is "
+                            f"(not {', '.join(PROMPT_LEARNING)}; task is {task}, method {method})")
+        if self.promote.max_regression is not None and not self.evaluate.lm_eval_tasks:
+            problems.append("promote.max_regression checks the tasks of evaluate.lm_eval_tasks, which is "
+                            "empty: list tasks there, or set max_regression to null")
         if method == "adalora" and self.train.max_steps < 1:
             problems.append("peft.method adalora schedules its rank budget over train.max_steps: "
                             "set a positive train.max_steps")

@@ -10,6 +10,11 @@ prompts on a classifier it keeps the trained head, and it fails on encoders.) Re
 data/prepared/test.jsonl; writes metrics/eval.json (base, tuned, delta; each score with a
 bootstrap confidence interval), reports/predictions.jsonl and reports/eval_preview.md.
 
+With `evaluate.lm_eval_tasks` listed, both models are also run through EleutherAI's
+lm-evaluation-harness (tasks/harness.py, the general-capability check) and
+metrics/lm_eval.json holds each task's main metric side by side; with none, that file only
+records that the check is off.
+
     finetune evaluate
 """
 
@@ -19,7 +24,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from tasks import paths
+from tasks import harness, paths
 from tasks.config import Params
 from tasks.generation import generate, predict_labels, test_rows
 from tasks.io import atomic_path, write_json, write_jsonl
@@ -90,9 +95,11 @@ def run(params: Params) -> dict[str, Any]:
         if any("references" in r for r in rows) else references
     log.info("running %d test examples through the base model", len(rows))
     base = outputs(model, tokenizer, prompts, params)
+    general = harness.score(model, tokenizer, params) if cfg.lm_eval_tasks else None
     model = attach_adapter(model, params)
     log.info("running %d test examples through the tuned model", len(rows))
     tuned = outputs(model, tokenizer, prompts, params)
+    general_tuned = harness.score(model, tokenizer, params) if cfg.lm_eval_tasks else None
     result: dict[str, Any] = {"base": scores(base, scored, params),
                               "tuned": scores(tuned, scored, params)}
     result["delta"] = {t: round(result["tuned"][t]["mean"] - result["base"][t]["mean"], 6)
@@ -105,6 +112,9 @@ def run(params: Params) -> dict[str, Any]:
     with atomic_path(paths.EVAL_PREVIEW) as tmp:
         tmp.write_text(_preview(predictions, cfg.preview_rows), encoding="utf-8")
     write_json(paths.METRICS["eval"], result)
+    capability = harness.write(params, general, general_tuned)
+    for row in capability["scores"].values():
+        log.info("%s %s base %.4f -> tuned %.4f", row["task"], row["metric"], row["base"], row["tuned"])
     headline = HEADLINE[params.model.task]
     log.info("%s base %.4f -> tuned %.4f", headline, result["base"][headline]["mean"],
              result["tuned"][headline]["mean"])

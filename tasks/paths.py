@@ -18,5 +18,5 @@ TRACKERS = Path("logs")  # train.report_to's local files (tensorboard/, dvclive/
 REGISTRY = Path("registry")  # promoted models, one folder each; kept across runs
 LATEST = REGISTRY / "latest.json"  # the promoted model consumers should read
 METRICS = {stage: Path(f"metrics/{stage}.json")
-           for stage in ("prepare", "tokenize", "train", "align", "eval", "export", "promote")}
+           for stage in ("prepare", "tokenize", "train", "align", "eval", "lm_eval", "export", "promote")}
 SPLITS = ("train", "validation", "test")

@@ -14,8 +14,15 @@ rows (`scored.json`): when the test rows and generation settings are unchanged t
 stored predictions are reused; otherwise promote says so and generates with the champion on
 the current rows (and stores those for the next run).
 
+With `evaluate.lm_eval_tasks` listed, the release also has to keep what the base knew: when
+`promote.max_regression` is set, a challenger that drops any of those tasks' main metric by
+more than that from the base (metrics/lm_eval.json, evaluate's general-capability check) is
+refused, whatever it gains on the test set. The base, not the champion, is the reference
+there: a chain of champions each losing a little less than max_regression would otherwise
+drift away from the base without limit.
+
 `dvc repro` and the Prefect flow both run this stage, so both apply the same rule. Reads
-reports/predictions.jsonl and artifacts/merged/; writes metrics/promote.json and, when
+reports/predictions.jsonl, metrics/lm_eval.json and artifacts/merged/; writes metrics/promote.json and, when
 promoted, registry/<model hash>/ (the model, predictions.jsonl, scored.json, promotion.json)
 and registry/latest.json.
 
@@ -149,8 +156,35 @@ def _promote(rows: list[dict[str, Any]], decision: dict[str, Any], params: Param
         "path": str(target), "sha256": digest, "metric": decision["metric"],
         "score": decision["challenger"]["score"], "test_sha256": decision["test_sha256"],
         "champion": decision["champion"], "difference": decision["difference"],
-        "params_sha256": params.digest()})
+        "params_sha256": params.digest()} | ({"lm_eval": decision["lm_eval"]} if "lm_eval" in decision else {}))
     return target
+
+
+def capability(params: Params) -> dict[str, Any] | None:
+    """The general-capability check of metrics/lm_eval.json under promote.max_regression:
+    each task's base and tuned score and drop, and the tasks dropping by more than allowed.
+    None when evaluate.lm_eval_tasks is empty."""
+    from tasks.harness import settings
+
+    if not params.evaluate.lm_eval_tasks:
+        return None
+    file = paths.METRICS["lm_eval"]
+    found = json.loads(file.read_text()) if file.is_file() else None
+    if found is None or {k: found.get(k) for k in settings(params)} != settings(params):
+        raise PipelineError(f"{file} was not made with the current evaluate.lm_eval_tasks, lm_eval_limit "
+                            "and lm_eval_num_fewshot: run `finetune evaluate` (or `dvc repro`) first")
+    limit = params.promote.max_regression
+    tasks = {name: {k: row[k] for k in ("metric", "base", "tuned", "drop")}
+             for name, row in found["scores"].items()}
+    regressed = [name for name, row in tasks.items() if limit is not None and row["drop"] > limit]
+    return {"max_regression": limit, "tasks": tasks, "regressed": regressed}
+
+
+def _regression_reason(check: dict[str, Any]) -> str:
+    limit = check["max_regression"]
+    return "; ".join(f"{name} {row['metric']} dropped {row['drop']:.4f} (base {row['base']:.4f} -> tuned "
+                     f"{row['tuned']:.4f}) > max_regression {limit}"
+                     for name, row in check["tasks"].items() if name in check["regressed"])
 
 
 def run(params: Params) -> dict[str, Any]:
@@ -172,19 +206,30 @@ def run(params: Params) -> dict[str, Any]:
         "challenger": {"model": str(paths.MERGED), "score": round(sum(ours) / len(ours), 6)},
         "difference": difference, "confidence_level": cfg.confidence_level,
         "min_gain": threshold, "promoted": difference["mean"] >= threshold}
+    check = capability(params)
+    if check is not None:
+        decision["lm_eval"] = check
+        decision["promoted"] = decision["promoted"] and not check["regressed"]
     paths.REGISTRY.mkdir(exist_ok=True)  # DVC expects the (persistent) output to exist
     verdict = (f"{metric} challenger {decision['challenger']['score']:.4f} vs champion ({name}) "
                f"{decision['champion']['score']:.4f}: difference {difference['mean']:+.4f} "
                f"({cfg.confidence_level:.0%} CI [{difference['ci_low']:+.4f}, {difference['ci_high']:+.4f}])")
     if how.startswith("generated"):
         verdict = f"champion re-scored ({how.removeprefix('generated: ')}); {verdict}"
+    gained = difference["mean"] >= threshold
+    verdict += f" {'>=' if gained else '<'} min_gain {threshold}"
+    if check is not None and check["regressed"]:
+        verdict += f"; general capability lost: {_regression_reason(check)}"
+    elif check is not None and check["max_regression"] is not None:
+        verdict += (f"; no task of evaluate.lm_eval_tasks dropped by more than max_regression "
+                    f"{check['max_regression']}")
     if decision["promoted"]:
-        decision["reason"] = f"{verdict} >= min_gain {threshold}: promoted"
+        decision["reason"] = f"{verdict}: promoted"
         target = _promote(rows, decision, params)
         decision["reason"] += f" to {target}"
     else:
         stays = "the champion stays current" if name != BASE else "nothing was promoted yet"
-        decision["reason"] = f"{verdict} < min_gain {threshold}: not promoted; {stays}"
+        decision["reason"] = f"{verdict}: not promoted; {stays}"
     current = latest()
     decision["latest"] = current["path"] if current else None
     write_json(paths.METRICS["promote"], decision)

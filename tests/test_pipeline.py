@@ -74,7 +74,8 @@ def test_each_stage_writes_exactly_its_outputs(ws):
         "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
         "tokenizer_config.json", "chat_template.jinja", "README.md", "manifest.json"}
     assert files(ws / "metrics") == {"prepare.json", "tokenize.json", "train.json", "train_log.tsv",
-                                     "align.json", "eval.json", "export.json", "promote.json", ".gitignore"}
+                                     "align.json", "eval.json", "lm_eval.json", "export.json", "promote.json",
+                                     ".gitignore"}
     assert files(ws / "artifacts/aligned") == {"README.md"}  # align.enabled is false by default
     assert files(ws / "reports") == {"predictions.jsonl", "eval_preview.md", "label_preview.txt",
                                      ".gitignore"}
