@@ -47,6 +47,7 @@ USER_ERROR_EXIT = 2  # tasks.cli exits 2 for errors the user can fix
 TAIL_LINES = 40  # lines of a failed stage's output quoted in the error
 DEFAULT_GPU_STAGES = ("train",)  # what a split run sends to the GPU pool by default
 PROGRESS_POLL_S = 3.0  # how often train's progress artifacts are refreshed while it runs
+CHECKOUT_VENV = Path(".venv")  # the environment `make setup` builds in a checkout
 
 
 class StageFailed(RuntimeError):
@@ -80,6 +81,15 @@ def stage_version(stage: str, root: Path = Path(".")) -> str | None:
         return None
     entry = {k: v for k, v in entry.items() if k != "outs"}
     return hashlib.sha256(json.dumps(entry, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def stage_bin(root: Path = Path(".")) -> Path:
+    """Where the stage commands (`dvc`, `finetune ...`) come from: the checkout's own
+    environment (`make setup`'s .venv) when it has one, so a run in a checkout a pull step
+    cloned and installed runs that commit's code with that commit's lock; else beside this
+    interpreter, which a worker may have started without activating the venv."""
+    venv_bin = (root / CHECKOUT_VENV / "bin").absolute()
+    return venv_bin if (venv_bin / "finetune").is_file() else Path(sys.executable).parent
 
 
 def _retry_unless_user_error(task, task_run, state) -> bool:
@@ -188,10 +198,9 @@ def run_stage(stage: str, force: bool = False, remote: bool = False,
     stage's inputs are first restored (`dvc repro --pull` of the stages it reads, from the
     run cache another worker pushed), and its outputs and run-cache entry are pushed after.
     `restore_only` takes the stage's result from the remote and refuses to compute it here."""
-    # The stage commands (`finetune ...`) live beside this interpreter, which a worker may
-    # have started without activating the venv; progress bars would flood the UI log.
+    # Progress bars would flood the UI log.
     env = {**os.environ, "TQDM_DISABLE": "1",
-           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+           "PATH": os.pathsep.join([str(stage_bin()), os.environ.get("PATH", "")])}
     commands = []
     if remote and (inputs := upstream(stage)):
         commands.append((["dvc", "repro", "--pull", *inputs], env))
