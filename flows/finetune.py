@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import contextvars
 import hashlib
+import itertools
 import json
 import os
 import signal
 import subprocess
 import sys
 import threading
+import time
 from collections import deque
 from datetime import timedelta
 from pathlib import Path
@@ -37,7 +39,7 @@ from prefect.states import Completed, State
 
 from tasks import paths
 from tasks.cli import RESTORE_ONLY_ENV
-from tasks.config import ParamsOverride, apply_overrides
+from tasks.config import ParamsOverride, apply_overrides, deep_merge, load_params, parse_params, read_yaml
 
 # Retries where failures can be transient (a preempted GPU host, a flaky filesystem).
 # A stage that fails with the pipeline's own error (a user-fixable problem) is not retried.
@@ -46,7 +48,11 @@ RETRY_DELAY_SECONDS = [30, 120]
 USER_ERROR_EXIT = 2  # tasks.cli exits 2 for errors the user can fix
 TAIL_LINES = 40  # lines of a failed stage's output quoted in the error
 DEFAULT_GPU_STAGES = ("train",)  # what a split run sends to the GPU pool by default
+# A sweep compares its points on the test split: each experiment runs up to evaluate; export
+# and promote the best one with `dvc exp apply NAME && dvc repro`.
+SWEEP_TARGET = "evaluate"
 PROGRESS_POLL_S = 3.0  # how often train's progress artifacts are refreshed while it runs
+CHECKOUT_VENV = Path(".venv")  # the environment `make setup` builds in a checkout
 
 
 class StageFailed(RuntimeError):
@@ -80,6 +86,21 @@ def stage_version(stage: str, root: Path = Path(".")) -> str | None:
         return None
     entry = {k: v for k, v in entry.items() if k != "outs"}
     return hashlib.sha256(json.dumps(entry, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def stage_bin(root: Path = Path(".")) -> Path:
+    """Where the stage commands (`dvc`, `finetune ...`) come from: the checkout's own
+    environment (`make setup`'s .venv) when it has one, so a run in a checkout a pull step
+    cloned and installed runs that commit's code with that commit's lock; else beside this
+    interpreter, which a worker may have started without activating the venv."""
+    venv_bin = (root / CHECKOUT_VENV / "bin").absolute()
+    return venv_bin if (venv_bin / "finetune").is_file() else Path(sys.executable).parent
+
+
+def _stage_env() -> dict[str, str]:
+    # Progress bars would flood the UI log.
+    return {**os.environ, "TQDM_DISABLE": "1",
+            "PATH": os.pathsep.join([str(stage_bin()), os.environ.get("PATH", "")])}
 
 
 def _retry_unless_user_error(task, task_run, state) -> bool:
@@ -188,10 +209,7 @@ def run_stage(stage: str, force: bool = False, remote: bool = False,
     stage's inputs are first restored (`dvc repro --pull` of the stages it reads, from the
     run cache another worker pushed), and its outputs and run-cache entry are pushed after.
     `restore_only` takes the stage's result from the remote and refuses to compute it here."""
-    # The stage commands (`finetune ...`) live beside this interpreter, which a worker may
-    # have started without activating the venv; progress bars would flood the UI log.
-    env = {**os.environ, "TQDM_DISABLE": "1",
-           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    env = _stage_env()
     commands = []
     if remote and (inputs := upstream(stage)):
         commands.append((["dvc", "repro", "--pull", *inputs], env))
@@ -307,10 +325,77 @@ def _on_other_pool(deployment: str, stage: str, force: bool,
                           f"{child.state.name if child.state else 'without a state'}")
 
 
+def _nested(dotted: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in dotted.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+def sweep_points(grid: dict[str, list[Any]], params_file: Path = Path("params.yaml")) -> list[dict[str, Any]]:
+    """Every point of `grid` (dotted params.yaml key -> values), in the order of its keys and
+    values; each point is checked merged into `params_file`, so a bad key or value fails the
+    sweep before any experiment runs."""
+    problems = [f"sweep: {key}: needs a non-empty list of values" for key, values in grid.items()
+                if not isinstance(values, list) or not values]
+    if problems or not grid:
+        raise ValueError("\n".join(problems or ["sweep: the grid names no params"]))
+    points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    base = read_yaml(params_file)
+    for point in points:
+        parse_params(deep_merge(base, _nested(point)), f"{params_file} with sweep point {point}")
+    return points
+
+
+@task(log_prints=True)
+def experiment(name: str, point: dict[str, Any], metric: str, force: bool = False) -> dict[str, Any]:
+    """One sweep point as a DVC experiment: `dvc exp run -n NAME -S KEY=VALUE ... evaluate`,
+    which leaves its results in the workspace; returns its row of the sweep table."""
+    cmd = ["dvc", "exp", "run", "-n", name, *(["--force"] if force else []),
+           *[a for key, value in point.items() for a in ("-S", f"{key}={json.dumps(value)}")], SWEEP_TARGET]
+    started = time.monotonic()
+    code, tail, _ = _stream(cmd, _stage_env(), SWEEP_TARGET)
+    if code != 0:
+        raise StageFailed(SWEEP_TARGET, f"exited with {USER_ERROR_EXIT}" in tail, tail)
+    wall = time.monotonic() - started
+    tuned = json.loads(paths.METRICS["eval"].read_text())["tuned"][metric]
+    train = json.loads(paths.METRICS["train"].read_text())
+    return {"experiment": name, **point, metric: tuned["mean"],
+            f"{metric}_ci95": f"[{tuned['ci_low']}, {tuned['ci_high']}]",
+            "train_loss": train["train_loss"], "wall_time_s": round(wall, 1)}
+
+
+def run_sweep(grid: dict[str, list[Any]], force: bool = False) -> dict[str, Any]:
+    """Each point of `grid` as a DVC experiment, one after another in this checkout, and one
+    table artifact (`sweep`) comparing them, the best (highest headline metric) marked."""
+    from prefect.runtime import flow_run
+
+    from tasks.scoring import HEADLINE
+
+    points = sweep_points(grid)
+    metric = HEADLINE[load_params().model.task]
+    # Named after the flow run, so each row leads back to its experiment: `dvc exp apply NAME`.
+    names = [f"{flow_run.name}-{i}" for i in range(1, len(points) + 1)]
+    rows = [experiment.with_options(task_run_name=name)(name, point, metric, force)
+            for name, point in zip(names, points)]
+    best = max(rows, key=lambda r: r[metric])
+    for row in rows:
+        row["best"] = "best" if row is best else ""
+    create_table_artifact(key="sweep", table=rows,
+                          description=f"{len(rows)} DVC experiments up to {SWEEP_TARGET}, "
+                                      f"best by tuned {metric} (95% CI); `dvc exp show` lists them")
+    return {"sweep": rows, "best": best["experiment"]}
+
+
 @flow(name="finetune", log_prints=True)
 def finetune(overrides: ParamsOverride | None = None, force: bool = False, remote: bool = False,
              gpu_deployment: str | None = None,
-             gpu_stages: tuple[str, ...] = DEFAULT_GPU_STAGES) -> dict[str, Any]:
+             gpu_stages: tuple[str, ...] = DEFAULT_GPU_STAGES,
+             sweep: dict[str, list[Any]] | None = None) -> dict[str, Any]:
     """Run the fine-tuning pipeline of dvc.yaml.
 
     Args:
@@ -322,12 +407,20 @@ def finetune(overrides: ParamsOverride | None = None, force: bool = False, remot
         gpu_deployment: a deployment of the `finetune-stage` flow (e.g. "finetune-stage/gpu")
             that runs `gpu_stages` on its own work pool; needs `remote`.
         gpu_stages: the stages sent to `gpu_deployment`.
+        sweep: instead of one run, a grid of params.yaml keys and values (e.g.
+            {"train.learning_rate": [1e-4, 2e-4], "lora.r": [8, 16]}): every point runs as a
+            DVC experiment up to evaluate, one after another, and the `sweep` table compares
+            them.
     """
     logger = get_run_logger()
     if gpu_deployment and not remote:
         raise ValueError("gpu_deployment needs remote: true (the stages' artifacts travel "
                          "between the two pools through the DVC remote)")
+    if sweep and (remote or gpu_deployment):
+        raise ValueError("sweep runs every point in this checkout: leave remote and gpu_deployment unset")
     _apply(overrides)
+    if sweep:
+        return run_sweep(sweep, force)
     summary: dict[str, Any] = {"stages": {}}
     for stage in dvc_stages():
         elsewhere = bool(gpu_deployment) and stage in gpu_stages

@@ -92,17 +92,19 @@ def test_nightly_deployment_runs_on_a_gpu_pool_worker(server, tmp_path_factory, 
     e = {**server["env"], "PWD": str(ws)}  # prefect.yaml's pull step reads $PWD at deploy time
     # The README's steps: create every pool prefect.yaml names, then deploy them all.
     created = make_pools(ws, e)
-    assert "work pool gpu: created (process)" in created and "work pool cpu: created (process)" in created
-    assert make_pools(ws, e).count(": exists") == 2  # a second run changes nothing
+    assert all(f"work pool {pool}: created (process)" in created for pool in ("gpu", "cpu", "gpu-remote"))
+    assert make_pools(ws, e).count(": exists") == 3  # a second run changes nothing
     prefect(["--no-prompt", "deploy", "--all"], ws, e)
     listed = prefect(["deployment", "ls"], ws, e)
-    assert all(d in listed for d in ("finetune/nightly", "finetune/nightly-split", "finetune-stage/gpu"))
+    assert all(d in listed for d in ("finetune/nightly", "finetune/nightly-split", "finetune-stage/gpu",
+                                     "finetune/nightly-remote"))
 
     deployments = {d["name"]: d for d in api(server["url"], "/deployments/filter", {})}
     deployment = deployments["nightly"]
     assert deployment["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
     assert deployment["schedules"][0]["active"]
     assert not deployments["nightly-split"]["schedules"][0]["active"]  # one nightly at a time
+    assert not deployments["nightly-remote"]["schedules"][0]["active"]
     # The scheduler must create the nightly runs (it silently does not with SQLAlchemy 2.1).
     deadline = time.monotonic() + 60
     while not api(server["url"], "/flow_runs/filter",
