@@ -1,5 +1,5 @@
-"""Write a `datasets` save_to_disk folder row batch by row batch, so a split larger than
-memory streams to disk and `datasets.load_from_disk` reads it as usual.
+"""Write a `datasets` save_to_disk folder batch by batch, so a split larger than memory
+streams to disk and `datasets.load_from_disk` reads it as usual.
 
 The bytes are the ones `Dataset.from_dict(rows).save_to_disk(path)` writes for the same rows
 (tests/test_tokenize.py holds them equal): datasets' own ArrowWriter, record batches of
@@ -9,8 +9,8 @@ depends on the total size, known only at the end: the rows go to one file first,
 becomes the only shard or, past MAX_SHARD_SIZE, is streamed into the shards.
 
     writer = DatasetWriter(folder, features)
-    for batch in batches:
-        writer.write(batch)        # a dict of columns
+    for columns in batches:            # a dict of column lists
+        writer.write(columns)
     writer.close(fingerprint)
 """
 
@@ -22,6 +22,11 @@ from typing import Any
 
 SHARD = "data-{index:05d}-of-{count:05d}.arrow"  # save_to_disk's shard file names
 STREAM = "rows.arrow.partial"  # every row, before the shard count is known
+# Arrow writes a sliced array's buffers rounded up to 64 bytes with the bytes that follow
+# the slice. save_to_disk's record batches are slices of one table, so each carries up to 63
+# bytes of the rows after it; each batch here is cut from a table that holds this many rows
+# more (every row has at least one byte in each column: a non-empty id, one token or more).
+LOOKAHEAD_ROWS = 64
 
 
 class DatasetWriter:
@@ -35,20 +40,24 @@ class DatasetWriter:
         self.path.mkdir(parents=True, exist_ok=True)
         self._writer = ArrowWriter(features=features, path=str(self.path / STREAM), embed_local_files=True)
         self._pending: dict[str, list] = {name: [] for name in features}
-        self.rows = 0
+
+    def _pending_rows(self) -> int:
+        return len(next(iter(self._pending.values())))
 
     def write(self, columns: dict[str, list]) -> None:
         """Adds rows; they are written in record batches of `batch_rows`, as save_to_disk's are."""
         for name, values in columns.items():
             self._pending[name] += values
-        while len(self._pending[next(iter(self._pending))]) >= self.batch_rows:
+        while self._pending_rows() >= self.batch_rows + LOOKAHEAD_ROWS:
             self._flush(self.batch_rows)
 
     def _flush(self, n: int) -> None:
-        batch = {name: values[:n] for name, values in self._pending.items()}
+        import pyarrow as pa
+
+        table = pa.Table.from_pydict({name: values[:n + LOOKAHEAD_ROWS] for name, values in self._pending.items()},
+                                     schema=self.features.arrow_schema)
+        self._writer.write_table(table.slice(0, n))
         self._pending = {name: values[n:] for name, values in self._pending.items()}
-        self._writer.write_batch(batch)
-        self.rows += n
 
     def close(self, fingerprint: str) -> None:
         """Writes what is left, lays the rows out in shards, and writes state.json and
@@ -57,8 +66,8 @@ class DatasetWriter:
         from datasets.arrow_writer import get_writer_batch_size_from_data_size
         from datasets.utils.py_utils import asdict, convert_file_size_to_int
 
-        if rest := len(self._pending[next(iter(self._pending))]):
-            self._flush(rest)
+        while rest := self._pending_rows():
+            self._flush(min(rest, self.batch_rows))
         rows, nbytes = self._writer.finalize()
         self._writer.close()
         # save_to_disk's own rules for the shard count and the record batch size.
@@ -86,8 +95,8 @@ class DatasetWriter:
 
     def _reshard(self, stream: Path, rows: int, count: int, batch_rows: int) -> None:
         """Streams the rows into `count` contiguous shards of record batches of `batch_rows`,
-        as Dataset.shard(contiguous=True) cuts them; reading without a memory map keeps the
-        process's resident memory to a few batches."""
+        as Dataset.shard(contiguous=True) cuts them. The file is read without a memory map,
+        so the process holds a few batches, not the file."""
         import pyarrow as pa
         from datasets.arrow_writer import ArrowWriter
 
@@ -106,18 +115,23 @@ class DatasetWriter:
 
 
 class _Rows:
-    """The rows of an Arrow stream reader, taken `n` at a time as a pyarrow Table."""
+    """The rows of an Arrow stream, taken `n` at a time, each time as a slice of one
+    contiguous table that holds LOOKAHEAD_ROWS more."""
 
     def __init__(self, reader: Any):
-        self.reader, self.pending, self.have = reader, [], 0
+        self.reader, self.table, self.done = reader, None, False
 
     def take(self, n: int) -> Any:
         import pyarrow as pa
 
-        while self.have < n:
-            batch = self.reader.read_next_batch()
-            self.pending.append(batch)
-            self.have += batch.num_rows
-        table = pa.Table.from_batches(self.pending)
-        self.pending, self.have = table.slice(n).to_batches(), self.have - n
+        batches = self.table.to_batches() if self.table is not None else []
+        have = sum(b.num_rows for b in batches)
+        while have < n + LOOKAHEAD_ROWS and not self.done:
+            try:
+                batches.append(self.reader.read_next_batch())
+                have += batches[-1].num_rows
+            except StopIteration:
+                self.done = True
+        table = pa.Table.from_batches(batches, schema=self.reader.schema).combine_chunks()
+        self.table = table.slice(n)
         return table.slice(0, n)
