@@ -211,13 +211,17 @@ def scale_workspace(ws: Path, n: int) -> Path:
     """A folder tokenize runs in: ws's params and models, and `n` generated prepared rows,
     every tenth in validation."""
     out = Path(tempfile.mkdtemp(prefix=f"finetune-scale-{n}-"))
-    shutil.copy2(ws / "params.yaml", out / "params.yaml")
-    shutil.copytree(ws / "models", out / "models")
-    prepared = out / "data" / "prepared"
-    prepared.mkdir(parents=True)
-    with (prepared / "train.jsonl").open("w") as train, (prepared / "validation.jsonl").open("w") as val:
-        for i, row in enumerate(scale_rows(n)):
-            (val if i % 10 == 9 else train).write(json.dumps(row) + "\n")
+    try:
+        shutil.copy2(ws / "params.yaml", out / "params.yaml")
+        shutil.copytree(ws / "models", out / "models")
+        prepared = out / "data" / "prepared"
+        prepared.mkdir(parents=True)
+        with (prepared / "train.jsonl").open("w") as train, (prepared / "validation.jsonl").open("w") as val:
+            for i, row in enumerate(scale_rows(n)):
+                (val if i % 10 == 9 else train).write(json.dumps(row) + "\n")
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
     return out
 
 
@@ -240,13 +244,18 @@ def measured(cmd: list[str], cwd: Path) -> dict[str, float]:
 def bench_tokenize_scale(ws: Path, sizes: tuple[int, ...] = SCALE_ROWS) -> list[dict[str, Any]]:
     """`finetune tokenize` (streaming) on generated rows against bench/plain_tokenize.py,
     the former in-memory way, each run once in its own process."""
+    from tasks.config import load_params
+
+    params = load_params(ws / "params.yaml")
+    plain = [sys.executable, str(REPO / "bench" / "plain_tokenize.py"), "--model", params.model.name_or_path,
+             "--max-length", str(params.tokenize.max_length)]
     results, rates = [], {}
     for n in sizes:
         folder = scale_workspace(ws, n)
         try:
             runs = {"ours": measured(["finetune", "tokenize"], folder)}
             if n <= SCALE_BASELINE_MAX_ROWS:
-                runs["baseline"] = measured([sys.executable, str(REPO / "bench" / "plain_tokenize.py")], folder)
+                runs["baseline"] = measured(plain, folder)
             stats = json.loads((folder / "metrics" / "tokenize.json").read_text())
         finally:
             shutil.rmtree(folder, ignore_errors=True)
@@ -256,8 +265,9 @@ def bench_tokenize_scale(ws: Path, sizes: tuple[int, ...] = SCALE_ROWS) -> list[
             "tokenize-scale", rate["ours"], rate.get("baseline"), "rows/s (wall, whole stage process)",
             rows=n, peak_rss_mib={k: r["peak_rss_mib"] for k, r in runs.items()},
             wall_s={k: r["wall_s"] for k, r in runs.items()}, cpu_s={k: r["cpu_s"] for k, r in runs.items()},
+            rows_per_cpu_s={k: round(n / r["cpu_s"]) for k, r in runs.items()},  # steadier on a shared host
             rows_per_s_vs_smallest=round(rate["ours"] / rates[sizes[0]], 3),
-            mean_tokens=stats["train"]["mean_tokens"], max_length=stats["train"]["max_tokens"],
+            mean_tokens=stats["train"]["mean_tokens"], max_tokens=stats["train"]["max_tokens"],
             baseline_is=("bench/plain_tokenize.py: every row in Python lists, "
                          "Dataset.from_dict, save_to_disk" if "baseline" in runs
                          else f"not run above {SCALE_BASELINE_MAX_ROWS} rows (memory)")))
@@ -405,6 +415,7 @@ def main() -> None:
         _train_ours(int(sys.argv[3]), sys.argv[4])
         return
     args = parse_args(sys.argv[1:])
+    sys.path.insert(0, str(REPO))  # scripts/ (the sample data's generator) is not installed
     ws = workspace()
     try:
         for name in args.names:

@@ -11,8 +11,10 @@ Over-long rows are truncated or dropped and counted, and nothing is padded here 
 training collator pads each batch to its own longest row). The tokenizer is saved
 alongside with a pad token distinct from EOS, so every later stage uses the same one.
 
-Reads data/prepared/{train,validation}.jsonl; writes data/tokenized/ (save_to_disk + the
-tokenizer), reports/label_preview.txt and metrics/tokenize.json.
+Reads data/prepared/{train,validation}.jsonl; writes data/tokenized/ (save_to_disk's layout +
+the tokenizer), reports/label_preview.txt and metrics/tokenize.json. It streams: rows are read,
+tokenized and written CHUNK_ROWS at a time (tasks/dataset_writer.py), and the stats are added
+up as they pass, so memory stays flat however many rows there are.
 
     finetune tokenize
 """
