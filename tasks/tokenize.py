@@ -270,7 +270,7 @@ def _tokenize_split(rows: Iterable[dict[str, str]], tokenizer, params: Params, s
     cfg = params.tokenize
     stats, fingerprint = SplitStats(params.model.labels), Fingerprint()
     writer = DatasetWriter(out, features(params.model.task))
-    empty: list[str] = []
+    empty, empty_rows = [], 0  # the first ids and the count of rows left with nothing to train
     first: list[dict[str, Any]] = []
     # Plain lists per chunk, not datasets.map: the stats read every row, and arrow row access
     # costs more than the tokenizing itself (bench/run.py tokenize).
@@ -282,13 +282,14 @@ def _tokenize_split(rows: Iterable[dict[str, str]], tokenizer, params: Params, s
                 kept = [e for e in encoded if e["prompt_cut"] + e["completion_cut"] == 0]
             else:
                 kept = encoded
-                empty += [e["id"] for e in encoded if e["trainable"] == 0]
+                ids = [e["id"] for e in encoded if e["trainable"] == 0]
+                empty, empty_rows = (empty + ids)[:5], empty_rows + len(ids)
             stats.add(encoded, kept)
             first += kept[:max(0, cfg.preview_rows - len(first))]
             writer.write({c: [e[c] for e in kept] for c in COLUMNS})
             progress.update(len(chunk))
-    if empty:
-        raise DataError(f"{split} rows {empty[:5]} ({len(empty)} in all) have no trainable token "
+    if empty_rows:
+        raise DataError(f"{split} rows {empty} ({empty_rows} in all) have no trainable token "
                         f"left after truncation to tokenize.max_length={cfg.max_length}: raise "
                         "max_length, use truncation_side: left, or overlong: drop")
     if not stats.rows_out and split == "train":
