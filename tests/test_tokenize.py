@@ -128,8 +128,9 @@ def _files(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("max_shard_size", [None, 20_000])
-def test_dataset_writer_writes_the_bytes_of_save_to_disk(tmp_path, monkeypatch, max_shard_size):
+@pytest.mark.parametrize("task, max_shard_size", [("causal_lm", None), ("causal_lm", 20_000),
+                                                  ("sequence_classification", 20_000)])
+def test_dataset_writer_writes_the_bytes_of_save_to_disk(tmp_path, monkeypatch, task, max_shard_size):
     import random
 
     import datasets
@@ -142,9 +143,11 @@ def test_dataset_writer_writes_the_bytes_of_save_to_disk(tmp_path, monkeypatch, 
     ids = [[rng.randrange(300) for _ in range(rng.randrange(1, 40))] for _ in range(777)]
     cols = {"id": [f"r{i}" for i in range(777)], "input_ids": ids,
             "labels": [[IGNORE_INDEX] * (len(x) // 2) + x[len(x) // 2:] for x in ids]}
+    if task == "sequence_classification":
+        cols["labels"] = [len(x) % 3 for x in ids]
     expected = datasets.Dataset.from_dict(cols).select_columns(list(cols), new_fingerprint="f" * 16)
     expected.save_to_disk(str(tmp_path / "expected"), max_shard_size=max_shard_size)
-    writer = DatasetWriter(tmp_path / "ours", tokenize.features("causal_lm"), max_shard_size)
+    writer = DatasetWriter(tmp_path / "ours", tokenize.features(task), max_shard_size)
     for start in range(0, 777, 50):  # chunks that do not line up with the record batches
         writer.write({c: v[start:start + 50] for c, v in cols.items()})
     writer.close("f" * 16)
