@@ -6,6 +6,7 @@ temporary copy of the repository, prepared with the shipped params.yaml (the qui
 
     make bench                                  # all of them
     python bench/run.py train tokenize evaluate orchestration
+    python bench/run.py tokenize-scale --scale-rows 10000 100000   # tokenize at 10k and 100k rows
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,9 @@ REPEATS = 3
 TOKENIZE_COPIES = 10  # the 477 train rows, repeated, so one pass takes long enough to time
 EVAL_PROMPTS = 48
 ORCHESTRATION_REPEATS = 3
+SCALE_ROWS = (10_000, 100_000, 1_000_000)  # generated rows per tokenize-scale run (train + validation)
+SCALE_SCENES = 4  # scenes per generated dialogue: about 950 bytes per prepared row
+SCALE_BASELINE_MAX_ROWS = 100_000  # the in-memory baseline holds every row: ~25 GB at 1M rows
 SERVER_START_TIMEOUT = 120  # seconds
 
 
@@ -65,9 +70,11 @@ def workspace() -> Path:
     return ws
 
 
-def report(name: str, ours: float, baseline: float, unit: str, **settings: Any) -> dict[str, Any]:
-    result = {"name": name, "ours": round(ours, 3), "baseline": round(baseline, 3), "unit": unit,
-              "ratio": round(ours / baseline, 3), **settings}
+def report(name: str, ours: float, baseline: float | None, unit: str, **settings: Any) -> dict[str, Any]:
+    """One JSON line; `baseline` None where the baseline was not run (ratio null)."""
+    result = {"name": name, "ours": round(ours, 3), "unit": unit,
+              "baseline": None if baseline is None else round(baseline, 3),
+              "ratio": None if baseline is None else round(ours / baseline, 3), **settings}
     print(json.dumps(result), flush=True)
     return result
 
@@ -162,7 +169,9 @@ def bench_tokenize(ws: Path) -> dict[str, Any]:
     tokenize.set_pad_token(tok)
 
     def ours() -> None:
-        tokenize._tokenize_split(rows, tok, params, "train")
+        out = Path(tempfile.mkdtemp(prefix="finetune-bench-tokenize-"))
+        tokenize._tokenize_split(rows, tok, params, "train", out / "train")
+        shutil.rmtree(out)
 
     def raw() -> None:
         tok([r["prompt"] + r["completion"] for r in rows])
@@ -177,6 +186,92 @@ def bench_tokenize(ws: Path) -> dict[str, Any]:
     rate = {k: len(rows) / statistics.median(v) for k, v in times.items()}
     return report("tokenize", rate["ours"], rate["baseline"], "rows/s", rows=len(rows),
                   repeats=REPEATS + 2, baseline_is="one batched tokenizer call on prompt+completion")
+
+
+# ---- tokenize at scale ----------------------------------------------------------------------
+
+def scale_rows(n: int, seed: int = 0, scenes: int = SCALE_SCENES) -> Iterator[dict[str, str]]:
+    """`n` prepared rows (prepare's output schema) of the sample data's kind, each dialogue
+    `scenes` scenes of scripts/make_sample_data.py long, rendered by the shipped template."""
+    import random
+
+    from scripts.make_sample_data import NAMES, SCENES
+    from tasks.templates import render, resolve
+
+    template, rng = resolve("dialogue_summary", None), random.Random(seed)
+    for i in range(n):
+        a, b = rng.sample(NAMES, 2)
+        parts = [rng.choice(SCENES)(rng, a, b) for _ in range(scenes)]
+        prompt, completion = render(template, {"dialogue": "\n".join(d for d, _ in parts),
+                                               "summary": " ".join(s for _, s in parts)}, f"row {i}")
+        yield {"id": f"s{i:07d}", "prompt": prompt, "completion": completion}
+
+
+def scale_workspace(ws: Path, n: int) -> Path:
+    """A folder tokenize runs in: ws's params and models, and `n` generated prepared rows,
+    every tenth in validation."""
+    out = Path(tempfile.mkdtemp(prefix=f"finetune-scale-{n}-"))
+    try:
+        shutil.copy2(ws / "params.yaml", out / "params.yaml")
+        shutil.copytree(ws / "models", out / "models")
+        prepared = out / "data" / "prepared"
+        prepared.mkdir(parents=True)
+        with (prepared / "train.jsonl").open("w") as train, (prepared / "validation.jsonl").open("w") as val:
+            for i, row in enumerate(scale_rows(n)):
+                (val if i % 10 == 9 else train).write(json.dumps(row) + "\n")
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    return out
+
+
+def measured(cmd: list[str], cwd: Path) -> dict[str, float]:
+    """Wall and CPU seconds and peak RSS of one child process (its own rusage, by wait4)."""
+    with tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env(), stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            err.seek(0)
+            raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
+                             f"{err.read().decode(errors='replace')[-3000:]}")
+    return {"wall_s": round(wall, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+            "peak_rss_mib": round(usage.ru_maxrss / 1024)}
+
+
+def bench_tokenize_scale(ws: Path, sizes: tuple[int, ...] = SCALE_ROWS) -> list[dict[str, Any]]:
+    """`finetune tokenize` (streaming) on generated rows against bench/plain_tokenize.py,
+    the former in-memory way, each run once in its own process."""
+    from tasks.config import load_params
+
+    params = load_params(ws / "params.yaml")
+    plain = [sys.executable, str(REPO / "bench" / "plain_tokenize.py"), "--model", params.model.name_or_path,
+             "--max-length", str(params.tokenize.max_length)]
+    results, rates = [], {}
+    for n in sizes:
+        folder = scale_workspace(ws, n)
+        try:
+            runs = {"ours": measured(["finetune", "tokenize"], folder)}
+            if n <= SCALE_BASELINE_MAX_ROWS:
+                runs["baseline"] = measured(plain, folder)
+            stats = json.loads((folder / "metrics" / "tokenize.json").read_text())
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        rate = {k: n / r["wall_s"] for k, r in runs.items()}
+        rates[n] = rate["ours"]
+        results.append(report(
+            "tokenize-scale", rate["ours"], rate.get("baseline"), "rows/s (wall, whole stage process)",
+            rows=n, peak_rss_mib={k: r["peak_rss_mib"] for k, r in runs.items()},
+            wall_s={k: r["wall_s"] for k, r in runs.items()}, cpu_s={k: r["cpu_s"] for k, r in runs.items()},
+            rows_per_cpu_s={k: round(n / r["cpu_s"]) for k, r in runs.items()},  # steadier on a shared host
+            rows_per_s_vs_smallest=round(rate["ours"] / rates[sizes[0]], 3),
+            mean_tokens=stats["train"]["mean_tokens"], max_tokens=stats["train"]["max_tokens"],
+            baseline_is=("bench/plain_tokenize.py: every row in Python lists, "
+                         "Dataset.from_dict, save_to_disk" if "baseline" in runs
+                         else f"not run above {SCALE_BASELINE_MAX_ROWS} rows (memory)")))
+    return results
 
 
 # ---- evaluate ------------------------------------------------------------------------------
@@ -293,32 +388,41 @@ BENCHES = {
     "train-group_by_length": lambda ws: bench_train(ws, "train-group_by_length",
                                                     train_sampling_strategy="group_by_length"),
     "tokenize": bench_tokenize,
+    "tokenize-scale": bench_tokenize_scale,  # 10k, 100k and 1M rows (--scale-rows): several minutes
     "evaluate": bench_evaluate,
     "orchestration": bench_orchestration,
 }
 
 
-def parse_args(argv: list[str]) -> list[str]:
-    """The benchmark names to run: all of them, in order, when none is named."""
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The benchmark names to run (all of them, in order, when none is named) and the
+    tokenize-scale sizes."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", metavar="NAME",
                         help=f"benchmarks to run (default: all): {', '.join(BENCHES)}")
-    names = parser.parse_args(argv).names
-    unknown = [n for n in names if n not in BENCHES]
+    parser.add_argument("--scale-rows", type=int, nargs="+", default=list(SCALE_ROWS), metavar="N",
+                        help="tokenize-scale: generated rows per run (default: %(default)s)")
+    args = parser.parse_args(argv)
+    unknown = [n for n in args.names if n not in BENCHES]
     if unknown:
         parser.error(f"unknown benchmark {', '.join(unknown)}; choose from {', '.join(BENCHES)}")
-    return names or list(BENCHES)
+    args.names = args.names or list(BENCHES)
+    return args
 
 
 def main() -> None:
     if sys.argv[1:2] == ["_train-ours"]:
         _train_ours(int(sys.argv[3]), sys.argv[4])
         return
-    names = parse_args(sys.argv[1:])
+    args = parse_args(sys.argv[1:])
+    sys.path.insert(0, str(REPO))  # scripts/ (the sample data's generator) is not installed
     ws = workspace()
     try:
-        for name in names:
-            BENCHES[name](ws)
+        for name in args.names:
+            if name == "tokenize-scale":
+                bench_tokenize_scale(ws, tuple(args.scale_rows))
+            else:
+                BENCHES[name](ws)
     finally:
         shutil.rmtree(ws, ignore_errors=True)
 

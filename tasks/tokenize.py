@@ -13,8 +13,10 @@ Over-long rows are truncated or dropped and counted, and nothing is padded here 
 training collator pads each batch to its own longest row). The tokenizer is saved
 alongside with a pad token distinct from EOS, so every later stage uses the same one.
 
-Reads data/prepared/{train,validation}.jsonl; writes data/tokenized/ (save_to_disk + the
-tokenizer), reports/label_preview.txt and metrics/tokenize.json.
+Reads data/prepared/{train,validation}.jsonl; writes data/tokenized/ (save_to_disk's layout +
+the tokenizer), reports/label_preview.txt and metrics/tokenize.json. It streams: rows are read,
+tokenized and written CHUNK_ROWS at a time (tasks/dataset_writer.py), and the stats are added
+up as they pass, so memory stays flat however many rows there are.
 
     finetune tokenize
 """
@@ -22,14 +24,17 @@ tokenizer), reports/label_preview.txt and metrics/tokenize.json.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 from tasks import paths, templates
 from tasks.config import Params, TokenizeConfig
 from tasks.errors import DataError, PipelineError
-from tasks.io import atomic_path, read_jsonl, save_tokenizer, write_json
+from tasks.io import atomic_path, iter_jsonl, save_tokenizer, write_json
 from tasks.modeling import load_tokenizer
 
 log = logging.getLogger("finetune.tokenize")
@@ -237,80 +242,152 @@ def label_preview(tokenizer, example: dict[str, Any], params: Params) -> str:
     return "".join(out)
 
 
-def _tokenize_split(rows: list[dict[str, str]], tokenizer, params: Params, split: str):
-    import datasets
+COLUMNS = ("id", "input_ids", "labels")
+
+
+def features(task: str):
+    """The saved columns' types: what Dataset.from_dict infers for them (datasets stores a
+    column named input_ids as int32)."""
+    from datasets import Features, List, Value
+
+    label = Value("int64") if task == "sequence_classification" else List(Value("int64"))
+    return Features({"id": Value("string"), "input_ids": List(Value("int32")), "labels": label})
+
+
+class Fingerprint:
+    """The dataset's fingerprint: sha256 of json.dumps([rows, tokenize params, task, labels,
+    tokenizer], sort_keys=True), hashed as the rows stream by. datasets fingerprints
+    in-memory data at random; a content hash keeps the saved output byte-identical across
+    reruns, so DVC sees an unchanged output."""
+
+    def __init__(self):
+        self.hash, self.rows = hashlib.sha256(b"[["), 0
+
+    def update(self, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            self.hash.update(((", " if self.rows else "") + json.dumps(row, sort_keys=True)).encode())
+            self.rows += 1
+
+    def hexdigest(self, params: Params, tokenizer) -> str:
+        rest = [params.tokenize.model_dump(), params.model.task, params.model.labels, tokenizer.name_or_path]
+        self.hash.update(("], " + json.dumps(rest, sort_keys=True)[1:]).encode())
+        return self.hash.hexdigest()[:16]
+
+
+def _chunks(rows: Iterable[dict[str, str]], size: int) -> Iterator[list[dict[str, str]]]:
+    rows = iter(rows)
+    while chunk := list(itertools.islice(rows, size)):
+        yield chunk
+
+
+class SplitStats:
+    """A split's numbers for metrics/tokenize.json, added up chunk by chunk."""
+
+    def __init__(self, labels: list[str] | None):
+        self.rows_in = self.rows_over_max_length = self.rows_without_eos_label = 0
+        self.prompt_cut, self.completion_cut = [0, 0], [0, 0]  # total, max
+        self.rows_out = self.tokens = self.trainable_tokens = self.max_tokens = 0
+        self.labels, self.per_label = labels, [0] * len(labels or [])
+
+    def add(self, encoded: list[dict[str, Any]], kept: list[dict[str, Any]]) -> None:
+        for e in encoded:
+            self.rows_in += 1
+            self.rows_over_max_length += e["prompt_cut"] + e["completion_cut"] > 0
+            self.rows_without_eos_label += not e["eos_in_labels"]
+            for acc, key in ((self.prompt_cut, "prompt_cut"), (self.completion_cut, "completion_cut")):
+                acc[0], acc[1] = acc[0] + e[key], max(acc[1], e[key])
+        for e in kept:
+            self.rows_out += 1
+            self.tokens += len(e["input_ids"])
+            self.trainable_tokens += e["trainable"]
+            self.max_tokens = max(self.max_tokens, len(e["input_ids"]))
+            if self.labels is not None:
+                self.per_label[e["labels"]] += 1
+
+    def as_dict(self) -> dict[str, Any]:
+        stats: dict[str, Any] = {
+            "rows_in": self.rows_in,
+            "rows_over_max_length": self.rows_over_max_length,
+            "prompt_tokens_cut": {"total": self.prompt_cut[0], "max": self.prompt_cut[1]},
+            "completion_tokens_cut": {"total": self.completion_cut[0], "max": self.completion_cut[1]},
+            "rows_without_eos_label": self.rows_without_eos_label,
+            "rows_out": self.rows_out, "rows_dropped": self.rows_in - self.rows_out,
+            "tokens": self.tokens, "trainable_tokens": self.trainable_tokens,
+            "max_tokens": self.max_tokens,
+            "mean_tokens": round(self.tokens / self.rows_out, 2) if self.rows_out else 0,
+        }
+        if self.labels is not None:
+            stats["rows_per_label"] = dict(zip(self.labels, self.per_label, strict=True))
+        return stats
+
+
+def _tokenize_split(rows: Iterable[dict[str, str]], tokenizer, params: Params, split: str,
+                    out: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Tokenizes `rows` CHUNK_ROWS at a time and writes each chunk's examples to `out` (a
+    save_to_disk folder) as it goes, so memory holds about one chunk whatever the split's
+    size. Returns the split's stats and its first `preview_rows` examples."""
     from tqdm.auto import tqdm
 
+    from tasks.dataset_writer import DatasetWriter
+
     cfg = params.tokenize
-    # Plain lists, not datasets.map: the stats read every row, and arrow row access costs
-    # more than the tokenizing itself (bench/run.py tokenize).
-    encoded: list[dict[str, Any]] = []
-    with tqdm(total=len(rows), desc=f"tokenize {split}", unit="row") as progress:
-        for start in range(0, len(rows), CHUNK_ROWS):
-            chunk = rows[start:start + CHUNK_ROWS]
-            encoded += _encode_chunk(chunk, tokenizer, params)
+    stats, fingerprint = SplitStats(params.model.labels), Fingerprint()
+    writer = DatasetWriter(out, features(params.model.task))
+    empty, empty_rows = [], 0  # the first ids and the count of rows left with nothing to train
+    first: list[dict[str, Any]] = []
+    # Plain lists per chunk, not datasets.map: the stats read every row, and arrow row access
+    # costs more than the tokenizing itself (bench/run.py tokenize).
+    with tqdm(desc=f"tokenize {split}", unit="row") as progress:
+        for chunk in _chunks(rows, CHUNK_ROWS):
+            fingerprint.update(chunk)
+            encoded = _encode_chunk(chunk, tokenizer, params)
+            if cfg.overlong == "drop":
+                kept = [e for e in encoded if e["prompt_cut"] + e["completion_cut"] == 0]
+            else:
+                kept = encoded
+                ids = [e["id"] for e in encoded if e["trainable"] == 0]
+                empty, empty_rows = (empty + ids)[:5], empty_rows + len(ids)
+            stats.add(encoded, kept)
+            first += kept[:max(0, cfg.preview_rows - len(first))]
+            writer.write({c: [e[c] for e in kept] for c in COLUMNS})
             progress.update(len(chunk))
-    prompt_cut = [e["prompt_cut"] for e in encoded]
-    completion_cut = [e["completion_cut"] for e in encoded]
-    stats: dict[str, Any] = {
-        "rows_in": len(encoded),
-        "rows_over_max_length": sum(p + c > 0 for p, c in zip(prompt_cut, completion_cut, strict=True)),
-        "prompt_tokens_cut": {"total": sum(prompt_cut), "max": max(prompt_cut, default=0)},
-        "completion_tokens_cut": {"total": sum(completion_cut), "max": max(completion_cut, default=0)},
-        "rows_without_eos_label": sum(not e["eos_in_labels"] for e in encoded),
-    }
-    if cfg.overlong == "drop":
-        kept = [e for e in encoded if e["prompt_cut"] + e["completion_cut"] == 0]
-    else:
-        kept = encoded
-        empty = [e["id"] for e in encoded if e["trainable"] == 0]
-        if empty:
-            raise DataError(f"{split} rows {empty[:5]} ({len(empty)} in all) have no trainable token "
-                            f"left after truncation to tokenize.max_length={cfg.max_length}: raise "
-                            "max_length, use truncation_side: left, or overlong: drop")
-    if not kept and split == "train":
+    if empty_rows:
+        raise DataError(f"{split} rows {empty} ({empty_rows} in all) have no trainable token "
+                        f"left after truncation to tokenize.max_length={cfg.max_length}: raise "
+                        "max_length, use truncation_side: left, or overlong: drop")
+    if not stats.rows_out and split == "train":
         raise DataError(f"no {split} rows left after tokenize.overlong=drop at max_length={cfg.max_length}")
-    lengths = [len(e["input_ids"]) for e in kept]
-    stats.update(rows_out=len(kept), rows_dropped=len(encoded) - len(kept),
-                 tokens=sum(lengths), trainable_tokens=sum(e["trainable"] for e in kept),
-                 max_tokens=max(lengths, default=0),
-                 mean_tokens=round(sum(lengths) / len(lengths), 2) if lengths else 0)
-    if params.model.labels is not None:
-        stats["rows_per_label"] = {name: sum(e["labels"] == i for e in kept)
-                                   for i, name in enumerate(params.model.labels)}
-    columns = ("id", "input_ids", "labels")
-    # datasets fingerprints in-memory data at random; a content hash keeps save_to_disk's
-    # output byte-identical across reruns, so DVC sees an unchanged output.
-    fingerprint = hashlib.sha256(json.dumps([rows, cfg.model_dump(), params.model.task,
-                                             params.model.labels, tokenizer.name_or_path],
-                                            sort_keys=True).encode()).hexdigest()[:16]
-    ds = datasets.Dataset.from_dict({c: [e[c] for e in kept] for c in columns})
-    return ds.select_columns(list(columns), new_fingerprint=fingerprint), stats
+    writer.close(fingerprint.hexdigest(params, tokenizer))
+    return stats.as_dict(), first
 
 
 def run(params: Params) -> dict[str, Any]:
-    import datasets
-
     cfg = params.tokenize
     tokenizer = load_tokenizer(params.model)
     pad_note = set_pad_token(tokenizer, params.model.task)
     log.info(pad_note)
-    splits, stats = {}, {"pad_token": pad_note}
-    for split in ("train", "validation"):
-        rows = read_jsonl(paths.PREPARED / f"{split}.jsonl")
-        if not rows:
-            continue
-        splits[split], stats[split] = _tokenize_split(rows, tokenizer, params, split)
-        log.info("%s: %s", split, stats[split])
-    with_eos = len(splits["train"]) - stats["train"]["rows_without_eos_label"]
-    if with_eos == 0 and params.model.task != "sequence_classification":
-        raise DataError("no train row has EOS in its labels: the model would never learn to stop; "
-                        "raise tokenize.max_length")
+    stats: dict[str, Any] = {"pad_token": pad_note}
+    splits, preview_examples = [], []
     with atomic_path(paths.TOKENIZED) as tmp:
-        datasets.DatasetDict(splits).save_to_disk(str(tmp))
+        for split in ("train", "validation"):
+            rows = iter_jsonl(paths.PREPARED / f"{split}.jsonl")
+            head = next(rows, None)
+            if head is None:
+                continue
+            stats[split], examples = _tokenize_split(itertools.chain([head], rows), tokenizer, params,
+                                                     split, tmp / split)
+            splits.append(split)
+            if split == "train":
+                preview_examples = examples
+            log.info("%s: %s", split, stats[split])
+        with_eos = stats["train"]["rows_out"] - stats["train"]["rows_without_eos_label"]
+        if with_eos == 0 and params.model.task != "sequence_classification":
+            raise DataError("no train row has EOS in its labels: the model would never learn to stop; "
+                            "raise tokenize.max_length")
+        # What DatasetDict.save_to_disk writes beside its splits.
+        (tmp / "dataset_dict.json").write_text(json.dumps({"splits": splits}), encoding="utf-8")
         save_tokenizer(tokenizer, tmp / paths.TOKENIZER.name)
-    preview = [label_preview(tokenizer, splits["train"][i], params)
-               for i in range(min(cfg.preview_rows, len(splits["train"])))]
+    preview = [label_preview(tokenizer, e, params) for e in preview_examples[:cfg.preview_rows]]
     with atomic_path(paths.LABEL_PREVIEW) as tmp:
         tmp.write_text("The loss is on the text inside [[ ]]; the rest is context.\n\n"
                        + "\n\n-----\n\n".join(preview) + "\n", encoding="utf-8")

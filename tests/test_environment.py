@@ -40,8 +40,11 @@ def test_check_env_reports_a_drifted_package(tmp_path, monkeypatch):
 
 
 def test_make_bench_without_arguments_runs_every_benchmark():
-    assert bench_run.parse_args([]) == list(bench_run.BENCHES)
-    assert bench_run.parse_args(["tokenize", "train"]) == ["tokenize", "train"]
+    assert bench_run.parse_args([]).names == list(bench_run.BENCHES)
+    assert bench_run.parse_args([]).scale_rows == [10_000, 100_000, 1_000_000]
+    assert bench_run.parse_args(["tokenize", "train"]).names == ["tokenize", "train"]
+    args = bench_run.parse_args(["tokenize-scale", "--scale-rows", "1000", "2000"])
+    assert (args.names, args.scale_rows) == (["tokenize-scale"], [1000, 2000])
 
 
 def test_bench_refuses_an_unknown_name_in_one_line(capsys):

@@ -242,3 +242,129 @@ def test_chat_starts_with_bos_once_when_the_tokenizer_adds_one(chat_tok, templat
     ids, mask = tokenize.chat_ids(tok, CHAT, "r")
     assert ids[0] == tok.bos_token_id != ids[1] and mask[0] == 0
     assert tokenize.prompt_ids(tok, [tok.decode(ids)])[0] == ids  # as generation will see it
+
+# ---- streaming: the output is written chunk by chunk, with the bytes of the in-memory way ----
+
+def _files(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("task, max_shard_size", [("causal_lm", None), ("causal_lm", 20_000),
+                                                  ("sequence_classification", 20_000)])
+def test_dataset_writer_writes_the_bytes_of_save_to_disk(tmp_path, monkeypatch, task, max_shard_size):
+    import random
+
+    import datasets
+
+    from tasks.dataset_writer import DatasetWriter
+
+    # Small record batches, and (20 kB) shards whose edges fall inside batches.
+    monkeypatch.setattr(datasets.config, "DEFAULT_MAX_BATCH_SIZE", 64)
+    rng = random.Random(0)
+    ids = [[rng.randrange(300) for _ in range(rng.randrange(1, 40))] for _ in range(777)]
+    cols = {"id": [f"r{i}" for i in range(777)], "input_ids": ids,
+            "labels": [[IGNORE_INDEX] * (len(x) // 2) + x[len(x) // 2:] for x in ids]}
+    if task == "sequence_classification":
+        cols["labels"] = [len(x) % 3 for x in ids]
+    expected = datasets.Dataset.from_dict(cols).select_columns(list(cols), new_fingerprint="f" * 16)
+    expected.save_to_disk(str(tmp_path / "expected"), max_shard_size=max_shard_size)
+    writer = DatasetWriter(tmp_path / "ours", tokenize.features(task), max_shard_size)
+    for start in range(0, 777, 50):  # chunks that do not line up with the record batches
+        writer.write({c: v[start:start + 50] for c, v in cols.items()})
+    writer.close("f" * 16)
+    shards = [name for name in _files(tmp_path / "expected") if name.endswith(".arrow")]
+    assert (len(shards) > 1) == bool(max_shard_size)
+    assert _files(tmp_path / "ours") == _files(tmp_path / "expected")
+
+
+def test_dataset_writer_of_no_rows_is_what_save_to_disk_writes(tmp_path):
+    import datasets
+
+    from tasks.dataset_writer import DatasetWriter
+
+    cols = {"id": [], "input_ids": [], "labels": []}
+    datasets.Dataset.from_dict(cols).select_columns(list(cols), new_fingerprint="0" * 16) \
+        .save_to_disk(str(tmp_path / "expected"))
+    writer = DatasetWriter(tmp_path / "ours", tokenize.features("causal_lm"))
+    writer.write(cols)
+    writer.close("0" * 16)
+    assert _files(tmp_path / "ours") == _files(tmp_path / "expected")
+
+
+def _plain_tokenize(tok, rows: list[dict], max_length: int) -> tuple[dict[str, list], int, int]:
+    """The straightforward way, every row at once: prompt (with BOS) then completion + EOS, the
+    prompt's start cut (after BOS) to fit, prompt tokens labelled -100. Also returns the rows
+    cut and the prompt tokens cut."""
+    cols: dict[str, list] = {"id": [], "input_ids": [], "labels": []}
+    over = cut = 0
+    for r in rows:
+        prompt = tok(r["prompt"])["input_ids"]
+        completion = tok(r["completion"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        extra = max(0, len(prompt) + len(completion) - max_length)
+        head = prompt[:1] if prompt[:1] == [tok.bos_token_id] else []
+        prompt = head + prompt[len(head) + extra:]
+        over, cut = over + (extra > 0), cut + extra
+        cols["id"].append(r["id"])
+        cols["input_ids"].append(prompt + completion)
+        cols["labels"].append([IGNORE_INDEX] * len(prompt) + completion)
+    return cols, over, cut
+
+
+def test_streamed_output_is_deterministic_and_equals_the_in_memory_tokenization(tmp_path, monkeypatch,
+                                                                               tiny_model):
+    import hashlib
+
+    import datasets
+
+    from bench.run import scale_rows
+    from tasks.modeling import load_tokenizer
+
+    # Chunks of 7 rows, record batches of 16: many of both, and their edges apart.
+    monkeypatch.setattr(tokenize, "CHUNK_ROWS", 7)
+    monkeypatch.setattr(datasets.config, "DEFAULT_MAX_BATCH_SIZE", 16)
+    rows = list(scale_rows(61, scenes=1)) + [{"id": "long", "prompt": "word " * 300, "completion": " end"}]
+    runs = []
+    for name in ("first", "second"):
+        ws = tmp_path / name
+        ws.mkdir()
+        monkeypatch.chdir(ws)
+        stats = _stage(ws, tiny_model, rows, max_length=160)  # about half the rows are cut
+        runs.append(_files(ws / "data/tokenized"))
+    assert runs[0] == runs[1]
+    p = parse_params(merge(shipped_params(), {"model": {"name_or_path": "models/tiny"},
+                                              "tokenize": {"max_length": 160},
+                                              "evaluate": {"max_new_tokens": 4}}), "params.yaml")
+    tok = load_tokenizer(p.model)
+    cols, over, cut = _plain_tokenize(tok, rows, 160)
+    saved = datasets.load_from_disk("data/tokenized")["train"]
+    assert saved.to_dict() == cols
+    train = stats["train"]
+    assert (train["rows_in"], train["rows_over_max_length"], train["prompt_tokens_cut"]["total"]) == (62, over, cut)
+    assert 10 < over < 60 and train["rows_without_eos_label"] == 0
+    assert train["tokens"] == sum(map(len, cols["input_ids"]))
+    assert train["trainable_tokens"] == sum(x != IGNORE_INDEX for lab in cols["labels"] for x in lab)
+    # The bytes of the former in-memory way: Dataset.from_dict(...).save_to_disk, fingerprinted
+    # by a hash of all rows.
+    fingerprint = hashlib.sha256(json.dumps([rows, p.tokenize.model_dump(), p.model.task, p.model.labels,
+                                             tok.name_or_path], sort_keys=True).encode()).hexdigest()[:16]
+    datasets.Dataset.from_dict(cols).select_columns(list(cols), new_fingerprint=fingerprint) \
+        .save_to_disk(str(tmp_path / "in-memory"))
+    assert {k.removeprefix("train/"): v for k, v in runs[1].items() if k.startswith("train/")} \
+        == _files(tmp_path / "in-memory")
+    previews = [label_preview(tok, {"input_ids": cols["input_ids"][i], "labels": cols["labels"][i]}, p)
+                for i in range(3)]
+    assert Path("reports/label_preview.txt").read_text().endswith("\n\n-----\n\n".join(previews) + "\n")
+
+
+def test_drop_policy_streams_the_kept_rows_in_order(tmp_path, monkeypatch, tiny_model):
+    import datasets
+
+    monkeypatch.setattr(tokenize, "CHUNK_ROWS", 2)
+    monkeypatch.chdir(tmp_path)
+    rows = [{"id": f"r{i}", "prompt": "word " * (2 + 40 * (i % 3 == 1)), "completion": " end"} for i in range(9)]
+    stats = _stage(tmp_path, tiny_model, rows, max_length=32, overlong="drop")
+    assert (stats["train"]["rows_out"], stats["train"]["rows_dropped"]) == (6, 3)
+    assert datasets.load_from_disk("data/tokenized")["train"]["id"] == [f"r{i}" for i in range(9) if i % 3 != 1]
