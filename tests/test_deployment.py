@@ -1,6 +1,8 @@
 """The nightly deployment for real: a `prefect server` on 127.0.0.1, the `gpu` process pool,
 `prefect deploy --all` from prefect.yaml, `prefect deployment run finetune/nightly`, and a
-worker that runs it to Completed. Every process started here is stopped at the end."""
+worker that runs it to Completed; headless Chromium then loads the UI's pages (the run, train's
+progress while it runs and when done, train's status table, a sweep's table) and screenshots
+them into test-artifacts/. Every process started here is stopped at the end."""
 
 from __future__ import annotations
 
@@ -17,11 +19,21 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import CHROMIUM, CHROMIUM_MISSING, REPO, chromium, env, make_workspace, run
+from tasks.config import deep_merge
+
+from .conftest import CHROMIUM, CHROMIUM_MISSING, REPO, TINY_PARAMS, chromium, env, make_workspace, run
 
 SERVER_START_TIMEOUT = 120
 SCREENSHOTS = REPO / "test-artifacts"
 COMPLETED: dict[str, str] = {}  # flow run id of the nightly run, for the UI check
+# What the browser saw of train's progress artifact while the nightly run's train was running.
+RUNNING: dict[str, str] = {}
+# Enough steps (and no checkpoint before the last) that train runs for several of the flow's
+# relay intervals (flows.finetune.PROGRESS_POLL_S): time to load a below-100% progress page.
+# (About 5 steps/s on 2 shared CPU cores; the browser takes some seconds per page.)
+MAX_STEPS = 150
+NIGHTLY_PARAMS = deep_merge(TINY_PARAMS, {"train": {"max_steps": MAX_STEPS, "save_steps": MAX_STEPS}})
+STEP = re.compile(r"step (\d+) of (\d+)")
 
 
 def free_port() -> int:
@@ -87,8 +99,33 @@ def make_pools(ws: Path, e: dict) -> str:
     return proc.stdout
 
 
+def progress_artifact(server: dict, flow_run_id: str) -> dict | None:
+    """The flow run's `train-progress` artifact (one, updated in place as train goes)."""
+    found = api(server["url"], "/artifacts/filter",
+                {"artifacts": {"key": {"any_": ["train-progress"]}, "flow_run_id": {"any_": [flow_run_id]}}})
+    return found[0] if found else None
+
+
+def capture_running_progress(server: dict, flow_run_id: str) -> bool:
+    """If train's progress artifact is below 100%, loads its page in headless Chromium (DOM
+    and screenshot) into RUNNING; returns whether it did."""
+    artifact = progress_artifact(server, flow_run_id)
+    if artifact is None or artifact["data"] >= 100:
+        return False
+    page = f"{server['ui']}/artifacts/artifact/{artifact['id']}"
+    RUNNING.update(api_percent=str(artifact["data"]), api_description=artifact["description"],
+                   dom=chromium(["--dump-dom", page], server["home"]))
+    SCREENSHOTS.mkdir(exist_ok=True)
+    shot = SCREENSHOTS / "prefect-ui-train-progress-running.png"
+    chromium([f"--screenshot={shot}", page], server["home"])
+    RUNNING["screenshot"] = str(shot)
+    # Whether train was still below 100% once the browser was done (else the race was lost).
+    RUNNING["after"] = str(progress_artifact(server, flow_run_id)["data"])
+    return True
+
+
 def test_nightly_deployment_runs_on_a_gpu_pool_worker(server, tmp_path_factory, tiny_model):
-    ws = make_workspace(tmp_path_factory.mktemp("deploy"), tiny_model)
+    ws = make_workspace(tmp_path_factory.mktemp("deploy"), tiny_model, NIGHTLY_PARAMS)
     e = {**server["env"], "PWD": str(ws)}  # prefect.yaml's pull step reads $PWD at deploy time
     # The README's steps: create every pool prefect.yaml names, then deploy them all.
     created = make_pools(ws, e)
@@ -114,18 +151,40 @@ def test_nightly_deployment_runs_on_a_gpu_pool_worker(server, tmp_path_factory, 
 
     out = prefect(["deployment", "run", "finetune/nightly"], ws, e)
     flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
-    worker = subprocess.run(["prefect", "worker", "start", "--pool", "gpu", "--run-once"], cwd=ws,
-                            env=e, capture_output=True, text=True, timeout=900)
+    # The worker runs the flow; meanwhile, while train runs, the browser loads its progress page.
+    worker_log = server["home"] / "worker.log"
+    with worker_log.open("w") as log:
+        worker = subprocess.Popen(["prefect", "worker", "start", "--pool", "gpu", "--run-once"], cwd=ws,
+                                  env=e, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            captured = CHROMIUM is None
+            deadline = time.monotonic() + 900
+            while worker.poll() is None:
+                assert time.monotonic() < deadline, "the worker did not finish the nightly run"
+                captured = captured or capture_running_progress(server, flow_run_id)
+                time.sleep(0.5)
+        finally:
+            if worker.poll() is None:
+                os.killpg(worker.pid, signal.SIGTERM)
+                worker.wait(timeout=30)
     flow_run = api(server["url"], f"/flow_runs/{flow_run_id}")
-    assert flow_run["state"]["type"] == "COMPLETED", worker.stdout + worker.stderr
-    COMPLETED["id"], COMPLETED["name"] = flow_run_id, flow_run["name"]
+    assert flow_run["state"]["type"] == "COMPLETED", worker_log.read_text()
+    COMPLETED["id"], COMPLETED["name"], COMPLETED["ws"] = flow_run_id, flow_run["name"], str(ws)
     task_runs = api(server["url"], "/task_runs/filter",
                     {"flow_runs": {"id": {"any_": [flow_run_id]}}})
     assert {t["name"] for t in task_runs} == {"prepare", "tokenize", "train", "align", "evaluate",
                                               "export", "promote"}
     keys = {a["key"] for a in api(server["url"], "/artifacts/filter",
                                   {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}})}
-    assert {"scores-base-vs-tuned", "sample-predictions", "exported-model", "promotion"} <= keys
+    assert {"scores-base-vs-tuned", "sample-predictions", "exported-model", "promotion",
+            "train-progress", "train-status"} <= keys
+    # The relay published train's status more than once while it ran (one table per relay).
+    statuses = api(server["url"], "/artifacts/filter",
+                   {"artifacts": {"key": {"any_": ["train-status"]}, "flow_run_id": {"any_": [flow_run_id]}}})
+    steps = [(json.loads(a["data"]) if isinstance(a["data"], str) else a["data"])[0]["step"]
+             for a in statuses]
+    assert max(steps) == MAX_STEPS and any(0 < s < MAX_STEPS for s in steps), steps
+    assert progress_artifact(server, flow_run_id)["data"] == 100
     evaluation = json.loads((ws / "metrics/eval.json").read_text())
     assert set(evaluation) == {"base", "tuned", "delta"}
     run(["dvc", "status"], ws)  # the worker left a consistent DVC workspace
@@ -143,4 +202,57 @@ def test_ui_shows_the_deployment_and_the_completed_run(server):
     SCREENSHOTS.mkdir(exist_ok=True)
     shot = SCREENSHOTS / "prefect-ui-nightly-run.png"
     chromium([f"--screenshot={shot}", run_page], server["home"])
+    assert shot.is_file() and shot.stat().st_size > 0
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason=CHROMIUM_MISSING)
+def test_ui_shows_train_progress_while_it_runs_and_when_done(server):
+    if not COMPLETED:
+        pytest.skip("the nightly run did not complete (see the test above)")
+    # While train ran: the page showed its progress below 100% ("step N of MAX_STEPS", N < MAX_STEPS).
+    assert RUNNING, "train's progress was never seen below 100% while the nightly run's train ran"
+    assert float(RUNNING["after"]) < 100, (
+        f"train finished ({RUNNING}) before the browser had loaded the progress page: "
+        "raise NIGHTLY_PARAMS' max_steps")
+    shown = [(int(n), int(m)) for n, m in STEP.findall(RUNNING["dom"])]
+    assert shown and all(m == MAX_STEPS and n < m for n, m in shown), (shown, RUNNING["api_description"])
+    assert Path(RUNNING["screenshot"]).stat().st_size > 0
+    # Finished: the same artifact says 100% (step MAX_STEPS of MAX_STEPS); the latest
+    # train-status table has the last step's loss, learning rate, tokens/s and ETA.
+    progress = progress_artifact(server, COMPLETED["id"])
+    page = f"{server['ui']}/artifacts/artifact/{progress['id']}"
+    dom = chromium(["--dump-dom", page], server["home"])
+    assert f"step {MAX_STEPS} of {MAX_STEPS}" in dom and "Progress: 100%" in dom
+    shot = SCREENSHOTS / "prefect-ui-train-progress-done.png"
+    chromium([f"--screenshot={shot}", page], server["home"])
+    assert shot.is_file() and shot.stat().st_size > 0
+    [status] = api(server["url"], "/artifacts/filter",
+                   {"artifacts": {"key": {"any_": ["train-status"]}, "flow_run_id": {"any_": [COMPLETED["id"]]}},
+                    "sort": "CREATED_DESC", "limit": 1})
+    status_page = f"{server['ui']}/artifacts/artifact/{status['id']}"
+    dom = chromium(["--dump-dom", status_page], server["home"])
+    assert all(c in dom for c in ("loss", "learning_rate", "tokens_per_second", "eta")), dom[-3000:]
+    shot = SCREENSHOTS / "prefect-ui-train-status.png"
+    chromium([f"--screenshot={shot}", status_page], server["home"])
+    assert shot.is_file() and shot.stat().st_size > 0
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason=CHROMIUM_MISSING)
+def test_ui_shows_the_sweep_table(server):
+    """A one-point sweep (`finetune(sweep=...)`, up to evaluate, 4 train steps) in the nightly
+    run's workspace, against the real server: the `sweep` table artifact's page."""
+    if not COMPLETED:
+        pytest.skip("the nightly run did not complete (see the test above)")
+    code = ("from flows.finetune import finetune; "
+            "assert finetune(sweep={'train.max_steps': [4]}, return_state=True).is_completed()")
+    proc = subprocess.run(["python", "-c", code], cwd=COMPLETED["ws"], env=server["env"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    [sweep] = api(server["url"], "/artifacts/filter",
+                  {"artifacts": {"key": {"any_": ["sweep"]}}, "sort": "CREATED_DESC", "limit": 1})
+    page = f"{server['ui']}/artifacts/artifact/{sweep['id']}"
+    dom = chromium(["--dump-dom", page], server["home"])
+    assert "train.max_steps" in dom and "best" in dom, dom[-3000:]
+    shot = SCREENSHOTS / "prefect-ui-sweep.png"
+    chromium([f"--screenshot={shot}", page], server["home"])
     assert shot.is_file() and shot.stat().st_size > 0
