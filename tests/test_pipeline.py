@@ -197,9 +197,8 @@ def test_each_input_is_a_dependency(ws, change, stage):
 def test_dvc_experiment_with_a_param_override(ws):
     run(["git", "add", "-A"], ws)
     run(["git", "commit", "-qm", "after reruns"], ws)
-    before = lock_md5(ws, "evaluate", "metrics/eval.json")
     out = run(["dvc", "exp", "run", "-S", "evaluate.bootstrap_samples=70"], ws).stdout
-    assert ran(out) == ["evaluate", *then_promote_if_changed(ws, "evaluate", "metrics/eval.json", before)]
+    assert ran(out) == ["evaluate", "promote"]  # promote's paired bootstrap reads it too
     shown = json.loads(run(["dvc", "exp", "show", "--json"], ws).stdout)
     assert "bootstrap_samples" in json.dumps(shown) and "70" in json.dumps(shown)
 
