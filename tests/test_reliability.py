@@ -120,7 +120,10 @@ def test_fuzz_prepare_records_become_examples_or_bad_records(record):
     except prepare.BadRecord as err:
         assert err.reason in {"missing_field", "wrong_type", "empty_completion"}
         return
-    assert set(example) == {"prompt", "completion"} and example["completion"].strip()
+    # A list in the completion field is several references (multi-reference ROUGE).
+    expected = {"prompt", "completion"} | ({"references"} if isinstance(record.get("summary"), list) and record["summary"] else set())
+    assert set(example) == expected and example["completion"].strip()
+    assert all(isinstance(r, str) for r in example.get("references", []))
 
 
 def test_prefect_server_binds_to_loopback_by_default():
