@@ -27,14 +27,15 @@ from tasks.io import atomic_path, write_jsonl
 
 log = logging.getLogger("finetune.predict")
 
-# What --model accepts for the promoted model: registry/latest.json names its folder.
-LATEST = paths.LATEST.with_suffix("")
+# What --model accepts for the promoted model (registry/latest.json names its folder); the
+# same name when FINETUNE_REGISTRY moved the registry, or that registry's own latest.
+LATEST = paths.WORKSPACE_REGISTRY / "latest"
 
 
 def resolve_model(ref: str) -> tuple[Path, bool]:
     """(folder, whether it is an adapter) of --model."""
     folder = Path(ref)
-    if folder == LATEST:
+    if folder in (LATEST, paths.LATEST.with_suffix("")):
         from tasks.promote import latest
 
         pointer = latest()

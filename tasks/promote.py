@@ -24,7 +24,9 @@ drift away from the base without limit.
 `dvc repro` and the Prefect flow both run this stage, so both apply the same rule. Reads
 reports/predictions.jsonl, metrics/lm_eval.json and artifacts/merged/; writes metrics/promote.json and, when
 promoted, registry/<model hash>/ (the model, predictions.jsonl, scored.json, promotion.json)
-and registry/latest.json.
+and registry/latest.json. The registry is `registry/` in the workspace unless the
+FINETUNE_REGISTRY environment variable names another folder (storage that outlives a
+remote worker's clone).
 
     finetune promote
 """
@@ -210,7 +212,8 @@ def run(params: Params) -> dict[str, Any]:
     if check is not None:
         decision["lm_eval"] = check
         decision["promoted"] = decision["promoted"] and not check["regressed"]
-    paths.REGISTRY.mkdir(exist_ok=True)  # DVC expects the (persistent) output to exist
+    paths.WORKSPACE_REGISTRY.mkdir(exist_ok=True)  # DVC expects the (persistent) output to exist
+    paths.REGISTRY.mkdir(parents=True, exist_ok=True)
     verdict = (f"{metric} challenger {decision['challenger']['score']:.4f} vs champion ({name}) "
                f"{decision['champion']['score']:.4f}: difference {difference['mean']:+.4f} "
                f"({cfg.confidence_level:.0%} CI [{difference['ci_low']:+.4f}, {difference['ci_high']:+.4f}])")

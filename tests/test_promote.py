@@ -137,3 +137,33 @@ def test_a_changed_test_set_re_scores_the_champion(better):
     again = promote.run(params)
     assert again["champion"]["predictions"] == "reused"
     assert again["champion"]["score"] == decision["champion"]["score"]
+
+
+def test_finetune_registry_keeps_the_registry_outside_the_workspace(better, tmp_path):
+    """FINETUNE_REGISTRY (what nightly-remote sets) moves the registry: the first run there
+    meets the base, the next one the champion it promoted; the workspace's is untouched."""
+    import subprocess
+
+    import yaml
+
+    from tasks.paths import REGISTRY_ENV
+
+    from .conftest import env
+
+    Path("params.yaml").write_text(yaml.safe_dump(raw(SECOND, ALWAYS, max_samples=SAMPLES - 4)))
+    before = latest()
+    kept = tmp_path / "kept/registry"
+
+    def promote() -> dict:
+        subprocess.run(["finetune", "promote"], env={**env(), REGISTRY_ENV: str(kept)}, check=True,
+                       capture_output=True, timeout=300)
+        return json.loads(Path("metrics/promote.json").read_text())
+
+    first_there = promote()
+    assert first_there["champion"]["model"] == "base" and first_there["promoted"] is True
+    pointer = json.loads((kept / "latest.json").read_text())
+    assert Path(pointer["path"]).parent == kept and first_there["latest"] == pointer["path"]
+    second_there = promote()
+    assert second_there["champion"] == {"model": pointer["path"], "score": first_there["challenger"]["score"],
+                                        "predictions": "reused"}
+    assert latest() == before

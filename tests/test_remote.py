@@ -2,15 +2,23 @@
 repository and a local directory stand in for the hosted repository and DVC remote; the
 worker starts in an empty directory, and the run's pull steps clone the branch, install it
 with `make setup` and `dvc pull` the outputs the commit's dvc.lock records. The clone's
-dvc.lock must then equal that of the `dvc repro` that produced the commit."""
+dvc.lock must then equal that of the `dvc repro` that produced the commit. The registry
+lives outside the clone (FINETUNE_REGISTRY, from the finetune_registry variable) and holds a
+champion the run's model does not beat: it stays the champion."""
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 import subprocess
+
+from pathlib import Path
 
 import pytest
 import yaml
+
+from tasks.paths import REGISTRY_ENV
 
 from .conftest import make_workspace, run
 from .test_deployment import api, make_pools, prefect, prefect_server
@@ -34,6 +42,20 @@ def test_a_worker_without_a_checkout_clones_installs_and_pulls(server, tmp_path_
     remote = tmp_path_factory.mktemp("dvc-remote")
     run(["dvc", "remote", "add", "-d", "storage", str(remote)], ws)
     run(["dvc", "repro"], ws)
+    # The registry the GPU host keeps across runs, holding last night's champion: the
+    # model just promoted, its stored test answers made perfect so nothing can beat it.
+    kept = tmp_path_factory.mktemp("kept-registry")
+    pointer = json.loads((ws / "registry/latest.json").read_text())
+    champion = kept / Path(pointer["path"]).name
+    shutil.copytree(ws / pointer["path"], champion)
+    answers = [json.loads(line) for line in (champion / "predictions.jsonl").read_text().splitlines()]
+    (champion / "predictions.jsonl").write_text(
+        "".join(json.dumps({**a, "prediction": a["reference"]}) + "\n" for a in answers))
+    (kept / "latest.json").write_text(json.dumps({**pointer, "path": str(champion)}))
+    kept_latest = (kept / "latest.json").read_text()
+    # The commit's promote ran against that registry too, so the clone's dvc.lock can equal it.
+    shutil.rmtree(ws / "registry")
+    run(["dvc", "repro", "-f", "-s", "promote"], ws, extra_env={REGISTRY_ENV: str(kept)})
     run(["dvc", "push", "--run-cache"], ws)
     run(["git", "add", "-A"], ws)
     run(["git", "commit", "-qm", "dvc repro"], ws)
@@ -45,6 +67,7 @@ def test_a_worker_without_a_checkout_clones_installs_and_pulls(server, tmp_path_
     e = server["env"]
     prefect(["variable", "set", "finetune_repo_url", bare.as_uri()], ws, e)
     prefect(["variable", "set", "finetune_repo_branch", BRANCH], ws, e)
+    prefect(["variable", "set", "finetune_registry", str(kept)], ws, e)
     assert "work pool gpu-remote: created (process)" in make_pools(ws, e)
     prefect(["--no-prompt", "deploy", "--name", "nightly-remote"], ws, e)
 
@@ -68,3 +91,9 @@ def test_a_worker_without_a_checkout_clones_installs_and_pulls(server, tmp_path_
     assert {s: states[s] for s in CACHED} == dict.fromkeys(CACHED, "Skipped"), states
     assert states["promote"] == "Completed"
     assert yaml.safe_load((clone / "dvc.lock").read_text()) == yaml.safe_load((ws / "dvc.lock").read_text())
+    # The champion came from the kept registry, its stored answers reused, and it stays.
+    decision = json.loads((clone / "metrics/promote.json").read_text())
+    assert decision["champion"] == {"model": str(champion), "score": 1.0, "predictions": "reused"}
+    assert not decision["promoted"] and "the champion stays current" in decision["reason"]
+    assert (kept / "latest.json").read_text() == kept_latest
+    assert not any((clone / "registry").iterdir())
