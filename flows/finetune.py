@@ -269,7 +269,17 @@ def publish(stage: str) -> dict[str, Any]:
                               description="Test-split scores, base vs tuned")
         create_markdown_artifact(key="sample-predictions", markdown=paths.EVAL_PREVIEW.read_text(),
                                  description="A few test examples: reference, base, tuned")
-        return {"scores": {r["metric"]: {k: r[k] for k in ("base", "tuned", "delta")} for r in rows}}
+        summary: dict[str, Any] = {"scores": {r["metric"]: {k: r[k] for k in ("base", "tuned", "delta")}
+                                              for r in rows}}
+        capability = json.loads(paths.METRICS["lm_eval"].read_text())["scores"]
+        if capability:  # evaluate.lm_eval_tasks listed
+            create_table_artifact(key="general-capability", table=[
+                {"task": name, **{k: row[k] for k in ("metric", "base", "tuned", "drop", "num_examples")}}
+                for name, row in capability.items()],
+                description="lm-evaluation-harness, base vs tuned (drop: how much worse tuned is)")
+            summary["lm_eval"] = {name: {k: row[k] for k in ("base", "tuned", "drop")}
+                                  for name, row in capability.items()}
+        return summary
     if stage == "export":
         lock = yaml.safe_load(Path("dvc.lock").read_text())["stages"]
         md5 = {o["path"]: o["md5"] for s in ("train", "export") for o in lock[s]["outs"]}
@@ -288,6 +298,11 @@ def publish(stage: str) -> dict[str, Any]:
                  f"| challenger | `{challenger['model']}` | {challenger['score']} |\n"
                  f"| difference | {decision['confidence_level']:.0%} CI [{d['ci_low']}, {d['ci_high']}] "
                  f"| {d['mean']} |\n")
+        check = decision.get("lm_eval")
+        if check is not None and check["max_regression"] is not None:
+            table += "".join(f"| {name} ({row['metric']}) | drop from the base {'> ' if name in check['regressed'] else '<= '}"
+                             f"max_regression {check['max_regression']} | {row['drop']} |\n"
+                             for name, row in check["tasks"].items())
         create_markdown_artifact(key="promotion", markdown=f"**{verdict}**: {decision['reason']}\n\n"
                                  f"{table}\nCurrent model: `{decision['latest']}`\n",
                                  description="The promotion gate: challenger vs champion")

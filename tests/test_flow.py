@@ -14,6 +14,7 @@ import yaml
 from .conftest import TINY_PARAMS, env, make_workspace, merge
 
 STEPS = TINY_PARAMS["train"]["max_steps"]
+LM_EVAL_TASK = "data/lm_eval/smoke_mc.yaml"
 STAGES = ["prepare", "tokenize", "train", "align", "evaluate", "export", "promote"]
 
 
@@ -30,7 +31,10 @@ def harness(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory, tiny_model, harness):
-    params = merge(TINY_PARAMS, {"promote": {"min_gain": -1.0}})  # always promote
+    # Always promote; the general-capability check on a few items of the repository's task,
+    # with a max_regression no drop in accuracy can exceed.
+    params = merge(TINY_PARAMS, {"promote": {"min_gain": -1.0, "max_regression": 1.0},
+                                 "evaluate": {"lm_eval_tasks": [LM_EVAL_TASK], "lm_eval_limit": 4}})
     ws = make_workspace(tmp_path_factory.mktemp("flow"), tiny_model, params)
     saved_cwd, saved_env = os.getcwd(), dict(os.environ)
     os.chdir(ws)
@@ -74,6 +78,7 @@ def test_stages_run_as_tasks_in_dvc_order(first_run):
     assert all(v["version"] for v in summary["stages"].values())
     assert summary["promoted"] is True and Path(summary["latest"]).is_dir()
     assert set(summary["scores"]) == {"rouge1", "rouge2", "rougeL", "rougeLsum"}
+    assert set(summary["lm_eval"]) == {"finetune_smoke_mc"}
 
 
 def test_artifacts_for_the_ui(first_run):
@@ -84,6 +89,11 @@ def test_artifacts_for_the_ui(first_run):
     assert "| reference | base | tuned |" in artifact("sample-predictions").data
     assert "artifacts/merged" in artifact("exported-model").data
     assert "PROMOTED" in artifact("promotion").data and "| champion | `base`" in artifact("promotion").data
+    capability = artifact("general-capability")
+    (task,) = json.loads(capability.data) if isinstance(capability.data, str) else capability.data
+    assert task["task"] == "finetune_smoke_mc" and task["num_examples"] == 4
+    assert task["drop"] == pytest.approx(task["base"] - task["tuned"], abs=1e-6)
+    assert "| finetune_smoke_mc (acc,none) | drop from the base <= max_regression 1.0 |" in artifact("promotion").data
     leakage = artifact("data-leakage")
     leakage_rows = json.loads(leakage.data) if isinstance(leakage.data, str) else leakage.data
     assert [r["kind"] for r in leakage_rows] == ["exact", "normalized", "near"]
