@@ -20,7 +20,7 @@ import yaml
 
 from tasks.paths import REGISTRY_ENV
 
-from .conftest import make_workspace, run
+from .conftest import TINY_PARAMS, make_workspace, merge, run, shipped_params
 from .test_deployment import api, make_pools, prefect, prefect_server
 
 WORKER_TIMEOUT = 900
@@ -38,7 +38,9 @@ def test_a_worker_without_a_checkout_clones_installs_and_pulls(server, tmp_path_
     # What the team's repository and DVC remote hold: a commit whose dvc.lock comes from a
     # local `dvc repro`, the remote set as the default in the committed .dvc/config, and
     # the outputs (and run cache) pushed.
-    ws = make_workspace(tmp_path_factory.mktemp("source"), tiny_model)
+    # min_gain -1: this first run promotes, so there is a model to make the champion of.
+    ws = make_workspace(tmp_path_factory.mktemp("source"), tiny_model,
+                        merge(TINY_PARAMS, {"promote": {"min_gain": -1.0}}))
     remote = tmp_path_factory.mktemp("dvc-remote")
     run(["dvc", "remote", "add", "-d", "storage", str(remote)], ws)
     run(["dvc", "repro"], ws)
@@ -53,7 +55,11 @@ def test_a_worker_without_a_checkout_clones_installs_and_pulls(server, tmp_path_
         "".join(json.dumps({**a, "prediction": a["reference"]}) + "\n" for a in answers))
     (kept / "latest.json").write_text(json.dumps({**pointer, "path": str(champion)}))
     kept_latest = (kept / "latest.json").read_text()
-    # The commit's promote ran against that registry too, so the clone's dvc.lock can equal it.
+    # The commit's promote ran against that registry too (with the shipped min_gain), so the
+    # clone's dvc.lock can equal it.
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    params["promote"]["min_gain"] = shipped_params()["promote"]["min_gain"]
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     shutil.rmtree(ws / "registry")
     run(["dvc", "repro", "-f", "-s", "promote"], ws, extra_env={REGISTRY_ENV: str(kept)})
     run(["dvc", "push", "--run-cache"], ws)
@@ -96,4 +102,4 @@ def test_a_worker_without_a_checkout_clones_installs_and_pulls(server, tmp_path_
     assert decision["champion"] == {"model": str(champion), "score": 1.0, "predictions": "reused"}
     assert not decision["promoted"] and "the champion stays current" in decision["reason"]
     assert (kept / "latest.json").read_text() == kept_latest
-    assert not any((clone / "registry").iterdir())
+    assert not (clone / "registry/latest.json").exists()  # nothing went into the clone's own
