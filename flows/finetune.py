@@ -37,9 +37,9 @@ from prefect.artifacts import (create_markdown_artifact, create_progress_artifac
                                 update_progress_artifact)
 from prefect.states import Completed, State
 
-from tasks import paths
 from tasks.cli import RESTORE_ONLY_ENV
 from tasks.config import ParamsOverride, apply_overrides, deep_merge, load_params, parse_params, read_yaml
+from tasks.workspace import Workspace
 
 # Retries where failures can be transient (a preempted GPU host, a flaky filesystem).
 # A stage that fails with the pipeline's own error (a user-fixable problem) is not retried.
@@ -156,7 +156,8 @@ class TrainProgress:
     knows nothing of Prefect) to a progress artifact (step / max_steps) and a table artifact
     (latest loss, learning rate, tokens/s, ETA) while the stage runs, and once more at the end."""
 
-    def __init__(self) -> None:
+    def __init__(self, ws: Workspace) -> None:
+        self.ws = ws
         self.artifact_id: Any = None
         self.seen: dict[str, Any] | None = None
         self.stop = threading.Event()
@@ -165,7 +166,7 @@ class TrainProgress:
                                        daemon=True)
 
     def __enter__(self) -> TrainProgress:
-        paths.PROGRESS.unlink(missing_ok=True)  # an earlier run's position is not this one's
+        self.ws.progress.unlink(missing_ok=True)  # an earlier run's position is not this one's
         self.thread.start()
         return self
 
@@ -180,7 +181,7 @@ class TrainProgress:
 
     def relay(self) -> None:
         try:
-            progress = json.loads(paths.PROGRESS.read_text())
+            progress = json.loads(self.ws.progress.read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             return  # not started yet (or skipped by DVC)
         if progress == self.seen:
@@ -221,7 +222,7 @@ def run_stage(stage: str, force: bool = False, remote: bool = False,
     skipped = False
     for cmd, cmd_env in commands:
         if cmd is repro and stage == "train" and not restore_only:
-            with TrainProgress():
+            with TrainProgress(Workspace.from_env()):
                 code, tail, skipped_now = _stream(cmd, cmd_env, stage)
         else:
             code, tail, skipped_now = _stream(cmd, cmd_env, stage)
@@ -245,8 +246,9 @@ def _score_rows(evaluation: dict[str, Any]) -> list[dict[str, Any]]:
 
 def publish(stage: str) -> dict[str, Any]:
     """UI artifacts for a finished stage; stable keys so runs compare over time."""
+    ws = Workspace.from_env()
     if stage == "prepare":
-        leakage = json.loads(paths.METRICS["prepare"].read_text())["leakage"]
+        leakage = json.loads(ws.metrics("prepare").read_text())["leakage"]
         rows = [{"kind": kind, **leakage[kind]} for kind in ("exact", "normalized", "near")]
         create_table_artifact(key="data-leakage", table=rows,
                               description=f"Held-out rows repeating an earlier split's prompt "
@@ -254,7 +256,7 @@ def publish(stage: str) -> dict[str, Any]:
                                           f"{leakage['threshold']})")
         return {"leakage": leakage["rows"]}
     if stage == "align":
-        alignment = json.loads(paths.METRICS["align"].read_text())
+        alignment = json.loads(ws.metrics("align").read_text())
         if not alignment["enabled"]:
             return {}
         rows = [{"metric": k, "held_out": v} for k, v in alignment["held_out"].items()]
@@ -262,16 +264,16 @@ def publish(stage: str) -> dict[str, Any]:
                               description="DPO on held-out preference pairs (rewards vs the SFT model)")
         return {"alignment": alignment["held_out"]}
     if stage == "evaluate":
-        evaluation = json.loads(paths.METRICS["eval"].read_text())
+        evaluation = json.loads(ws.metrics("eval").read_text())
         rows = _score_rows(evaluation)
         # The task's metrics: ROUGE F-measures, or accuracy and macro-F1 for classification.
         create_table_artifact(key="scores-base-vs-tuned", table=rows,
                               description="Test-split scores, base vs tuned")
-        create_markdown_artifact(key="sample-predictions", markdown=paths.EVAL_PREVIEW.read_text(),
+        create_markdown_artifact(key="sample-predictions", markdown=ws.eval_preview.read_text(),
                                  description="A few test examples: reference, base, tuned")
         summary: dict[str, Any] = {"scores": {r["metric"]: {k: r[k] for k in ("base", "tuned", "delta")}
                                               for r in rows}}
-        capability = json.loads(paths.METRICS["lm_eval"].read_text())["scores"]
+        capability = json.loads(ws.metrics("lm_eval").read_text())["scores"]
         if capability:  # evaluate.lm_eval_tasks listed
             create_table_artifact(key="general-capability", table=[
                 {"task": name, **{k: row[k] for k in ("metric", "base", "tuned", "drop", "num_examples")}}
@@ -284,13 +286,13 @@ def publish(stage: str) -> dict[str, Any]:
         lock = yaml.safe_load(Path("dvc.lock").read_text())["stages"]
         md5 = {o["path"]: o["md5"] for s in ("train", "export") for o in lock[s]["outs"]}
         lines = ["| artifact | path | md5 (dvc.lock) |", "|---|---|---|",
-                 f"| merged model | `{paths.MERGED}` | `{md5[str(paths.MERGED)]}` |",
-                 f"| adapter | `{paths.ADAPTER}` | `{md5[str(paths.ADAPTER)]}` |"]
+                 f"| merged model | `{ws.merged}` | `{md5[str(ws.merged)]}` |",
+                 f"| adapter | `{ws.adapter}` | `{md5[str(ws.adapter)]}` |"]
         create_markdown_artifact(key="exported-model", markdown="\n".join(lines) + "\n",
                                  description="Where the merged model and adapter are")
-        return {"model": str(paths.MERGED), "model_md5": md5[str(paths.MERGED)]}
+        return {"model": str(ws.merged), "model_md5": md5[str(ws.merged)]}
     if stage == "promote":
-        decision = json.loads(paths.METRICS["promote"].read_text())
+        decision = json.loads(ws.metrics("promote").read_text())
         verdict = "PROMOTED" if decision["promoted"] else "NOT PROMOTED"
         champion, challenger, d = decision["champion"], decision["challenger"], decision["difference"]
         table = (f"| | model | {decision['metric']} |\n|---|---|---|\n"
@@ -370,6 +372,7 @@ def sweep_points(grid: dict[str, list[Any]], params_file: Path = Path("params.ya
 def experiment(name: str, point: dict[str, Any], metric: str, force: bool = False) -> dict[str, Any]:
     """One sweep point as a DVC experiment: `dvc exp run -n NAME -S KEY=VALUE ... evaluate`,
     which leaves its results in the workspace; returns its row of the sweep table."""
+    ws = Workspace.from_env()
     cmd = ["dvc", "exp", "run", "-n", name, *(["--force"] if force else []),
            *[a for key, value in point.items() for a in ("-S", f"{key}={json.dumps(value)}")], SWEEP_TARGET]
     started = time.monotonic()
@@ -377,8 +380,8 @@ def experiment(name: str, point: dict[str, Any], metric: str, force: bool = Fals
     if code != 0:
         raise StageFailed(SWEEP_TARGET, f"exited with {USER_ERROR_EXIT}" in tail, tail)
     wall = time.monotonic() - started
-    tuned = json.loads(paths.METRICS["eval"].read_text())["tuned"][metric]
-    train = json.loads(paths.METRICS["train"].read_text())
+    tuned = json.loads(ws.metrics("eval").read_text())["tuned"][metric]
+    train = json.loads(ws.metrics("train").read_text())
     return {"experiment": name, **point, metric: tuned["mean"],
             f"{metric}_ci95": f"[{tuned['ci_low']}, {tuned['ci_high']}]",
             "train_loss": train["train_loss"], "wall_time_s": round(wall, 1)}

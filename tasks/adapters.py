@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tasks import paths
 from tasks.config import PROMPT_LEARNING, Params
 from tasks.errors import PipelineError
+from tasks.workspace import Workspace
 
 # PEFT's task type of each model.task. SEQ_CLS also trains the new classification head in
 # full and saves it with the adapter (PEFT's modules_to_save).
@@ -19,9 +19,9 @@ TASK_TYPES = {"causal_lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM",
               "sequence_classification": "SEQ_CLS"}
 
 
-def tuned_adapter(params: Params) -> Path:
+def tuned_adapter(params: Params, ws: Workspace) -> Path:
     """The adapter evaluate and export use: the DPO-aligned one when align is on, else SFT's."""
-    return paths.ALIGNED if params.align.enabled else paths.ADAPTER
+    return ws.aligned if params.align.enabled else ws.adapter
 
 
 def mergeable(params: Params) -> bool:

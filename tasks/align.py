@@ -23,12 +23,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from tasks import paths, templates
+from tasks import templates
 from tasks.config import SPLIT_NAMES, Params
 from tasks.errors import DataError, PipelineError
 from tasks.io import atomic_path, normalize_adapter_config, save_tokenizer, write_json
-from tasks.prepare import BadRecord, _split_of, _to_example, read_file
-from tasks.train import tracked
+from tasks.records import BadRecord, read_file, split_of, to_example
+from tasks.workspace import Workspace
 
 log = logging.getLogger("finetune.align")
 
@@ -59,12 +59,12 @@ def pairs(params: Params) -> dict[str, list[dict[str, str]]]:
         try:
             for field in PAIR_FIELDS:
                 answer = {params.data.columns.get(f, f): record[field] for f in answer_fields}
-                rendered[field] = _to_example(params, tpl, None, where, {**record, **answer})
+                rendered[field] = to_example(params, tpl, None, where, {**record, **answer})
         except BadRecord as err:
             raise DataError(str(err)) from None
         row_id = str(record[id_column])
         # Held out by the hash alone: data.path's split files say nothing of preference pairs.
-        split = "train" if _split_of(row_id, params, set(SPLIT_NAMES)) == "train" else "held_out"
+        split = "train" if split_of(row_id, params, set(SPLIT_NAMES)) == "train" else "held_out"
         out[split].append({"id": row_id, "prompt": rendered["chosen"]["prompt"],
                            "chosen": rendered["chosen"]["completion"],
                            "rejected": rendered["rejected"]["completion"]})
@@ -75,26 +75,26 @@ def pairs(params: Params) -> dict[str, list[dict[str, str]]]:
     return out
 
 
-def _trainer(params: Params, data: dict[str, list[dict[str, str]]], output_dir: str):
+def _trainer(params: Params, ws: Workspace, data: dict[str, list[dict[str, str]]], output_dir: str):
     import datasets
     from peft import PeftModel
     from trl import DPOConfig, DPOTrainer
 
     from tasks.modeling import device, load_tokenizer, resolve_precision
-    from tasks.train import _optim, run_name, trackers, trainable_base
+    from tasks.training import optim_name, run_name, trackers, trainable_base
 
     a, t = params.align, params.train
-    tokenizer = load_tokenizer(params.model, str(paths.ADAPTER))
-    model = PeftModel.from_pretrained(trainable_base(params, tokenizer), str(paths.ADAPTER),
+    tokenizer = load_tokenizer(params.model, str(ws.adapter))
+    model = PeftModel.from_pretrained(trainable_base(params, tokenizer), str(ws.adapter),
                                       is_trainable=True)
     precision = resolve_precision(t.precision)
     name = run_name("align")
-    report_to, callbacks = trackers(params, name)
+    report_to, callbacks = trackers(params, name, ws)
     args = DPOConfig(
         output_dir=output_dir, beta=a.beta, max_steps=a.max_steps, learning_rate=a.learning_rate,
         per_device_train_batch_size=a.per_device_train_batch_size,
         per_device_eval_batch_size=a.per_device_eval_batch_size, max_length=params.tokenize.max_length,
-        seed=a.seed, data_seed=a.seed, optim=_optim(t.optim), lr_scheduler_type=t.lr_scheduler_type,
+        seed=a.seed, data_seed=a.seed, optim=optim_name(t.optim), lr_scheduler_type=t.lr_scheduler_type,
         warmup_steps=t.warmup_steps, max_grad_norm=t.max_grad_norm,
         bf16=precision == "bf16", fp16=precision == "fp16",
         gradient_checkpointing=t.gradient_checkpointing,
@@ -107,26 +107,28 @@ def _trainer(params: Params, data: dict[str, list[dict[str, str]]], output_dir: 
                       eval_dataset=datasets.Dataset.from_list(data["held_out"]))
 
 
-def run(params: Params) -> dict[str, Any]:
+def run(params: Params, ws: Workspace) -> dict[str, Any]:
     if not params.align.enabled:
-        with atomic_path(paths.ALIGNED) as tmp:
+        with atomic_path(ws.aligned) as tmp:
             tmp.mkdir()
             (tmp / "README.md").write_text(DISABLED_NOTE, encoding="utf-8")
         metrics: dict[str, Any] = {"enabled": False}
-        write_json(paths.METRICS["align"], metrics)
+        write_json(ws.metrics("align"), metrics)
         log.info("align.enabled is false: nothing to do")
         return metrics
     data = pairs(params)
     log.info("DPO on %d preference pairs, %d held out", len(data["train"]), len(data["held_out"]))
     with tempfile.TemporaryDirectory() as scratch:
-        trainer = _trainer(params, data, scratch)
+        trainer = _trainer(params, ws, data, scratch)
+        from tasks.training import tracked
+
         with tracked(params, trainer.args):
             result = trainer.train()
             held_out = trainer.evaluate()
     loss = result.training_loss
     if math.isnan(loss):
         raise PipelineError("DPO loss is nan: lower align.learning_rate or align.beta")
-    with atomic_path(paths.ALIGNED) as tmp:
+    with atomic_path(ws.aligned) as tmp:
         trainer.model.save_pretrained(tmp, selected_adapters=["default"])
         normalize_adapter_config(tmp)
         save_tokenizer(trainer.processing_class, tmp)
@@ -134,6 +136,6 @@ def run(params: Params) -> dict[str, Any]:
                "pairs": {k: len(v) for k, v in data.items()},
                "held_out": {k.removeprefix("eval_"): round(v, 6) for k, v in held_out.items()
                             if k.startswith(("eval_rewards/", "eval_logps/", "eval_loss"))}}
-    write_json(paths.METRICS["align"], metrics)
-    log.info("aligned adapter saved to %s: %s", paths.ALIGNED, metrics)
+    write_json(ws.metrics("align"), metrics)
+    log.info("aligned adapter saved to %s: %s", ws.aligned, metrics)
     return metrics

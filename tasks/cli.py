@@ -12,17 +12,14 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
 from pathlib import Path
 
 from tasks.errors import PipelineError, environment_error
-
-STAGES = ("prepare", "tokenize", "train", "align", "evaluate", "export", "promote")
-# Stages whose dvc.yaml inputs include data/raw/ or models/.
-LINK_CHECKED = ("prepare", "tokenize", "train", "align", "evaluate", "export")
+from tasks.stages import STAGES, run_stage
+from tasks.workspace import Workspace
 # Stages (comma-separated) this machine must not compute: the Prefect flow sets it while
 # restoring a stage another worker ran (flows/finetune.py).
 RESTORE_ONLY_ENV = "FINETUNE_RESTORE_ONLY"
@@ -97,16 +94,11 @@ def _dispatch(args: argparse.Namespace) -> int:
                 "worker runs it and pushes it), but the remote holds no result for these inputs "
                 f"and params: check that worker's run and that both checkouts have the same "
                 "code, data and params.yaml")
-        if args.command in LINK_CHECKED:
-            from tasks.config import DATA_DIR, MODELS_DIR
-            from tasks.io import check_external_links
-
-            check_external_links((DATA_DIR, MODELS_DIR), params.data.allow_external_links)
         if args.command == "train" and params.train.num_processes > 1 and "LOCAL_RANK" not in os.environ:
             from tasks.train import launch
 
             return launch(params, args.params)
-        importlib.import_module(f"tasks.{args.command}").run(params)
+        run_stage(args.command, params, Workspace.from_env())
         return 0
     if args.command == "score":
         from tasks.scoring import read_predictions, read_references, score
@@ -125,8 +117,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         params = load_params(args.params)
         setup_logging()
-        print(json.dumps(predict.run(params, args.input, args.model, args.output, args.references),
-                         indent=2, sort_keys=True))
+        print(json.dumps(predict.run(params, Workspace.from_env(), args.input, args.model, args.output,
+                                     args.references), indent=2, sort_keys=True))
         return 0
     if args.command == "push":
         from tasks import push

@@ -29,14 +29,14 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from tasks import gguf, paths
+from tasks import gguf
 from tasks.adapters import mergeable, tuned_adapter
 from tasks.config import Params
 from tasks.errors import PipelineError
-from tasks.evaluate import attach_adapter, outputs, scores
-from tasks.generation import input_ids, model_batches, test_rows
+from tasks.generation import attach_adapter, input_ids, model_batches, outputs, test_rows
 from tasks.io import atomic_path, normalize_adapter_config, save_tokenizer, sha256_path, write_json
-from tasks.scoring import HEADLINE
+from tasks.scoring import HEADLINE, scores
+from tasks.workspace import Workspace
 
 log = logging.getLogger("finetune.export")
 
@@ -97,11 +97,11 @@ def _git(*args: str) -> str:
         return "unknown"
 
 
-def manifest(params: Params) -> dict[str, Any]:
+def manifest(params: Params, ws: Workspace) -> dict[str, Any]:
     from tasks.config import ModelConfig
 
     model: ModelConfig = params.model
-    adapter = tuned_adapter(params)
+    adapter = tuned_adapter(params, ws)
     base = {"name_or_path": model.name_or_path, "revision": model.revision}
     if model.is_local:
         base["sha256"] = sha256_path(Path(model.name_or_path))
@@ -118,7 +118,7 @@ def manifest(params: Params) -> dict[str, Any]:
         "params": params.model_dump(mode="json", include=set(LINEAGE)),
         "inputs": {"base_model": base, "adapter": str(adapter),
                    "adapter_sha256": sha256_path(adapter),
-                   "test_split_sha256": sha256_path(paths.PREPARED / "test.jsonl")},
+                   "test_split_sha256": sha256_path(ws.prepared / "test.jsonl")},
         "libraries": versions,
     }
 
@@ -234,10 +234,10 @@ def _gguf(folder: Path, merged, tokenizer, prompts: list[str], references: list[
             "logits_max_abs_diff": diff, "converter": gguf.source()}
 
 
-def _save(model, tokenizer, params: Params, scores: dict[str, Any], extra=None) -> dict[str, Any]:
+def _save(model, tokenizer, params: Params, ws: Workspace, scores: dict[str, Any], extra=None) -> dict[str, Any]:
     """Writes artifacts/merged atomically; `extra(folder)` adds to it (GGUF) before the card."""
     written: dict[str, Any] = {}
-    with atomic_path(paths.MERGED) as tmp:
+    with atomic_path(ws.merged) as tmp:
         model.save_pretrained(tmp)
         if not mergeable(params):
             normalize_adapter_config(tmp)
@@ -245,12 +245,12 @@ def _save(model, tokenizer, params: Params, scores: dict[str, Any], extra=None) 
         if extra is not None:
             written = extra(tmp)
         (tmp / "README.md").write_text(model_card(params, scores), encoding="utf-8")
-        lineage = {**manifest(params), "merged": mergeable(params)}
+        lineage = {**manifest(params, ws), "merged": mergeable(params)}
         (tmp / "manifest.json").write_text(json.dumps(lineage, indent=2, sort_keys=True) + "\n")
     return written
 
 
-def run(params: Params) -> dict[str, Any]:
+def run(params: Params, ws: Workspace) -> dict[str, Any]:
     from tasks.modeling import load_tokenizer
 
     cfg = params.export
@@ -258,24 +258,24 @@ def run(params: Params) -> dict[str, Any]:
         from tasks.memory import export_preflight, shape
         from tasks.modeling import device, load_config
 
-        export_preflight(params, shape(params, load_config(params)), paths.MERGED, device())
-    adapter = tuned_adapter(params)
+        export_preflight(params, shape(params, load_config(params)), ws.merged, device())
+    adapter = tuned_adapter(params, ws)
     tokenizer = load_tokenizer(params.model, str(adapter))
-    rows = test_rows(params)
+    rows = test_rows(params, ws)
     prompts = [r["prompt"] for r in rows]
     references = [r["completion"].strip() for r in rows]
     base = _merge_base(params, tokenizer)
     base.eval()
     base_score = _headline(base, tokenizer, prompts, references, params)
-    model = attach_adapter(base, params)
+    model = attach_adapter(base, params, ws)
     scores = {"num_examples": len(rows), "metric": HEADLINE[params.model.task], "base": base_score,
               "adapter": _headline(model, tokenizer, prompts, references, params)}
     if not mergeable(params):
         log.warning("peft.method %s cannot be merged (virtual tokens, not weights): exporting "
                     "the adapter, to be loaded on %s", params.peft.method, params.model.name_or_path)
-        _save(model, tokenizer, params, scores)
+        _save(model, tokenizer, params, ws, scores)
         metrics = {"merged": False, "scores": scores}
-        write_json(paths.METRICS["export"], metrics)
+        write_json(ws.metrics("export"), metrics)
         return metrics
     check = prompts[:cfg.check_prompts]
     before = _logits(model, tokenizer, check, params)
@@ -296,10 +296,10 @@ def run(params: Params) -> dict[str, Any]:
     if cfg.gguf:
         def extra(folder: Path) -> dict[str, Any]:
             return _gguf(folder, merged, tokenizer, prompts, references, params, scores)
-    written = _save(merged, tokenizer, params, scores, extra)
+    written = _save(merged, tokenizer, params, ws, scores, extra)
     metrics = {"merged": True, "logits_max_abs_diff": diff, "scores": scores}
     if written:
         metrics["gguf"] = written
-    write_json(paths.METRICS["export"], metrics)
-    log.info("merged model saved to %s: %s", paths.MERGED, metrics)
+    write_json(ws.metrics("export"), metrics)
+    log.info("merged model saved to %s: %s", ws.merged, metrics)
     return metrics

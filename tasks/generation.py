@@ -1,5 +1,6 @@
-"""Batched inference shared by evaluate and export: greedy generation for the generative
-tasks, class predictions for sequence_classification.
+"""Batched inference shared by evaluate, export, promote and predict: the base and tuned
+models loaded as evaluate scores them, greedy generation for the generative tasks, class
+predictions for sequence_classification.
 
 Prompts are tokenized exactly as the tokenize stage did (same special tokens, same
 truncation) and sorted by length so each batch carries little padding. A causal LM's
@@ -9,15 +10,17 @@ right-padded, as it was trained (absolute position embeddings would shift otherw
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from tasks.config import Params
+from tasks.encoding import prompt_ids, source_ids
 from tasks.errors import PipelineError
+from tasks.io import read_jsonl
+from tasks.workspace import Workspace
 
 
 def prompt_token_ids(tokenizer, prompts: list[str], max_prompt_length: int) -> list[list[int]]:
-    from tasks.tokenize import prompt_ids
-
     out = []
     for ids in prompt_ids(tokenizer, prompts):
         if len(ids) > max_prompt_length:
@@ -29,8 +32,6 @@ def prompt_token_ids(tokenizer, prompts: list[str], max_prompt_length: int) -> l
 
 def input_ids(tokenizer, prompts: list[str], params: Params) -> list[list[int]]:
     """The model inputs of `prompts`, as tokenize built them for training."""
-    from tasks.tokenize import source_ids
-
     if params.model.task == "causal_lm":
         return prompt_token_ids(tokenizer, prompts, params.tokenize.max_length - params.evaluate.max_new_tokens)
     return source_ids(tokenizer, prompts, params.tokenize)[0]
@@ -114,9 +115,38 @@ def generate(model, tokenizer, prompts: list[str], params: Params) -> list[str]:
     return outputs
 
 
-def test_rows(params: Params) -> list[dict[str, Any]]:
-    from tasks import paths
-    from tasks.io import read_jsonl
-
-    rows = read_jsonl(paths.PREPARED / "test.jsonl")
+def test_rows(params: Params, ws: Workspace) -> list[dict[str, Any]]:
+    rows = read_jsonl(ws.prepared / "test.jsonl")
     return rows[:params.evaluate.max_samples] if params.evaluate.max_samples else rows
+
+
+def load_base_and_tokenizer(params: Params, ws: Workspace, adapter: Path | None = None):
+    """The base model, quantized as in training, and the tokenizer of `adapter` (default: the
+    tuned adapter)."""
+    from tasks.adapters import tuned_adapter
+    from tasks.modeling import load_base, load_tokenizer, match_vocab
+
+    tokenizer = load_tokenizer(params.model, str(adapter or tuned_adapter(params, ws)))
+    base = load_base(params, quantized=params.quant.load_in_4bit)
+    match_vocab(base, tokenizer)
+    base.eval()
+    return base, tokenizer
+
+
+def attach_adapter(base, params: Params, ws: Workspace, adapter: Path | None = None):
+    """`base` with `adapter` (default: SFT's, or the DPO-aligned one when align is on) on it,
+    in place: no second copy of the weights."""
+    from peft import PeftModel
+
+    from tasks.adapters import tuned_adapter
+
+    model = PeftModel.from_pretrained(base, str(adapter or tuned_adapter(params, ws)))
+    model.eval()
+    return model
+
+
+def outputs(model, tokenizer, prompts: list[str], params: Params) -> list[str]:
+    """What the model answers: generated text, or the class name it picks."""
+    if params.model.task == "sequence_classification":
+        return predict_labels(model, tokenizer, prompts, params)
+    return generate(model, tokenizer, prompts, params)

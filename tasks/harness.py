@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tasks import paths
 from tasks.config import Params
 from tasks.errors import PipelineError
 from tasks.io import write_json
+from tasks.workspace import Workspace
 
 log = logging.getLogger("finetune.harness")
 
@@ -119,7 +119,7 @@ def drop(row: dict[str, Any]) -> float:
     return round(-gain if row["higher_is_better"] else gain, 6)
 
 
-def write(params: Params, base: dict[str, dict[str, Any]] | None,
+def write(params: Params, ws: Workspace, base: dict[str, dict[str, Any]] | None,
           tuned: dict[str, dict[str, Any]] | None) -> dict[str, Any]:
     """metrics/lm_eval.json: per task its main metric for base and tuned, delta and drop."""
     result: dict[str, Any] = {"enabled": bool(params.evaluate.lm_eval_tasks), **settings(params), "scores": {}}
@@ -135,5 +135,5 @@ def write(params: Params, base: dict[str, dict[str, Any]] | None,
                    "base_stderr": b["stderr"], "tuned_stderr": t["stderr"]}
             row["drop"] = drop(row)
             result["scores"][b["task"]] = row | {"spec": spec}
-    write_json(paths.METRICS["lm_eval"], result)
+    write_json(ws.metrics("lm_eval"), result)
     return result

@@ -20,27 +20,26 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from tasks import paths, templates
+from tasks import registry, templates
 from tasks.config import LOCAL_DATA_SUFFIXES, Params, data_suffix
 from tasks.errors import DataError, PipelineError, TemplateError
 from tasks.io import atomic_path, write_jsonl
+from tasks.workspace import Workspace
 
 log = logging.getLogger("finetune.predict")
 
 # What --model accepts for the promoted model (registry/latest.json names its folder); the
 # same name when FINETUNE_REGISTRY moved the registry, or that registry's own latest.
-LATEST = paths.WORKSPACE_REGISTRY / "latest"
+LATEST = Path("registry/latest")
 
 
-def resolve_model(ref: str) -> tuple[Path, bool]:
+def resolve_model(ref: str, ws: Workspace) -> tuple[Path, bool]:
     """(folder, whether it is an adapter) of --model."""
     folder = Path(ref)
-    if folder in (LATEST, paths.LATEST.with_suffix("")):
-        from tasks.promote import latest
-
-        pointer = latest()
+    if folder in (LATEST, ws.path(LATEST), ws.latest.with_suffix("")):
+        pointer = registry.latest(ws)
         if pointer is None:
-            raise PipelineError(f"--model {ref}: no model was promoted yet ({paths.LATEST} is missing); "
+            raise PipelineError(f"--model {ref}: no model was promoted yet ({ws.latest} is missing); "
                                 "name an adapter (artifacts/adapter) or an export (artifacts/merged)")
         folder = Path(pointer["path"])
     if not folder.is_dir():
@@ -54,12 +53,12 @@ def resolve_model(ref: str) -> tuple[Path, bool]:
                         "model (config.json)")
 
 
-def load_model(params: Params, folder: Path, adapter: bool):
+def load_model(params: Params, ws: Workspace, folder: Path, adapter: bool):
     if adapter:
-        from tasks.evaluate import attach_adapter, load_base_and_tokenizer
+        from tasks.generation import attach_adapter, load_base_and_tokenizer
 
-        base, tokenizer = load_base_and_tokenizer(params, folder)
-        return attach_adapter(base, params, folder), tokenizer
+        base, tokenizer = load_base_and_tokenizer(params, ws, folder)
+        return attach_adapter(base, params, ws, folder), tokenizer
     import torch
 
     from tasks.modeling import load_base, load_tokenizer
@@ -85,7 +84,7 @@ def _chat_prompt(messages: Any, tokenizer: Any, where: str) -> str:
 
 def read_inputs(params: Params, path: Path, references: str | None, tokenizer: Any) -> list[dict[str, Any]]:
     """{id, prompt[, references]} per record of `path`; a bad record stops with its line."""
-    from tasks.prepare import BadRecord, label_name, prompt_values, read_file, reference_texts
+    from tasks.records import BadRecord, label_name, prompt_values, read_file, reference_texts
 
     if not path.is_file():
         raise DataError(f"--input: {path} does not exist")
@@ -126,18 +125,19 @@ def read_inputs(params: Params, path: Path, references: str | None, tokenizer: A
     return rows
 
 
-def run(params: Params, input: Path, model_ref: str, output: Path, references: str | None = None) -> dict[str, Any]:
-    from tasks.evaluate import scores
+def run(params: Params, ws: Workspace, input: Path, model_ref: str, output: Path,
+        references: str | None = None) -> dict[str, Any]:
+    from tasks.scoring import scores
     from tasks.generation import class_probabilities, generate, most_likely
     from tasks.modeling import load_tokenizer
 
     if output.suffix != ".jsonl":
         raise PipelineError(f"--output: {output} must end in .jsonl")
-    folder, adapter = resolve_model(model_ref)
+    folder, adapter = resolve_model(model_ref, ws)
     # The chat template renders prompts before the model loads: a bad input fails fast.
     tokenizer = load_tokenizer(params.model, str(folder)) if params.prompt.template == templates.CHAT else None
     rows = read_inputs(params, input, references, tokenizer)
-    model, tokenizer = load_model(params, folder, adapter)
+    model, tokenizer = load_model(params, ws, folder, adapter)
     prompts = [r["prompt"] for r in rows]
     log.info("predicting %d rows of %s with %s", len(rows), input, folder)
     labels = params.model.labels

@@ -33,128 +33,81 @@ remote worker's clone).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
 from pathlib import Path
 from typing import Any
 
-from tasks import paths
+from tasks import registry
 from tasks.config import Params
 from tasks.errors import PipelineError
-from tasks.io import atomic_path, read_jsonl, sha256_path, write_json, write_jsonl
-from tasks.scoring import HEADLINE, headline_per_example, summarize
+from tasks.io import atomic_path, read_jsonl, sha256_path, write_json
+from tasks.scoring import HEADLINE, SCORE_FIELDS, headline_per_example, summarize
+from tasks.workspace import Workspace
 
 log = logging.getLogger("finetune.promote")
 
-# Files a registry entry holds beside the model.
-ENTRY_PREDICTIONS = "predictions.jsonl"  # {id, prompt, reference, prediction} per test row
-ENTRY_SCORED = "scored.json"  # what those predictions were made on: test_sha256, generation
-ENTRY_DECISION = "promotion.json"  # the decision that promoted it
 BASE = "base"  # the champion's name before anything was promoted
 
 
-def latest() -> dict[str, Any] | None:
-    """What `registry/latest.json` points at now, if anything was ever promoted."""
-    if not paths.LATEST.is_file():
-        return None
-    return json.loads(paths.LATEST.read_text())
+def _scores(answers: list[str], stored: list[float] | None, references: list[str],
+            params: Params) -> list[float]:
+    """Per-row headline scores: the stored ones, else computed now (which loads the scorer)."""
+    if stored is not None:
+        return stored
+    return headline_per_example(answers, references, params.model.task, params.evaluate.use_stemmer)
 
 
-def test_digest(rows: list[dict[str, Any]]) -> str:
-    """sha256 of the scored test rows (ids, prompts, references, in order)."""
-    key = [[r["id"], r["prompt"], r["reference"]] for r in rows]
-    return hashlib.sha256(json.dumps(key, ensure_ascii=False).encode()).hexdigest()
+def champion_answers(entry: Path, rows: list[dict[str, Any]],
+                     params: Params) -> tuple[list[str], list[float] | None, str]:
+    """The champion's answers on `rows`, their stored scores if any, and how they were
+    obtained: reused from its registry entry when made on the same rows and settings, else
+    generated now."""
+    predictions, scores, why = registry.stored(entry, rows, params)
+    if predictions is not None:
+        return predictions, scores, why
+    from tasks.generation import outputs
 
-
-def generation_settings(params: Params) -> dict[str, Any]:
-    """The settings besides the model and rows that decide what a model answers."""
-    return {"task": params.model.task, "max_new_tokens": params.evaluate.max_new_tokens,
-            "max_length": params.tokenize.max_length, "labels": params.model.labels}
-
-
-def _store(entry: Path, rows: list[dict[str, Any]], predictions: list[str], params: Params) -> None:
-    """Writes a model's test predictions into its registry entry; scored.json last, so it only
-    ever describes a complete predictions file."""
-    with atomic_path(entry / ENTRY_PREDICTIONS) as tmp:
-        write_jsonl(tmp, [{"id": r["id"], "prompt": r["prompt"], "reference": r["reference"],
-                           "prediction": p} for r, p in zip(rows, predictions, strict=True)])
-    write_json(entry / ENTRY_SCORED, {"test_sha256": test_digest(rows),
-                                      "generation": generation_settings(params)})
-
-
-def _load(entry: Path, params: Params):
-    """A registry entry's model and tokenizer: a standalone model, or an adapter export
-    (PEFT methods that do not merge) loaded on the configured base."""
-    from tasks.modeling import load_tokenizer, model_class
-
-    tokenizer = load_tokenizer(params.model, str(entry))
-    if (entry / "adapter_config.json").is_file():
-        from peft import PeftModel
-
-        from tasks.modeling import load_base, match_vocab
-
-        base = load_base(params, quantized=params.quant.load_in_4bit)
-        match_vocab(base, tokenizer)
-        model = PeftModel.from_pretrained(base, str(entry))
-    else:
-        model = model_class(params.model.task).from_pretrained(str(entry))
-    model.eval()
-    return model, tokenizer
-
-
-def champion_predictions(entry: Path, rows: list[dict[str, Any]],
-                         params: Params) -> tuple[list[str], str]:
-    """The champion's answers on `rows`, and how they were obtained: reused from its
-    registry entry when made on the same rows and settings, else generated now."""
-    from tasks.evaluate import outputs
-
-    scored_file = entry / ENTRY_SCORED
-    scored = json.loads(scored_file.read_text()) if scored_file.is_file() else None
-    digest = test_digest(rows)
-    if scored and scored["test_sha256"] == digest and scored["generation"] == generation_settings(params):
-        return [r["prediction"] for r in read_jsonl(entry / ENTRY_PREDICTIONS)], "reused"
-    if scored is None:
-        why = "it has no stored predictions"
-    elif scored["test_sha256"] != digest:
-        why = (f"the test set changed since it was scored (sha256 {scored['test_sha256'][:12]} -> "
-               f"{digest[:12]})")
-    else:
-        why = "the generation settings changed since it was scored"
     log.info("re-scoring the champion %s on the %d current test rows: %s", entry, len(rows), why)
-    model, tokenizer = _load(entry, params)
-    predictions = outputs(model, tokenizer, [r["prompt"] for r in rows], params)
-    _store(entry, rows, predictions, params)
-    return predictions, f"generated: {why}"
+    model, tokenizer = registry.load(entry, params)
+    return outputs(model, tokenizer, [r["prompt"] for r in rows], params), None, f"generated: {why}"
 
 
-def _champion(rows: list[dict[str, Any]], params: Params) -> tuple[str, list[str], str]:
-    """(name, predictions, how obtained) of the model to beat."""
-    current = latest()
+def _champion(rows: list[dict[str, Any]], params: Params,
+              ws: Workspace) -> tuple[str, list[str], list[float], str]:
+    """(name, predictions, per-row scores, how obtained) of the model to beat."""
+    references = [r["reference"] for r in rows]
+    current = registry.latest(ws)
     if current is None:
-        return BASE, [r["base"] for r in rows], "evaluate's base predictions"
+        answers = [r["base"] for r in rows]
+        kept = [r[SCORE_FIELDS["base"]] for r in rows] if all(SCORE_FIELDS["base"] in r for r in rows) else None
+        return BASE, answers, _scores(answers, kept, references, params), "evaluate's base predictions"
     entry = Path(current["path"])
     if not entry.is_dir():
-        raise PipelineError(f"{paths.LATEST} points at {entry}, which does not exist: restore it, "
-                            f"or delete {paths.LATEST} to compare with the base model again")
-    predictions, how = champion_predictions(entry, rows, params)
-    return str(entry), predictions, how
+        raise PipelineError(f"{ws.latest} points at {entry}, which does not exist: restore it, "
+                            f"or delete {ws.latest} to compare with the base model again")
+    answers, kept, how = champion_answers(entry, rows, params)
+    scores = _scores(answers, kept, references, params)
+    if how.startswith("generated"):
+        registry.store(entry, rows, answers, scores, params)  # for the next run to reuse
+    return str(entry), answers, scores, how
 
 
-def _promote(rows: list[dict[str, Any]], decision: dict[str, Any], params: Params) -> Path:
-    digest = sha256_path(paths.MERGED)
-    target = paths.REGISTRY / digest[:16]
+def _promote(rows: list[dict[str, Any]], scores: list[float], decision: dict[str, Any], params: Params,
+             ws: Workspace) -> Path:
+    digest = sha256_path(ws.merged)
+    target = ws.registry / digest[:16]
     challenger = [r["tuned"] for r in rows]
     if not target.is_dir():
         with atomic_path(target) as tmp:
-            shutil.copytree(paths.MERGED, tmp)
-            _store(tmp, rows, challenger, params)
-            write_json(tmp / ENTRY_DECISION, decision)
+            shutil.copytree(ws.merged, tmp)
+            registry.store(tmp, rows, challenger, scores, params)
+            write_json(tmp / registry.ENTRY_DECISION, decision)
     else:  # the same model promoted again: refresh what it was scored on
-        _store(target, rows, challenger, params)
-        write_json(target / ENTRY_DECISION, decision)
-    write_json(paths.LATEST, {
+        registry.store(target, rows, challenger, scores, params)
+        write_json(target / registry.ENTRY_DECISION, decision)
+    write_json(ws.latest, {
         "path": str(target), "sha256": digest, "metric": decision["metric"],
         "score": decision["challenger"]["score"], "test_sha256": decision["test_sha256"],
         "champion": decision["champion"], "difference": decision["difference"],
@@ -162,7 +115,7 @@ def _promote(rows: list[dict[str, Any]], decision: dict[str, Any], params: Param
     return target
 
 
-def capability(params: Params) -> dict[str, Any] | None:
+def capability(params: Params, ws: Workspace) -> dict[str, Any] | None:
     """The general-capability check of metrics/lm_eval.json under promote.max_regression:
     each task's base and tuned score and drop, and the tasks dropping by more than allowed.
     None when evaluate.lm_eval_tasks is empty."""
@@ -170,7 +123,7 @@ def capability(params: Params) -> dict[str, Any] | None:
 
     if not params.evaluate.lm_eval_tasks:
         return None
-    file = paths.METRICS["lm_eval"]
+    file = ws.metrics("lm_eval")
     found = json.loads(file.read_text()) if file.is_file() else None
     if found is None or {k: found.get(k) for k in settings(params)} != settings(params):
         raise PipelineError(f"{file} was not made with the current evaluate.lm_eval_tasks, lm_eval_limit "
@@ -189,31 +142,31 @@ def _regression_reason(check: dict[str, Any]) -> str:
                      for name, row in check["tasks"].items() if name in check["regressed"])
 
 
-def run(params: Params) -> dict[str, Any]:
+def run(params: Params, ws: Workspace) -> dict[str, Any]:
     cfg = params.evaluate
     task = params.model.task
     metric = HEADLINE[task]
-    rows = read_jsonl(paths.PREDICTIONS)
+    rows = read_jsonl(ws.predictions)
     references = [r["reference"] for r in rows]
-    name, champion, how = _champion(rows, params)
-    theirs = headline_per_example(champion, references, task, cfg.use_stemmer)
-    ours = headline_per_example([r["tuned"] for r in rows], references, task, cfg.use_stemmer)
+    name, _, theirs, how = _champion(rows, params, ws)
+    kept = [r[SCORE_FIELDS["tuned"]] for r in rows] if all(SCORE_FIELDS["tuned"] in r for r in rows) else None
+    ours = _scores([r["tuned"] for r in rows], kept, references, params)
     paired = summarize({"difference": [a - b for a, b in zip(ours, theirs, strict=True)]},
                        cfg.bootstrap_samples, cfg.confidence_level, cfg.seed)
     difference = paired["difference"]
     threshold = params.promote.min_gain
     decision: dict[str, Any] = {
-        "metric": metric, "num_examples": len(rows), "test_sha256": test_digest(rows),
+        "metric": metric, "num_examples": len(rows), "test_sha256": registry.test_digest(rows),
         "champion": {"model": name, "score": round(sum(theirs) / len(theirs), 6), "predictions": how},
-        "challenger": {"model": str(paths.MERGED), "score": round(sum(ours) / len(ours), 6)},
+        "challenger": {"model": str(ws.merged), "score": round(sum(ours) / len(ours), 6)},
         "difference": difference, "confidence_level": cfg.confidence_level,
         "min_gain": threshold, "promoted": difference["mean"] >= threshold}
-    check = capability(params)
+    check = capability(params, ws)
     if check is not None:
         decision["lm_eval"] = check
         decision["promoted"] = decision["promoted"] and not check["regressed"]
-    paths.WORKSPACE_REGISTRY.mkdir(exist_ok=True)  # DVC expects the (persistent) output to exist
-    paths.REGISTRY.mkdir(parents=True, exist_ok=True)
+    ws.workspace_registry.mkdir(exist_ok=True)  # DVC expects the (persistent) output to exist
+    ws.registry.mkdir(parents=True, exist_ok=True)
     verdict = (f"{metric} challenger {decision['challenger']['score']:.4f} vs champion ({name}) "
                f"{decision['champion']['score']:.4f}: difference {difference['mean']:+.4f} "
                f"({cfg.confidence_level:.0%} CI [{difference['ci_low']:+.4f}, {difference['ci_high']:+.4f}])")
@@ -228,13 +181,13 @@ def run(params: Params) -> dict[str, Any]:
                     f"{check['max_regression']}")
     if decision["promoted"]:
         decision["reason"] = f"{verdict}: promoted"
-        target = _promote(rows, decision, params)
+        target = _promote(rows, ours, decision, params, ws)
         decision["reason"] += f" to {target}"
     else:
         stays = "the champion stays current" if name != BASE else "nothing was promoted yet"
         decision["reason"] = f"{verdict}: not promoted; {stays}"
-    current = latest()
+    current = registry.latest(ws)
     decision["latest"] = current["path"] if current else None
-    write_json(paths.METRICS["promote"], decision)
+    write_json(ws.metrics("promote"), decision)
     log.info(decision["reason"])
     return decision

@@ -16,7 +16,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tasks import paths
 from tasks.errors import PipelineError
 from tasks.io import TOKEN_VARIABLES, redact
 
@@ -29,7 +28,7 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
-def run(repo_id: str, folder: Path = paths.MERGED, private: bool = False) -> dict[str, Any]:
+def run(repo_id: str, folder: Path, private: bool = False) -> dict[str, Any]:
     missing = [f for f in REQUIRED_FILES if not (folder / f).is_file()]
     if not folder.is_dir() or missing:
         raise PipelineError(f"{folder}: not an exported model (missing {', '.join(missing) or 'folder'}); "

@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tasks.config import Params
 from tasks.errors import PipelineError
 
 METRIC_DIR = Path(__file__).parent / "metrics" / "rouge"
@@ -23,6 +24,8 @@ ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 CLASSIFICATION_METRICS = ("accuracy", "f1_macro")
 # The number promote gates on and export checks after merging, per model.task.
 HEADLINE = {"causal_lm": "rougeL", "seq2seq": "rougeL", "sequence_classification": "accuracy"}
+# reports/predictions.jsonl's per-row HEADLINE score of each column (against `reference`).
+SCORE_FIELDS = {"base": "base_score", "tuned": "tuned_score"}
 
 
 def metric_names(task: str) -> tuple[str, ...]:
@@ -171,3 +174,13 @@ def read_references(files: list[Path], field: str | None) -> References:
                             + ", ".join(f"{f} has {len(c)}" for f, c in zip(files, columns, strict=True)))
     return [[t for cell in row for t in ([cell] if isinstance(cell, str) else cell)]
             for row in zip(*columns, strict=True)]
+
+
+def scores(predictions: list[str], references: References, params: Params) -> dict[str, Any]:
+    """The task's metrics (ROUGE, or accuracy and macro-F1), each with its bootstrap CI."""
+    cfg = params.evaluate
+    if params.model.task == "sequence_classification":
+        return classification(predictions, [r if isinstance(r, str) else r[0] for r in references],
+                              params.model.labels or [], cfg.bootstrap_samples, cfg.confidence_level, cfg.seed)
+    return summarize(per_example(predictions, references, cfg.use_stemmer),
+                     cfg.bootstrap_samples, cfg.confidence_level, cfg.seed)

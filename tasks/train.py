@@ -23,28 +23,22 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tasks import paths
 from tasks.adapters import adalora_callback
 from tasks.config import PROMPT_LEARNING, Params
 from tasks.errors import PipelineError
 from tasks.io import atomic_path, normalize_adapter_config, save_tokenizer, sha256_path, write_json, writing
-from tasks.modeling import device, load_base, load_tokenizer, match_vocab, resolve_precision
-from tasks.tokenize import IGNORE_INDEX
+from tasks.encoding import IGNORE_INDEX
+from tasks.modeling import device, load_tokenizer, resolve_precision
+from tasks.training import optim_name, run_name, tracked, trackers, trainable_base
+from tasks.workspace import Workspace
 
 log = logging.getLogger("finetune.train")
 
 FINGERPRINT = "fingerprint.txt"  # in CHECKPOINTS: what the checkpoints were trained from
-CPU_OPTIM = "adamw_torch"  # bitsandbytes' paged/8-bit optimizers need CUDA
-# MLflow's store when MLFLOW_TRACKING_URI is unset: a SQLite file (MLflow 3's local backend;
-# run artifacts land beside it under mlruns/).
-MLFLOW_DEFAULT_DIR = Path("mlruns")
-MLFLOW_DEFAULT_URI = f"sqlite:///{MLFLOW_DEFAULT_DIR}/mlflow.db"
-# Seconds between rewrites of paths.PROGRESS: often enough to watch, rare enough to cost nothing.
+# Seconds between rewrites of ws.progress: often enough to watch, rare enough to cost nothing.
 PROGRESS_EVERY_S = 2.0
 PACKING_CHECK_ROWS = 3  # training rows packed into one sequence to test that they stay apart
 # Largest |packed - separate| logit difference allowed, relative to the largest |logit|, by
@@ -52,45 +46,38 @@ PACKING_CHECK_ROWS = 3  # training rows packed into one sequence to test that th
 PACKING_RTOL = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 1e-2}
 
 
-def _fingerprint(params: Params) -> str:
+def _fingerprint(params: Params, ws: Workspace) -> str:
     import hashlib
 
     sections = {k: getattr(params, k).model_dump(mode="json")
                 for k in ("model", "quant", "lora", "peft", "train")}
     del sections["train"]["report_to"]  # trackers watch the run: switching one keeps its checkpoints
-    payload = json.dumps(sections, sort_keys=True) + sha256_path(paths.TOKENIZED)
+    payload = json.dumps(sections, sort_keys=True) + sha256_path(ws.tokenized)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def _resume_checkpoint(params: Params) -> str | None:
+def _resume_checkpoint(params: Params, ws: Workspace) -> str | None:
     """The last checkpoint of an interrupted run with the same inputs, else None (and a
     clean checkpoint directory)."""
     from transformers.trainer_utils import get_last_checkpoint
 
-    marker = paths.CHECKPOINTS / FINGERPRINT
-    fingerprint = _fingerprint(params)
+    marker = ws.checkpoints / FINGERPRINT
+    fingerprint = _fingerprint(params, ws)
     if marker.is_file() and marker.read_text() == fingerprint:
         # A kill while a checkpoint was being written leaves it without trainer_state.json,
         # which the Trainer writes last: drop such partial checkpoints.
-        while (last := get_last_checkpoint(str(paths.CHECKPOINTS))) is not None:
+        while (last := get_last_checkpoint(str(ws.checkpoints))) is not None:
             if (Path(last) / "trainer_state.json").is_file():
                 log.info("resuming from %s", last)
                 return last
             log.warning("removing incomplete checkpoint %s", last)
             shutil.rmtree(last)
-    elif paths.CHECKPOINTS.exists():
+    elif ws.checkpoints.exists():
         log.info("discarding checkpoints of a run with other params or data")
-        shutil.rmtree(paths.CHECKPOINTS)
-    paths.CHECKPOINTS.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(ws.checkpoints)
+    ws.checkpoints.mkdir(parents=True, exist_ok=True)
     marker.write_text(fingerprint)
     return None
-
-
-def _optim(name: str) -> str:
-    if device() == "cuda" or not ("8bit" in name or "paged" in name):
-        return name
-    log.warning("train.optim %r needs CUDA; using %r on this CPU-only machine", name, CPU_OPTIM)
-    return CPU_OPTIM
 
 
 def _history_callback(history: list[dict[str, Any]]):
@@ -112,11 +99,11 @@ def _history_callback(history: list[dict[str, Any]]):
     return History()
 
 
-def _progress_callback():
+def _progress_callback(ws: Workspace):
     from transformers import TrainerCallback
 
     class Progress(TrainerCallback):
-        """Writes where training is (paths.PROGRESS) for whoever watches the stage from
+        """Writes where training is (ws.progress) for whoever watches the stage from
         outside, such as the Prefect flow, which cannot see inside this process."""
 
         def __init__(self) -> None:
@@ -144,7 +131,7 @@ def _progress_callback():
             self.written = now
             elapsed, done = now - self.started, state.global_step - self.first_step
             left = state.max_steps - state.global_step
-            write_json(paths.PROGRESS, {
+            write_json(ws.progress, {
                 "step": state.global_step, "max_steps": state.max_steps,
                 "percent": round(100 * state.global_step / max(state.max_steps, 1), 1),
                 **self.last,
@@ -154,86 +141,6 @@ def _progress_callback():
                 "eta_seconds": round(left * elapsed / done, 1) if done else None})
 
     return Progress()
-
-
-def run_name(stage: str) -> str:
-    """One name per run for every tracker (a TensorBoard subfolder, an MLflow run name)."""
-    from datetime import datetime, timezone
-
-    return f"{stage}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
-
-
-def trackers(params: Params, name: str) -> tuple[list[str], list[Any]]:
-    """train.report_to split into what the Trainer's `report_to` takes as is and callbacks built
-    here so each tracker writes under the repo (TRACKERS) rather than into the checkpoint
-    folder, which is removed after the run: (report_to, callbacks)."""
-    import importlib.util
-    import os
-
-    from tasks.config import TRACKERS
-
-    wanted = params.train.report_to
-    for tracker in wanted:
-        if importlib.util.find_spec(TRACKERS[tracker]) is None:
-            raise PipelineError(f"train.report_to lists {tracker} but the {TRACKERS[tracker]} package "
-                                f"is not installed (pip install {TRACKERS[tracker]})")
-    callbacks: list[Any] = []
-    # Only the first of train.num_processes writes: a writer per process would split the curve.
-    first = os.environ.get("RANK", "0") == "0"
-    if "tensorboard" in wanted and first:
-        from torch.utils.tensorboard import SummaryWriter
-        from transformers.integrations import TensorBoardCallback
-
-        callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=str(paths.TRACKERS / "tensorboard" / name))))
-    if "dvclive" in wanted and first:
-        from dvclive import Live
-        from transformers.integrations import DVCLiveCallback  # dvclive's own is deprecated for it
-
-        # dvcyaml=None: dvc.yaml stays the one definition of the graph; save_dvc_exp=False:
-        # `dvc exp run` records the experiment itself, a stage must not make another.
-        live = Live(dir=str(paths.TRACKERS / "dvclive"), dvcyaml=None, save_dvc_exp=False)
-        callbacks.append(DVCLiveCallback(live=live))
-    if "mlflow" in wanted:
-        import mlflow
-
-        # Set every time: MLflow keeps the URI for the process, and its file store default
-        # is refused by MLflow 3 (SQLite is the local backend it supports).
-        uri = os.environ.get("MLFLOW_TRACKING_URI")
-        if not uri:
-            MLFLOW_DEFAULT_DIR.mkdir(exist_ok=True)  # SQLite makes the file, not its folder
-        mlflow.set_tracking_uri(uri or MLFLOW_DEFAULT_URI)
-    return [t for t in wanted if t not in ("tensorboard", "dvclive")], callbacks
-
-
-@contextmanager
-def tracked(params: Params, args) -> Iterator[None]:
-    """Holds one MLflow run open over training and the evaluation after it, so eval_loss lands
-    in the training's run (MLflow's callback ends its own run at train end, and the next log
-    call would open a second one)."""
-    if "mlflow" not in params.train.report_to or args.process_index != 0:
-        yield
-        return
-    import mlflow
-
-    with mlflow.start_run(run_name=args.run_name):
-        yield
-
-
-def trainable_base(params: Params, tokenizer):
-    """The base model made ready for adapter training (also what align starts from)."""
-    from peft import prepare_model_for_kbit_training
-
-    quantized = params.quant.load_in_4bit
-    model = load_base(params, quantized=quantized)
-    # Training never reuses a KV cache, and with one the attention mask ignores the restarting
-    # position ids that keep padding-free examples apart.
-    model.config.use_cache = False
-    match_vocab(model, tokenizer)
-    if quantized:
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=params.train.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model
 
 
 def _model(params: Params, tokenizer):
@@ -275,7 +182,7 @@ def training_arguments(params: Params, output_dir: str, report_to: list[str] | N
             raise PipelineError("train.use_liger_kernel is true but the liger-kernel package is not "
                                 "installed (pip install liger-kernel, on a CUDA machine)")
     return TrainingArguments(
-        output_dir=output_dir, **fields, optim=_optim(t.optim),
+        output_dir=output_dir, **fields, optim=optim_name(t.optim),
         bf16=precision == "bf16", fp16=precision == "fp16", tf32=_tf32(t.tf32),
         gradient_checkpointing=t.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
@@ -350,22 +257,22 @@ def check_padding_free(model, rows, dtype: str) -> float:
     return diff
 
 
-def build_trainer(params: Params, output_dir: str, history: list[dict[str, Any]]):
+def build_trainer(params: Params, ws: Workspace, history: list[dict[str, Any]]):
     """The model, data and Trainer of the train stage (also what bench/ measures)."""
     import datasets
     from transformers import Trainer, set_seed
 
     name = run_name("train")
-    report_to, callbacks = trackers(params, name)  # first: a missing package fails before loading
+    report_to, callbacks = trackers(params, name, ws)  # first: a missing package fails before loading
     set_seed(params.train.seed)
-    tokenizer = load_tokenizer(params.model, str(paths.TOKENIZER))
-    data = datasets.load_from_disk(str(paths.TOKENIZED)).remove_columns("id")
+    tokenizer = load_tokenizer(params.model, str(ws.tokenizer))
+    data = datasets.load_from_disk(str(ws.tokenized)).remove_columns("id")
     model = _model(params, tokenizer)
-    callbacks += [_history_callback(history), _progress_callback()]
+    callbacks += [_history_callback(history), _progress_callback(ws)]
     if params.peft.method == "adalora":
         callbacks.append(adalora_callback())
     return Trainer(
-        model=model, args=training_arguments(params, output_dir, report_to, name),
+        model=model, args=training_arguments(params, str(ws.checkpoints), report_to, name),
         train_dataset=data["train"], eval_dataset=data.get("validation"),
         data_collator=_collator(params, tokenizer),
         processing_class=tokenizer, callbacks=callbacks,
@@ -402,7 +309,7 @@ def _check_world(params: Params, args) -> None:
                             "differ from params.yaml; run `finetune train` without a launcher")
 
 
-def run(params: Params) -> dict[str, Any]:
+def run(params: Params, ws: Workspace) -> dict[str, Any]:
     import torch
 
     from tasks.memory import preflight
@@ -410,12 +317,12 @@ def run(params: Params) -> dict[str, Any]:
 
     config = load_config(params)
     dtype = str(compute_dtype(params)).removeprefix("torch.")
-    estimate = preflight(params, config, dtype, device(), paths.CHECKPOINTS)
+    estimate = preflight(params, config, dtype, device(), ws.checkpoints)
     history: list[dict[str, Any]] = []
-    trainer = build_trainer(params, str(paths.CHECKPOINTS), history)
+    trainer = build_trainer(params, ws, history)
     _check_world(params, trainer.args)
-    with trainer.args.main_process_first(desc="checkpoint check"), writing(paths.CHECKPOINTS):
-        resume = _resume_checkpoint(params)
+    with trainer.args.main_process_first(desc="checkpoint check"), writing(ws.checkpoints):
+        resume = _resume_checkpoint(params, ws)
     model, tokenizer = trainer.model, trainer.processing_class
     trainable, total = model.get_nb_trainable_parameters()
     log.info("trainable parameters: %d of %d (%.2f%%)", trainable, total, 100 * trainable / total)
@@ -426,7 +333,7 @@ def run(params: Params) -> dict[str, Any]:
         # Checkpoints are written in place (a partial one is dropped on resume): name their
         # folder when the disk fills up anyway.
         with tracked(params, trainer.args):
-            with writing(paths.CHECKPOINTS):
+            with writing(ws.checkpoints):
                 result = trainer.train(resume_from_checkpoint=resume)
             eval_loss = trainer.evaluate()["eval_loss"] if trainer.eval_dataset is not None else None
     except torch.cuda.OutOfMemoryError:
@@ -436,7 +343,7 @@ def run(params: Params) -> dict[str, Any]:
                             "quant.load_in_4bit: true") from None
     if not trainer.is_world_process_zero():
         return {}  # the first process writes the outputs
-    with atomic_path(paths.ADAPTER) as tmp:
+    with atomic_path(ws.adapter) as tmp:
         model.save_pretrained(tmp)
         normalize_adapter_config(tmp)
         save_tokenizer(tokenizer, tmp)
@@ -445,11 +352,11 @@ def run(params: Params) -> dict[str, Any]:
                "tokens_seen": trainer.state.num_input_tokens_seen,
                "trainable_params": trainable, "total_params": total,
                "estimated_peak_memory_gib": estimate["total"]}
-    with atomic_path(paths.TRAIN_LOG) as tmp:
+    with atomic_path(ws.train_log) as tmp:
         rows = ["step\tloss\tlearning_rate\ttokens_seen"]
         rows += [f"{h['step']}\t{h['loss']}\t{h['learning_rate']}\t{h['tokens_seen']}" for h in history]
         tmp.write_text("\n".join(rows) + "\n")
-    write_json(paths.METRICS["train"], metrics)
-    shutil.rmtree(paths.CHECKPOINTS, ignore_errors=True)
-    log.info("adapter saved to %s: %s", paths.ADAPTER, metrics)
+    write_json(ws.metrics("train"), metrics)
+    shutil.rmtree(ws.checkpoints, ignore_errors=True)
+    log.info("adapter saved to %s: %s", ws.adapter, metrics)
     return metrics

@@ -1,0 +1,267 @@
+"""Records and examples: reading raw data files in every format prepare takes, rendering a
+record through the prompt template into a prompt/completion example, and the hash split.
+Shared by prepare, align (preference pairs) and predict (new inputs), so the three read and
+render a record the same way."""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import glob
+import gzip
+import hashlib
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from tasks import templates
+from tasks.config import DataConfig, Params, data_suffix, reference_field
+from tasks.errors import DataError, TemplateError
+
+Record = tuple[str, dict[str, Any] | None, str | None]  # (where, record, why it is bad)
+
+
+class BadRecord(Exception):
+    def __init__(self, reason: str, message: str):
+        self.reason = reason
+        super().__init__(message)
+
+
+# Windows tools and spreadsheet exports start UTF-8 files with a byte order mark.
+UTF8_BOM = codecs.BOM_UTF8
+ENCODING_HINT = "re-save the file as UTF-8 (e.g. iconv -f UTF-16 -t UTF-8, or Excel's 'CSV UTF-8')"
+
+
+def _open(path: Path) -> IO[bytes]:
+    """The file's bytes, decompressed as they are read for .gz and .zst."""
+    suffix = path.suffix.lower()
+    if suffix == ".gz":
+        return gzip.open(path, "rb")
+    if suffix == ".zst":
+        import zstandard
+
+        # zstandard's reader has no readline; the buffer gives line iteration.
+        return io.BufferedReader(zstandard.open(path, "rb"))
+    return path.open("rb")
+
+
+def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw line); a corrupt compressed file ends in an error naming the line."""
+    with _open(path) as f:
+        number = 0
+        try:
+            for number, raw in enumerate(f, start=1):
+                yield number, raw
+        except Exception as err:  # gzip raises OSError/EOFError, zstandard its ZstdError
+            raise DataError(f"{path} line {number + 1}: cannot decompress: {err}") from None
+
+
+def _jsonl(path: Path) -> Iterator[Record]:
+    for number, raw in _lines(path):
+        where = f"{path} line {number}"
+        if number == 1:
+            raw = raw.removeprefix(UTF8_BOM)
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            yield where, None, f"not_utf8: byte {err.start} is not valid UTF-8; {ENCODING_HINT}"
+            continue
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            yield where, None, f"malformed_json: {err.msg} at column {err.colno}"
+            continue
+        if not isinstance(record, dict):
+            yield where, None, f"malformed_json: expected a JSON object, got {type(record).__name__}"
+            continue
+        yield where, record, None
+
+
+def _text(path: Path) -> str:
+    """The whole file as text: UTF-8, with or without a BOM, else an error naming the line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise DataError(f"{path} line {line}: not UTF-8 text (byte {err.start}); {ENCODING_HINT}") from None
+
+
+def _json(path: Path) -> Iterator[Record]:
+    try:
+        rows = json.loads(_text(path))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path} line {err.lineno}: not a valid JSON file: {err.msg} at column "
+                        f"{err.colno}") from None
+    if not isinstance(rows, list):
+        raise DataError(f"{path}: expected a JSON list of records (use .jsonl for one per line)")
+    for number, record in enumerate(rows):
+        where = f"{path} record {number}"
+        yield (where, record, None) if isinstance(record, dict) else \
+            (where, None, "malformed_json: expected a JSON object")
+
+
+def _csv(path: Path, delimiter: str) -> Iterator[Record]:
+    try:
+        reader = csv.DictReader(io.StringIO(_text(path), newline=""), delimiter=delimiter)
+        for record in reader:
+            yield f"{path} line {reader.line_num}", record, None
+    except csv.Error as err:
+        raise DataError(f"{path}: malformed CSV: {err}") from None
+
+
+def _parquet(path: Path) -> Iterator[Record]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as err:  # pyarrow raises several types for a corrupt file
+        raise DataError(f"{path}: cannot read Parquet: {err}") from None
+    for number, record in enumerate(table.to_pylist()):
+        yield f"{path} row {number}", record, None
+
+
+# data.delimiter's default per format.
+DELIMITERS = {".csv": ",", ".tsv": "\t"}
+
+
+def read_file(path: Path, d: DataConfig) -> Iterator[Record]:
+    """The records of one local file, in any format prepare reads."""
+    suffix = data_suffix(str(path))
+    if suffix in DELIMITERS:
+        return _csv(path, d.delimiter or DELIMITERS[suffix])
+    if suffix == ".json":
+        return _json(path)
+    if suffix == ".parquet":
+        return _parquet(path)
+    return _jsonl(path)
+
+
+def local_files(patterns: list[str], key: str) -> list[Path]:
+    """The files `patterns` (files or globs) name, in sorted order; `key` names the param."""
+    files: set[Path] = set()
+    for pattern in patterns:
+        if glob.has_magic(pattern):
+            matches = [Path(m) for m in glob.glob(pattern) if Path(m).is_file()]
+            if not matches:
+                raise DataError(f"{key}: no file matches {pattern}")
+            files.update(matches)
+            continue
+        path = Path(pattern)
+        if not path.is_file():
+            raise DataError(f"{key}: {path} does not exist")
+        files.add(path)
+    for path in files:
+        if path.stat().st_size == 0:
+            raise DataError(f"{key}: {path} is empty")
+    return sorted(files)
+
+
+def read_files(files: list[Path], d: DataConfig) -> Iterator[Record]:
+    for path in files:
+        yield from read_file(path, d)
+
+
+def reference_texts(value: Any) -> list[str] | None:
+    """A reference cell as texts: one text, or a list of them; None when it is not text."""
+    texts = value if isinstance(value, list) else [value]
+    return texts if texts and all(isinstance(t, str) and t.strip() for t in texts) else None
+
+
+def _references(d: DataConfig, ref_field: str | None, record: dict[str, Any], where: str) -> list[str] | None:
+    """The reference texts of a record: data.references' columns, or the items of a
+    list-valued completion field; None when the record has a single reference."""
+    if d.references:
+        refs = []
+        for column in d.references:
+            if record.get(column) is None:
+                continue  # training rows often carry one reference under another column
+            texts = reference_texts(record[column])
+            if texts is None:
+                raise BadRecord("wrong_type", f"{where}: reference column {column!r} is neither "
+                                "text nor a list of texts")
+            refs += texts
+        return refs or None
+    value = record.get(d.columns.get(ref_field, ref_field)) if ref_field else None
+    if not isinstance(value, list):
+        return None
+    if reference_texts(value) is None:
+        raise BadRecord("wrong_type", f"{where}: field {ref_field!r} is a list, but not of texts")
+    return value
+
+
+def prompt_values(params: Params, record: dict[str, Any], where: str, names: list[str],
+                  refs: list[str] | None = None, ref_field: str | None = None) -> dict[str, Any]:
+    """The template fields `names` of a record, through data.columns."""
+    d = params.data
+    values = {}
+    for name in names:
+        column = d.columns.get(name, name)
+        if name == ref_field and refs:
+            # The first reference is what a training row learns.
+            values[name] = record[column] if isinstance(record.get(column), str) else refs[0]
+            continue
+        if record.get(column) is None:
+            raise BadRecord("missing_field", f"{where}: missing field {column!r}"
+                            + (f" (template field {name!r})" if column != name else ""))
+        values[name] = record[column]
+    return values
+
+
+def to_example(params: Params, tpl: templates.Template | None, tokenizer: Any, where: str,
+                record: dict[str, Any]) -> dict[str, Any]:
+    # A class label has no references to pick the best of.
+    ref_field = reference_field(params.prompt) if params.model.labels is None else None
+    refs = _references(params.data, ref_field, record, where)
+    values = prompt_values(params, record, where, params.prompt.fields, refs, ref_field)
+    try:
+        if tpl is None:
+            prompt, completion = templates.render_chat(values["messages"], tokenizer, where)
+        else:
+            prompt, completion = templates.render(tpl, values, where)
+    except TemplateError as err:
+        raise BadRecord("wrong_type", str(err)) from None
+    if not completion.strip():
+        raise BadRecord("empty_completion", f"{where}: the completion is empty")
+    if params.model.labels is not None:
+        completion = label_name(params.model.labels, completion.strip(), where)
+    example: dict[str, Any] = {"prompt": prompt, "completion": completion}
+    if tpl is None:
+        # tokenize trains every assistant turn of the conversation, not only the last.
+        example["messages"] = values["messages"]
+    if refs and tpl is not None and ref_field is not None:
+        # Each reference is rendered as the completion would be, so evaluate compares like
+        # with like (the completion template may add text around the field).
+        example["references"] = [templates.fill(tpl.completion, {**values, ref_field: r}, where).strip()
+                                 for r in refs]
+    return example
+
+
+def label_name(labels: list[str], value: str, where: str) -> str:
+    """The class name a record's label stands for: the name itself, or its index."""
+    if value in labels:
+        return value
+    if value.isdigit() and int(value) < len(labels):
+        return labels[int(value)]
+    raise BadRecord("unknown_label", f"{where}: label {value!r} is neither one of model.labels "
+                    f"({', '.join(labels)}) nor an index into them")
+
+
+def split_of(key: str, params: Params, derived: set[str] | None = None) -> str:
+    """The split a row's id hashes to; `derived` (default: data.hash_splits) are the splits
+    the hash may fill, the others' shares staying in train."""
+    s = params.data.split
+    # A hash of (seed, id) rather than a shuffle: a row keeps its split when data is added
+    # or reordered, so test rows never leak into training as the dataset grows. A split
+    # given as files takes no train rows: its share of them stays in train.
+    u = int(hashlib.sha256(f"{s.seed}:{key}".encode()).hexdigest()[:8], 16) / 2**32
+    derived = params.data.hash_splits if derived is None else derived
+    if u < s.test_size:
+        return "test" if "test" in derived else "train"
+    if u < s.test_size + s.validation_size and "validation" in derived:
+        return "validation"
+    return "train"

@@ -1,0 +1,112 @@
+"""The model registry: promoted models, one folder each, and `latest.json` pointing at the
+current champion. Each entry keeps the test predictions it was last scored with, their
+per-row headline scores, and what they were made on (`scored.json`), so the next promote can
+reuse them instead of loading the model again.
+
+promote writes it; predict (`--model registry/latest`) reads it. The registry is
+`registry/` in the workspace unless FINETUNE_REGISTRY names another folder
+(tasks/workspace.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from tasks.config import Params
+from tasks.errors import PipelineError
+from tasks.io import atomic_path, read_jsonl, write_json, write_jsonl
+from tasks.scoring import HEADLINE
+from tasks.workspace import Workspace
+
+# Files a registry entry holds beside the model.
+ENTRY_PREDICTIONS = "predictions.jsonl"  # {id, prompt, reference, prediction, score} per test row
+ENTRY_SCORED = "scored.json"  # what those predictions were made on: test_sha256, generation, scoring
+ENTRY_DECISION = "promotion.json"  # the decision that promoted it
+
+
+def latest(ws: Workspace) -> dict[str, Any] | None:
+    """What `registry/latest.json` points at now, if anything was ever promoted."""
+    if not ws.latest.is_file():
+        return None
+    try:
+        pointer = json.loads(ws.latest.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise PipelineError(f"{ws.latest} is not valid JSON ({err}): restore it from a backup, or "
+                            "delete it to compare with the base model again") from None
+    if not isinstance(pointer, dict) or not isinstance(pointer.get("path"), str):
+        raise PipelineError(f"{ws.latest} does not name a model (expected an object with a \"path\"): "
+                            "restore it from a backup, or delete it to compare with the base model again")
+    return pointer
+
+
+def test_digest(rows: list[dict[str, Any]]) -> str:
+    """sha256 of the scored test rows (ids, prompts, references, in order)."""
+    key = [[r["id"], r["prompt"], r["reference"]] for r in rows]
+    return hashlib.sha256(json.dumps(key, ensure_ascii=False).encode()).hexdigest()
+
+
+def generation_settings(params: Params) -> dict[str, Any]:
+    """The settings besides the model and rows that decide what a model answers."""
+    return {"task": params.model.task, "max_new_tokens": params.evaluate.max_new_tokens,
+            "max_length": params.tokenize.max_length, "labels": params.model.labels}
+
+
+def scoring_settings(params: Params) -> dict[str, Any]:
+    """The settings that decide a stored answer's score."""
+    return {"metric": HEADLINE[params.model.task], "use_stemmer": params.evaluate.use_stemmer}
+
+
+def store(entry: Path, rows: list[dict[str, Any]], predictions: list[str], scores: list[float],
+          params: Params) -> None:
+    """Writes a model's test predictions and their scores into its registry entry; scored.json
+    last, so it only ever describes a complete predictions file."""
+    with atomic_path(entry / ENTRY_PREDICTIONS) as tmp:
+        write_jsonl(tmp, [{"id": r["id"], "prompt": r["prompt"], "reference": r["reference"],
+                           "prediction": p, "score": s}
+                          for r, p, s in zip(rows, predictions, scores, strict=True)])
+    write_json(entry / ENTRY_SCORED, {"test_sha256": test_digest(rows),
+                                      "generation": generation_settings(params),
+                                      "scoring": scoring_settings(params)})
+
+
+def stored(entry: Path, rows: list[dict[str, Any]],
+           params: Params) -> tuple[list[str] | None, list[float] | None, str]:
+    """An entry's stored answers on `rows` when made on the same rows and settings (else None),
+    their scores when scored the same way (else None), and why not when not reused."""
+    scored_file = entry / ENTRY_SCORED
+    scored = json.loads(scored_file.read_text()) if scored_file.is_file() else None
+    digest = test_digest(rows)
+    if scored is None:
+        return None, None, "it has no stored predictions"
+    if scored["test_sha256"] != digest:
+        return None, None, (f"the test set changed since it was scored (sha256 {scored['test_sha256'][:12]} "
+                            f"-> {digest[:12]})")
+    if scored["generation"] != generation_settings(params):
+        return None, None, "the generation settings changed since it was scored"
+    kept = read_jsonl(entry / ENTRY_PREDICTIONS)
+    predictions = [r["prediction"] for r in kept]
+    same_scoring = scored.get("scoring") == scoring_settings(params) and all("score" in r for r in kept)
+    return predictions, [r["score"] for r in kept] if same_scoring else None, "reused"
+
+
+def load(entry: Path, params: Params):
+    """A registry entry's model and tokenizer: a standalone model, or an adapter export
+    (PEFT methods that do not merge) loaded on the configured base."""
+    from tasks.modeling import load_tokenizer, model_class
+
+    tokenizer = load_tokenizer(params.model, str(entry))
+    if (entry / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        from tasks.modeling import load_base, match_vocab
+
+        base = load_base(params, quantized=params.quant.load_in_4bit)
+        match_vocab(base, tokenizer)
+        model = PeftModel.from_pretrained(base, str(entry))
+    else:
+        model = model_class(params.model.task).from_pretrained(str(entry))
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,110 @@
+"""What the two training stages share (train's SFT and align's DPO): the base made ready
+for adapter training, the optimizer this machine can run, and the experiment trackers of
+train.report_to."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from tasks.config import Params
+from tasks.errors import PipelineError
+from tasks.modeling import device, load_base, match_vocab
+from tasks.workspace import Workspace
+
+log = logging.getLogger("finetune.training")
+
+CPU_OPTIM = "adamw_torch"  # bitsandbytes' paged/8-bit optimizers need CUDA
+# MLflow's store when MLFLOW_TRACKING_URI is unset: a SQLite file (MLflow 3's local backend;
+# run artifacts land beside it under mlruns/).
+MLFLOW_DEFAULT_DIR = Path("mlruns")
+
+
+def optim_name(name: str) -> str:
+    if device() == "cuda" or not ("8bit" in name or "paged" in name):
+        return name
+    log.warning("train.optim %r needs CUDA; using %r on this CPU-only machine", name, CPU_OPTIM)
+    return CPU_OPTIM
+
+
+def run_name(stage: str) -> str:
+    """One name per run for every tracker (a TensorBoard subfolder, an MLflow run name)."""
+    from datetime import datetime, timezone
+
+    return f"{stage}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+
+
+def trackers(params: Params, name: str, ws: Workspace) -> tuple[list[str], list[Any]]:
+    """train.report_to split into what the Trainer's `report_to` takes as is and callbacks built
+    here so each tracker writes under the workspace (ws.trackers) rather than into the checkpoint
+    folder, which is removed after the run: (report_to, callbacks)."""
+    import importlib.util
+    import os
+
+    from tasks.config import TRACKERS
+
+    wanted = params.train.report_to
+    for tracker in wanted:
+        if importlib.util.find_spec(TRACKERS[tracker]) is None:
+            raise PipelineError(f"train.report_to lists {tracker} but the {TRACKERS[tracker]} package "
+                                f"is not installed (pip install {TRACKERS[tracker]})")
+    callbacks: list[Any] = []
+    # Only the first of train.num_processes writes: a writer per process would split the curve.
+    first = os.environ.get("RANK", "0") == "0"
+    if "tensorboard" in wanted and first:
+        from torch.utils.tensorboard import SummaryWriter
+        from transformers.integrations import TensorBoardCallback
+
+        callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=str(ws.trackers / "tensorboard" / name))))
+    if "dvclive" in wanted and first:
+        from dvclive import Live
+        from transformers.integrations import DVCLiveCallback  # dvclive's own is deprecated for it
+
+        # dvcyaml=None: dvc.yaml stays the one definition of the graph; save_dvc_exp=False:
+        # `dvc exp run` records the experiment itself, a stage must not make another.
+        live = Live(dir=str(ws.trackers / "dvclive"), dvcyaml=None, save_dvc_exp=False)
+        callbacks.append(DVCLiveCallback(live=live))
+    if "mlflow" in wanted:
+        import mlflow
+
+        # Set every time: MLflow keeps the URI for the process, and its file store default
+        # is refused by MLflow 3 (SQLite is the local backend it supports).
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:
+            ws.path(MLFLOW_DEFAULT_DIR).mkdir(exist_ok=True)  # SQLite makes the file, not its folder
+        mlflow.set_tracking_uri(uri or f"sqlite:///{ws.path(MLFLOW_DEFAULT_DIR)}/mlflow.db")
+    return [t for t in wanted if t not in ("tensorboard", "dvclive")], callbacks
+
+
+@contextmanager
+def tracked(params: Params, args) -> Iterator[None]:
+    """Holds one MLflow run open over training and the evaluation after it, so eval_loss lands
+    in the training's run (MLflow's callback ends its own run at train end, and the next log
+    call would open a second one)."""
+    if "mlflow" not in params.train.report_to or args.process_index != 0:
+        yield
+        return
+    import mlflow
+
+    with mlflow.start_run(run_name=args.run_name):
+        yield
+
+
+def trainable_base(params: Params, tokenizer):
+    """The base model made ready for adapter training (also what align starts from)."""
+    from peft import prepare_model_for_kbit_training
+
+    quantized = params.quant.load_in_4bit
+    model = load_base(params, quantized=quantized)
+    # Training never reuses a KV cache, and with one the attention mask ignores the restarting
+    # position ids that keep padding-free examples apart.
+    model.config.use_cache = False
+    match_vocab(model, tokenizer)
+    if quantized:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=params.train.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
