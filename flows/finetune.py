@@ -37,9 +37,8 @@ from prefect.artifacts import (create_markdown_artifact, create_progress_artifac
                                 update_progress_artifact)
 from prefect.states import Completed, State
 
-from tasks.cli import RESTORE_ONLY_ENV
 from tasks.config import ParamsOverride, apply_overrides, deep_merge, load_params, parse_params, read_yaml
-from tasks.workspace import Workspace
+from tasks.workspace import RESTORE_ONLY_ENV, Workspace
 
 # Retries where failures can be transient (a preempted GPU host, a flaky filesystem).
 # A stage that fails with the pipeline's own error (a user-fixable problem) is not retried.

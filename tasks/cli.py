@@ -19,10 +19,7 @@ from pathlib import Path
 
 from tasks.errors import PipelineError, environment_error
 from tasks.stages import STAGES, run_stage
-from tasks.workspace import Workspace
-# Stages (comma-separated) this machine must not compute: the Prefect flow sets it while
-# restoring a stage another worker ran (flows/finetune.py).
-RESTORE_ONLY_ENV = "FINETUNE_RESTORE_ONLY"
+from tasks.workspace import RESTORE_ONLY_ENV, Workspace
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -19,12 +19,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tasks.config import DATA_DIR, MODELS_DIR
+from tasks.config.base import DATA_DIR, MODELS_DIR
 
 # Promoted models, one folder each; kept across runs. FINETUNE_REGISTRY moves it to storage
 # that outlives the workspace: a remote worker's clone is thrown away after each run, and
 # with it a registry inside it, so every night would meet no champion.
 REGISTRY_ENV = "FINETUNE_REGISTRY"
+# Stages (comma-separated) this machine must not compute: the Prefect flow sets it while
+# restoring a stage another worker ran (flows/finetune.py); `finetune <stage>` refuses them.
+RESTORE_ONLY_ENV = "FINETUNE_RESTORE_ONLY"
 SPLITS = ("train", "validation", "test")
 # metrics/<name>.json: one per stage, plus evaluate's two (eval, lm_eval).
 METRIC_FILES = ("prepare", "tokenize", "train", "align", "eval", "lm_eval", "export", "promote")

@@ -1,12 +1,17 @@
 """params.yaml validation: every problem reported at once, each naming its key path."""
 
+import re
+from collections.abc import Callable
 from pathlib import Path
+from types import FunctionType
+from typing import Any
 
 import pytest
 import yaml
 
 from tasks.cli import main
-from tasks.config import load_params, parse_params
+from tasks.config import RULES, Params, load_params, parse_params
+from tasks.config import rules as cross
 from tasks.errors import ConfigError
 
 from .conftest import REPO, merge, shipped_params
@@ -55,6 +60,96 @@ def test_cross_field_rules():
                       "quant": {"load_in_4bit": False}})
     assert any("evaluate.max_new_tokens (600) must be below tokenize.max_length" in p for p in found)
     assert any("merge_into 'dequantized' needs quant.load_in_4bit" in p for p in found)
+
+
+def test_cross_field_problems_follow_rules_order():
+    found = problems({"quant": {"load_in_4bit": False}, "peft": {"method": "adalora", "adalora_target_r": 16},
+                      "evaluate": {"max_new_tokens": 600}, "tokenize": {"max_length": 512}})
+    assert [p.split(" ")[0] for p in found] == ["evaluate.max_new_tokens", "export.merge_into",
+                                                "peft.adalora_target_r"]
+
+
+def variant(**sections: dict[str, Any]) -> Params:
+    """The shipped params with some keys of some sections changed, not validated: Params would
+    refuse the rule's problem before a test could call the rule."""
+    shipped = load_params(REPO / "params.yaml")
+    return shipped.model_copy(update={name: getattr(shipped, name).model_copy(update=keys)
+                                      for name, keys in sections.items()})
+
+
+def test_shipped_params_pass_every_rule():
+    shipped = load_params(REPO / "params.yaml")
+    assert {rule.__name__: rule(shipped) for rule in RULES} == {rule.__name__: [] for rule in RULES}
+
+
+def test_every_rule_is_run():
+    defined = {f for f in vars(cross).values() if isinstance(f, FunctionType) and f.__module__ == cross.__name__}
+    assert defined == set(RULES) and len(RULES) == len(set(RULES))
+
+
+# One variant per rule, breaking that rule and no other.
+BROKEN: dict[Callable[[Params], list[str]], tuple[dict[str, dict[str, Any]], str]] = {
+    cross.max_new_tokens_fit: (
+        {"evaluate": {"max_new_tokens": 256}, "tokenize": {"max_length": 256}},
+        r"evaluate\.max_new_tokens \(256\) must be below tokenize\.max_length \(256\) to leave room"),
+    cross.dequantized_merge_needs_4bit: (
+        {"quant": {"load_in_4bit": False}},
+        r"export\.merge_into 'dequantized' needs quant\.load_in_4bit: true"),
+    cross.method_has_4bit: (
+        {"peft": {"method": "loha"}},
+        r"peft\.method loha has no 4-bit \(bitsandbytes\) implementation in PEFT"),
+    cross.prompt_learning_unpacked: (
+        {"peft": {"method": "prompt_tuning"}, "train": {"padding_free": True}},
+        r"peft\.method prompt_tuning puts virtual tokens .* set train\.padding_free: false$"),
+    cross.prefix_tuning_without_checkpointing: (
+        {"peft": {"method": "prefix_tuning"}, "train": {"gradient_checkpointing": True}},
+        r"peft\.method prefix_tuning feeds its prefixes as a KV cache"),
+    cross.align_supported: (
+        {"align": {"enabled": True}, "peft": {"method": "dora"}},
+        r"align\.enabled needs prompt\.template other than chat and peft\.method lora"),
+    cross.padding_free_causal_lm_only: (
+        {"model": {"task": "seq2seq"}, "train": {"padding_free": True}},
+        r"train\.padding_free packs examples for causal LMs only \(model\.task is seq2seq\)"),
+    cross.chat_template_causal_lm_only: (
+        {"model": {"task": "seq2seq"}, "prompt": {"template": "chat"}},
+        r"prompt\.template chat renders a causal LM's chat template; model\.task seq2seq needs a text"),
+    cross.align_causal_lm_only: (
+        {"model": {"task": "seq2seq"}, "align": {"enabled": True}},
+        r"align\.enabled needs model\.task causal_lm \(DPO scores completions of a causal LM; task is "
+        r"seq2seq\)"),
+    cross.references_fill_one_field: (
+        {"data": {"references": ["summary"]}, "prompt": {"template": "{dialogue}", "completion": " {a} {b}"}},
+        r"data\.references needs a generative model\.task and a text template"),
+    cross.gguf_needs_merged_causal_lm: (
+        {"export": {"gguf": "f16"}, "peft": {"method": "p_tuning"}},
+        r"export\.gguf needs model\.task causal_lm and a peft\.method that merges"),
+    cross.lm_eval_needs_causal_lm: (
+        {"evaluate": {"lm_eval_tasks": ["hellaswag"]}, "model": {"task": "seq2seq"}},
+        r"evaluate\.lm_eval_tasks scores a causal LM's log-likelihoods: .* \(not prompt_tuning, "
+        r"prefix_tuning, p_tuning; task is seq2seq, method lora\)$"),
+    cross.max_regression_needs_lm_eval: (
+        {"promote": {"max_regression": 0.01}},
+        r"promote\.max_regression checks the tasks of evaluate\.lm_eval_tasks, which is empty"),
+    cross.adalora_needs_max_steps: (
+        {"peft": {"method": "adalora"}, "train": {"max_steps": -1}},
+        r"peft\.method adalora schedules its rank budget over train\.max_steps"),
+    cross.adalora_target_below_r: (
+        {"peft": {"method": "adalora", "adalora_target_r": 16}},
+        r"peft\.adalora_target_r \(16\) must be below lora\.r \(16\), the rank AdaLoRA starts from"),
+}
+
+
+def test_every_rule_has_a_broken_variant():
+    assert list(BROKEN) == list(RULES)
+
+
+@pytest.mark.parametrize("rule", RULES, ids=lambda rule: rule.__name__)
+def test_rule_reports_its_problem(rule: Callable[[Params], list[str]]):
+    sections, pattern = BROKEN[rule]
+    params = variant(**sections)
+    [problem] = rule(params)
+    assert re.match(pattern, problem), problem
+    assert [r.__name__ for r in RULES if r(params)] == [rule.__name__]
 
 
 def test_split_sizes_leave_training_rows():

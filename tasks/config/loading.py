@@ -1,0 +1,144 @@
+"""Reading params.yaml into `Params`, reporting problems by key path, and writing overrides."""
+
+from __future__ import annotations
+
+import difflib
+import reprlib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+
+from tasks.config.base import TAG
+from tasks.config.params import Params
+from tasks.errors import ConfigError
+
+
+# Shows a wrong value without its whole content: a YAML alias bomb expands to billions of items.
+SHORT = reprlib.Repr()
+SHORT.maxlevel, SHORT.maxlist, SHORT.maxdict, SHORT.maxstring = 2, 4, 4, 80
+
+
+def _key_path(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "(top level)"
+
+
+def _allowed(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names allowed at `loc`'s parent, for suggesting a fix to an unknown key."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def describe(err: ValidationError) -> list[str]:
+    problems = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith(("function-", TAG))))
+        key = _key_path(loc)
+        if e["type"] == "extra_forbidden" and "token" in str(loc[-1]).lower():
+            problems.append(f"{key}: tokens never go in params (they would land in dvc.lock, git "
+                            "and the model's manifest); set HF_TOKEN in the environment instead")
+        elif e["type"] == "extra_forbidden":
+            allowed = _allowed(Params, loc)
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(f"{key}: unknown key{hint}; allowed here: {', '.join(allowed)}")
+        elif e["type"] == "value_error":
+            for line in str(e["ctx"]["error"]).splitlines():
+                problems.append(f"{key}: {line}" if loc else line)
+        else:
+            got = "" if e["type"] == "missing" else f" (got {SHORT.repr(e['input'])})"
+            problems.append(f"{key}: {e['msg']}{got}")
+    return problems
+
+
+def parse_params(raw: Any, source: str) -> Params:
+    if not isinstance(raw, dict):
+        raise ConfigError(source, ["the file must be a mapping of sections (data, prompt, model, ...)"])
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(source, describe(err)) from None
+
+
+def read_yaml(path: Path) -> Any:
+    if not path.is_file():
+        raise ConfigError(str(path), ["file not found"])
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(str(path), [f"{where}not valid YAML ({getattr(err, 'problem', err)})"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError(str(path), ["not UTF-8 text"]) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    return parse_params(read_yaml(path), str(path))
+
+
+def _partial(model: type[BaseModel]) -> type[BaseModel]:
+    """The same model with every field optional: the shape of an override."""
+    fields: dict[str, Any] = {}
+    for name, info in model.model_fields.items():
+        ann = info.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            ann = _partial(ann)
+        fields[name] = (ann | None, Field(None, description=info.description))
+    return create_model(f"{model.__name__}Override", __config__=ConfigDict(extra="forbid"), **fields)
+
+
+# Overrides of params.yaml values (the Prefect flow's parameter form): any subset of the keys,
+# checked by the full Params model once merged into params.yaml.
+ParamsOverride = _partial(Params)
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `over` merged in, section by section."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else value
+    return out
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def apply_overrides(path: Path, overrides: BaseModel | dict[str, Any]) -> dict[str, Any]:
+    """Validate `overrides` merged into the params file and write them into it, keeping its
+    comments (as `dvc exp run -S` does). Returns the changed keys; writes nothing if invalid."""
+    from ruamel.yaml import YAML
+
+    over = overrides.model_dump(exclude_unset=True) if isinstance(overrides, BaseModel) else overrides
+    parse_params(deep_merge(read_yaml(path) or {}, over), str(path))
+    changed = _flatten(over)
+    if not changed:
+        return changed
+    yml = YAML()
+    doc = yml.load(path.read_text(encoding="utf-8"))
+    for dotted, value in changed.items():
+        node = doc
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            if node.get(key) is None:
+                node[key] = {}
+            node = node[key]
+        node[leaf] = value
+    with path.open("w", encoding="utf-8") as f:
+        yml.dump(doc, f)
+    return changed

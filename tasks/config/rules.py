@@ -1,0 +1,154 @@
+"""The rules that combine keys of several sections, which no single section can check.
+
+Each rule takes the whole `Params` and returns its problems (empty when the params are fine),
+so a rule can be called, and tested, on its own. `Params` runs every rule in `RULES`, in that
+order, and reports all their problems together. The JSON Schema cannot express them: only
+`finetune check` (and every stage, which loads the params) applies them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from tasks import templates
+from tasks.config.data import reference_field
+from tasks.config.model import PROMPT_LEARNING, UNQUANTIZED_ONLY
+
+if TYPE_CHECKING:  # Params runs these rules, so it imports this module, not the other way round
+    from tasks.config.params import Params
+
+
+def max_new_tokens_fit(params: Params) -> list[str]:
+    if params.model.task == "causal_lm" and params.evaluate.max_new_tokens >= params.tokenize.max_length:
+        return [f"evaluate.max_new_tokens ({params.evaluate.max_new_tokens}) must be below "
+                f"tokenize.max_length ({params.tokenize.max_length}) to leave room for the prompt"]
+    return []
+
+
+def dequantized_merge_needs_4bit(params: Params) -> list[str]:
+    if params.export.merge_into == "dequantized" and not params.quant.load_in_4bit:
+        return ["export.merge_into 'dequantized' needs quant.load_in_4bit: true "
+                "(with an unquantized base, use 'original')"]
+    return []
+
+
+def method_has_4bit(params: Params) -> list[str]:
+    method = params.peft.method
+    if method in UNQUANTIZED_ONLY and params.quant.load_in_4bit:
+        return [f"peft.method {method} has no 4-bit (bitsandbytes) implementation in "
+                "PEFT: set quant.load_in_4bit: false (and export.merge_into: original)"]
+    return []
+
+
+def prompt_learning_unpacked(params: Params) -> list[str]:
+    method = params.peft.method
+    if method in PROMPT_LEARNING and params.train.padding_free is True:
+        return [f"peft.method {method} puts virtual tokens in front of each sequence, "
+                "which packing would share between examples: set train.padding_free: false"]
+    return []
+
+
+def prefix_tuning_without_checkpointing(params: Params) -> list[str]:
+    if params.peft.method == "prefix_tuning" and params.train.gradient_checkpointing:
+        return ["peft.method prefix_tuning feeds its prefixes as a KV cache, which PEFT "
+                "cannot combine with gradient checkpointing: set "
+                "train.gradient_checkpointing: false"]
+    return []
+
+
+def align_supported(params: Params) -> list[str]:
+    if params.align.enabled and (params.prompt.template == "chat" or params.peft.method != "lora"):
+        return ["align.enabled needs prompt.template other than chat and peft.method "
+                "lora (the DPO stage supports those so far)"]
+    return []
+
+
+def padding_free_causal_lm_only(params: Params) -> list[str]:
+    task = params.model.task
+    if task != "causal_lm" and params.train.padding_free is True:
+        return [f"train.padding_free packs examples for causal LMs only (model.task is "
+                f"{task}): set it to auto or false"]
+    return []
+
+
+def chat_template_causal_lm_only(params: Params) -> list[str]:
+    task = params.model.task
+    if task != "causal_lm" and params.prompt.template == templates.CHAT:
+        return [f"prompt.template chat renders a causal LM's chat template; model.task "
+                f"{task} needs a text template"]
+    return []
+
+
+def align_causal_lm_only(params: Params) -> list[str]:
+    task = params.model.task
+    if task != "causal_lm" and params.align.enabled:
+        return [f"align.enabled needs model.task causal_lm (DPO scores completions "
+                f"of a causal LM; task is {task})"]
+    return []
+
+
+def references_fill_one_field(params: Params) -> list[str]:
+    if params.data.references and (params.model.task == "sequence_classification"
+                                   or reference_field(params.prompt) is None):
+        return ["data.references needs a generative model.task and a text template whose "
+                "completion has exactly one {field} (each reference fills it)"]
+    return []
+
+
+def gguf_needs_merged_causal_lm(params: Params) -> list[str]:
+    if params.export.gguf and (params.model.task != "causal_lm" or params.peft.method in PROMPT_LEARNING):
+        return ["export.gguf needs model.task causal_lm and a peft.method that merges "
+                "(GGUF holds one standalone decoder model)"]
+    return []
+
+
+def lm_eval_needs_causal_lm(params: Params) -> list[str]:
+    task, method = params.model.task, params.peft.method
+    # seq2seq is the harness's other backend, but untested here with an adapter attached.
+    if params.evaluate.lm_eval_tasks and (task != "causal_lm" or method in PROMPT_LEARNING):
+        return ["evaluate.lm_eval_tasks scores a causal LM's log-likelihoods: it needs "
+                "model.task causal_lm and a peft.method that keeps the input as it is "
+                f"(not {', '.join(PROMPT_LEARNING)}; task is {task}, method {method})"]
+    return []
+
+
+def max_regression_needs_lm_eval(params: Params) -> list[str]:
+    if params.promote.max_regression is not None and not params.evaluate.lm_eval_tasks:
+        return ["promote.max_regression checks the tasks of evaluate.lm_eval_tasks, which is "
+                "empty: list tasks there, or set max_regression to null"]
+    return []
+
+
+def adalora_needs_max_steps(params: Params) -> list[str]:
+    if params.peft.method == "adalora" and params.train.max_steps < 1:
+        return ["peft.method adalora schedules its rank budget over train.max_steps: "
+                "set a positive train.max_steps"]
+    return []
+
+
+def adalora_target_below_r(params: Params) -> list[str]:
+    if params.peft.method == "adalora" and params.peft.adalora_target_r >= params.lora.r:
+        return [f"peft.adalora_target_r ({params.peft.adalora_target_r}) must be below "
+                f"lora.r ({params.lora.r}), the rank AdaLoRA starts from and prunes"]
+    return []
+
+
+# The order problems are reported in.
+RULES: tuple[Callable[[Params], list[str]], ...] = (
+    max_new_tokens_fit,
+    dequantized_merge_needs_4bit,
+    method_has_4bit,
+    prompt_learning_unpacked,
+    prefix_tuning_without_checkpointing,
+    align_supported,
+    padding_free_causal_lm_only,
+    chat_template_causal_lm_only,
+    align_causal_lm_only,
+    references_fill_one_field,
+    gguf_needs_merged_causal_lm,
+    lm_eval_needs_causal_lm,
+    max_regression_needs_lm_eval,
+    adalora_needs_max_steps,
+    adalora_target_below_r,
+)

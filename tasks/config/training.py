@@ -1,0 +1,163 @@
+"""How the model trains: tokenize.*, train.* (SFT) and align.* (DPO)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from tasks.config.base import Section
+
+
+class TokenizeConfig(Section):
+    max_length: int = Field(512, ge=8, description=(
+        "Tokens per example (at least 8): prompt + completion + EOS for causal_lm (a chat: the "
+        "whole conversation). For seq2seq "
+        "it limits the encoder input and the labels each; for classification, the input."))
+    completion_only_loss: bool = Field(True, description=(
+        "Loss on the completion only (prompt tokens get label -100; a chat: on its assistant "
+        "turns); false: on every token."))
+    truncation_side: Literal["left", "right"] = Field("left", description=(
+        "Which end of a too-long example to cut: left keeps the end of the prompt and the "
+        "completion; right cuts the end of the sequence. With left, tokens go from the start of "
+        "the prompt, keeping a leading BOS, its cue (such as Summary:) and the whole completion, "
+        "which is cut from its end only if it does not fit on its own. With right, the "
+        "completion goes first (EOS included), then the end of the prompt, which can leave "
+        "nothing to train on (an error). At generation time evaluate and export always cut "
+        "long prompts from the left, to max_length - max_new_tokens tokens, keeping BOS."))
+    overlong: Literal["truncate", "drop"] = Field("truncate", description=(
+        "What to do with rows over max_length: truncate or drop them, counted in "
+        "metrics/tokenize.json either way."))
+    preview_rows: int = Field(3, ge=0, description=(
+        "Train rows written to reports/label_preview.txt with the trained span marked, to check "
+        "what the loss is on."))
+
+
+# train.report_to's trackers and the package each needs (checked when train starts).
+TRACKERS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb", "dvclive": "dvclive"}
+
+
+class TrainConfig(Section):
+    seed: int = Field(42, description=(
+        "Seeds initialisation, dropout and data order: the same seed gives the same adapter."))
+    max_steps: int = Field(150, ge=-1, description=(
+        "Optimizer steps; -1: train for num_train_epochs instead (0 is refused)."))
+    num_train_epochs: float = Field(1.0, gt=0, description=(
+        "Passes over the train split, used only when max_steps is -1."))
+    per_device_train_batch_size: int = Field(8, ge=1, description=(
+        "Examples per batch in each process."))
+    gradient_accumulation_steps: int = Field(1, ge=1, description=(
+        "Batches per optimizer step: the effective batch is per_device_train_batch_size * this "
+        "* num_processes."))
+    num_processes: int = Field(1, ge=1, description=(
+        "Data-parallel processes on this host: one per GPU (NCCL), or gloo processes on a "
+        "CPU-only host. The train stage launches them itself (torch's elastic launcher, what "
+        "torchrun is); each loads its own 4-bit copy of the base on its own GPU. Under an "
+        "outside launcher (torchrun, accelerate launch) a different process count is refused, "
+        "because the effective batch would not be what params.yaml says."))
+    learning_rate: float = Field(3e-3, gt=0, description=(
+        "Peak learning rate; the shipped 3e-3 is high because the smoke model starts from "
+        "random weights (about 2e-4 for real models)."))
+    lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup",
+                               "cosine_with_restarts"] = Field("cosine", description=(
+                                   "Learning-rate schedule after the warmup."))
+    warmup_steps: float = Field(0.05, ge=0, description=(
+        "Warmup: below 1, a fraction of the total steps; otherwise a number of steps."))
+    weight_decay: float = Field(0.0, ge=0, description="The optimizer's weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description=(
+        "Gradient clipping: the largest gradient norm."))
+    optim: str = Field("paged_adamw_8bit", description=(
+        "Any TrainingArguments optimizer name; paged and 8-bit ones need CUDA. On a CPU-only "
+        "machine they fall back to adamw_torch, with a logged warning."))
+    gradient_checkpointing: bool = Field(True, description=(
+        "Trade compute for activation memory (non-reentrant gradient checkpointing)."))
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description=(
+        "Training precision; auto picks bf16 on GPUs that support it, else fp16 on CUDA, else "
+        "fp32 (CPU)."))
+    train_sampling_strategy: Literal["random", "group_by_length"] = Field("random", description=(
+        "Batch order; group_by_length batches rows of similar length together (less padding "
+        "per batch)."))
+    padding_free: Literal["auto"] | bool = Field("auto", description=(
+        "Pack each batch into one row with no padding; auto: on with flash_attention_2 only; "
+        "false: pad each batch to its longest row. Examples sit end to end with position ids "
+        "restarting at each, so no padding is computed. The attention mask derived from the "
+        "position ids keeps examples apart: before the first step, train runs a few rows "
+        "packed and one by one and "
+        "refuses (naming this key) if the logits differ, as they do for architectures that "
+        "ignore position ids in their mask (OPT, Bloom). The loss is that of padded batches (a "
+        "test holds them within 1%; measured 1e-4 apart). flash_attention_2's varlen kernels "
+        "attend within each example; with sdpa or eager the packed row gets a dense "
+        "block-diagonal mask over its whole length, which costs more attention than the "
+        "padding saves (0.87x on the CPU benchmark, BENCHMARKS.md)."))
+    torch_compile: bool = Field(False, description=(
+        "Compile the model with torch.compile (slower first steps; for long GPU runs)."))
+    use_liger_kernel: bool = Field(False, description=(
+        "Liger's fused kernels; needs the liger-kernel package (CUDA), refused with a message "
+        "if it is missing."))
+    tf32: Literal["auto"] | bool = Field("auto", description=(
+        "TF32 matmuls; auto: on for GPUs that have TF32 (Ampere and newer); true on a machine "
+        "without one is refused."))
+    logging_steps: int = Field(1, ge=1, description=(
+        "Log the loss, learning rate and tokens seen every N steps (a row of "
+        "metrics/train_log.tsv, and the trackers of report_to)."))
+    save_steps: int = Field(50, ge=1, description=(
+        "Checkpoint every N steps into artifacts/checkpoints/; rerunning after a crash resumes "
+        "from the last one."))
+    save_total_limit: int = Field(2, ge=1, description=(
+        "Checkpoints kept; save_total_limit + 1 exist at the peak, which the disk preflight "
+        "counts."))
+    report_to: list[str] = Field([], json_schema_extra={"items": {"enum": list(TRACKERS)}}, description=(
+        "Experiment trackers that get the run's params and loss curve; []: none (offline). A "
+        "list such as [tensorboard, mlflow], used by train and align. They log through transformers' own "
+        "integrations and write locally: tensorboard and dvclive under logs/, mlflow to "
+        "MLFLOW_TRACKING_URI (default: mlruns/ in the repository); wandb follows its WANDB_* "
+        "variables (WANDB_MODE=offline keeps it local). A listed tracker whose package is not "
+        "installed stops train, naming the package."))
+
+    @field_validator("report_to")
+    @classmethod
+    def _trackers(cls, names: list[str]) -> list[str]:
+        unknown = [n for n in names if n not in TRACKERS]
+        if unknown:
+            raise ValueError(f"unknown tracker {unknown[0]!r}; allowed values: {', '.join(TRACKERS)} "
+                             "(a list, e.g. [tensorboard]; [] for none)")
+        return list(dict.fromkeys(names))  # a tracker listed twice would log every step twice
+
+    @model_validator(mode="after")
+    def _length(self) -> TrainConfig:
+        if self.max_steps == 0:
+            raise ValueError("max_steps is 0: set a positive number of steps, or -1 to use "
+                             "num_train_epochs")
+        return self
+
+
+class AlignConfig(Section):
+    enabled: bool = Field(False, description=(
+        "Run DPO (TRL) on preference pairs after SFT, starting from the SFT adapter; false: the "
+        "stage only records that it is off. Needs peft.method lora and a template other than "
+        "chat. When on, evaluate scores and export merges the aligned adapter."))
+    path: str = Field("data/raw/preferences.jsonl", description=(
+        "Preference records under data/raw/: the template's input fields (data.columns "
+        "applies), chosen and rejected completions, and the id column. The id's split "
+        "(data.split) decides which pairs are held out for the reported reward accuracy and "
+        "margins."))
+    beta: float = Field(0.1, gt=0, description=(
+        "DPO's beta: how strongly the policy is held near the reference, the SFT model (the "
+        "implicit KL penalty)."))
+    max_steps: int = Field(30, ge=1, description="DPO optimizer steps.")
+    per_device_train_batch_size: int = Field(4, ge=1, description=(
+        "Preference pairs per batch in each process."))
+    per_device_eval_batch_size: int = Field(8, ge=1, description=(
+        "Batch for the held-out reward metrics."))
+    learning_rate: float = Field(5e-4, gt=0, description=(
+        "DPO's peak learning rate; the shipped 5e-4 is high for the random smoke model (about "
+        "5e-6 to 5e-5 for real models)."))
+    seed: int = Field(0, description="Seeds DPO's data order and dropout.")
+
+    @model_validator(mode="after")
+    def _local(self) -> AlignConfig:
+        if not Path(self.path).as_posix().startswith("data/raw/"):
+            raise ValueError(f"path: {self.path} must be under data/raw/ (the folder dvc.yaml tracks)")
+        return self
+
