@@ -28,7 +28,7 @@ TORCH_SOURCE := $(if $(FIND_LINKS),$(addprefix --find-links ,$(FIND_LINKS)),--in
 endif
 endif
 
-.PHONY: setup lock upgrade print-python pools browser postgres run test bench gpu-check check clean example-minilm gguf-converter docs docs-reference
+.PHONY: setup lock upgrade print-python pools browser postgres run test test-fast bench gpu-check check clean example-minilm gguf-converter docs docs-reference
 
 setup: $(STAMP)
 
@@ -93,8 +93,13 @@ postgres:
 	  && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; } \
 	  || echo "postgresql could not be installed: the PostgreSQL test will be skipped"
 
+# The whole suite, then its 30 slowest tests (a new test pays for its seconds).
 test: setup browser postgres gguf-converter
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=30
+
+# The inner loop: every test but the runners end to end (pytest -m e2e runs those alone).
+test-fast: setup gguf-converter
+	$(BIN)/pytest -m "not e2e" --durations=15
 
 # Every work pool prefect.yaml names, created where missing, so `prefect deploy --all` works
 # (PREFECT_API_URL must point at the server).

@@ -1,10 +1,17 @@
 """Shared fixtures: a tiny model built from a config and a throwaway git + DVC workspace.
 
 Everything is real (DVC, PEFT, bitsandbytes, the Trainer); only the sizes are small.
+
+Stages run in the test process (`stage`, `finetune`, and the session's `trained_workspace`,
+built once and copied by `copy_workspace`): a fresh Python per stage pays 20-40 s of imports.
+Real processes are started only where the process is the point (`run`): each runner end to
+end, kill -9 and signals, another user's permissions.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
 import subprocess
@@ -161,10 +168,17 @@ def make_workspace(dst: Path, tiny_model: Path, params: dict[str, Any] | None = 
     return dst
 
 
+def stage(name: str, params: Any, root: Path | str = ".") -> dict[str, Any]:
+    """Runs one stage in this process on the workspace at `root` (the stage table's way)."""
+    from tasks.stages import run_stage
+    from tasks.workspace import Workspace
+
+    return run_stage(name, params, Workspace(Path(root).resolve()))
+
+
 def tokenized_dir(root: Path, tiny_model: Path, raw: dict[str, Any]) -> Path:
     """`root` with the tiny model, the sample data and params.yaml (`raw`), prepared and
     tokenized in-process: for tests of train and later stages that need no git or DVC."""
-    from tasks import prepare, tokenize
     from tasks.config import parse_params
 
     shutil.copytree(tiny_model, root / "models/tiny")
@@ -172,12 +186,51 @@ def tokenized_dir(root: Path, tiny_model: Path, raw: dict[str, Any]) -> Path:
     for data in (SAMPLE, REVIEWS):
         shutil.copy(data, root / "data/raw" / data.name)
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        params = parse_params(raw, "params.yaml")
-        prepare.run(params)
-        tokenize.run(params)
-    finally:
-        os.chdir(cwd)
+    params = parse_params(raw, "params.yaml")
+    for name in ("prepare", "tokenize"):
+        stage(name, params, root)
     return root
+
+
+def finetune(ws: Path, *args: str, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`finetune ARGS` in `ws`, in this process: tasks.cli.main with the working directory,
+    environment and output streams a shell would give it; returns what a subprocess run would
+    (exit code, stdout, stderr). An exception main() does not turn into a message propagates,
+    as a traceback would end the process."""
+    from tasks.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved_env, saved_cwd = dict(os.environ), Path.cwd()
+    os.environ.update({k: v for k, v in env().items() if k != "PATH"} | (extra_env or {}))
+    os.chdir(ws)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as exit_:  # argparse's usage errors
+                code = exit_.code if isinstance(exit_.code, int) else 2
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return subprocess.CompletedProcess(["finetune", *args], code, out.getvalue(), err.getvalue())
+
+
+def copy_workspace(src: Path, dst: Path) -> Path:
+    """A copy of a built workspace (git and DVC state included) to change freely."""
+    shutil.copytree(src, dst, symlinks=True)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def trained_workspace(tmp_path_factory, tiny_model) -> Path:
+    """A git + DVC workspace with TINY_PARAMS after every stage of dvc.yaml, run in this
+    process once per test session; tests that change it take a copy (copy_workspace)."""
+    from tasks.config import load_params
+    from tasks.stages import STAGES
+
+    ws = make_workspace(tmp_path_factory.mktemp("trained"), tiny_model)
+    params = load_params(ws / "params.yaml")
+    for name in STAGES:
+        stage(name, params, ws)
+    return ws

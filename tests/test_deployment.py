@@ -21,7 +21,12 @@ import pytest
 
 from tasks.config import deep_merge
 
+from tasks.stages import STAGES
+
 from .conftest import CHROMIUM, CHROMIUM_MISSING, REPO, TINY_PARAMS, chromium, env, make_workspace, run
+
+# A runner end to end: skipped by `make test-fast`.
+pytestmark = pytest.mark.e2e
 
 SERVER_START_TIMEOUT = 120
 SCREENSHOTS = REPO / "test-artifacts"
@@ -172,8 +177,7 @@ def test_nightly_deployment_runs_on_a_gpu_pool_worker(server, tmp_path_factory, 
     COMPLETED["id"], COMPLETED["name"], COMPLETED["ws"] = flow_run_id, flow_run["name"], str(ws)
     task_runs = api(server["url"], "/task_runs/filter",
                     {"flow_runs": {"id": {"any_": [flow_run_id]}}})
-    assert {t["name"] for t in task_runs} == {"prepare", "tokenize", "train", "align", "evaluate",
-                                              "export", "promote"}
+    assert {t["name"] for t in task_runs} == set(STAGES)
     keys = {a["key"] for a in api(server["url"], "/artifacts/filter",
                                   {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}})}
     assert {"scores-base-vs-tuned", "sample-predictions", "exported-model", "promotion",

@@ -11,11 +11,16 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tasks.stages import STAGES as stage_table
+
 from .conftest import TINY_PARAMS, env, make_workspace, merge
+
+# A runner end to end: skipped by `make test-fast`.
+pytestmark = pytest.mark.e2e
 
 STEPS = TINY_PARAMS["train"]["max_steps"]
 LM_EVAL_TASK = "data/lm_eval/smoke_mc.yaml"
-STAGES = ["prepare", "tokenize", "train", "align", "evaluate", "export", "promote"]
+STAGES = list(stage_table)  # dvc.yaml order; tests/test_structure.py keeps the two equal
 
 
 @pytest.fixture(scope="module")

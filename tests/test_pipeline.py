@@ -13,9 +13,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tasks.stages import STAGES as stage_table
+
 from .conftest import FAKE_HF_TOKEN, make_workspace, run
 
-STAGES = ["prepare", "tokenize", "train", "align", "evaluate", "export", "promote"]
+# A runner end to end: skipped by `make test-fast`.
+pytestmark = pytest.mark.e2e
+
+STAGES = list(stage_table)  # dvc.yaml order; tests/test_structure.py keeps the two equal
 
 
 def ran(output: str) -> list[str]:

@@ -18,10 +18,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.paths import REGISTRY_ENV
+from tasks.workspace import REGISTRY_ENV
 
 from .conftest import TINY_PARAMS, make_workspace, merge, run, shipped_params
 from .test_deployment import api, make_pools, prefect, prefect_server
+
+# A runner end to end: skipped by `make test-fast`.
+pytestmark = pytest.mark.e2e
 
 WORKER_TIMEOUT = 900
 BRANCH = "nightly"

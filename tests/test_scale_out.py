@@ -23,6 +23,9 @@ import yaml
 from .conftest import env, make_workspace, run
 from .test_deployment import api, free_port, prefect, prefect_server
 
+# A runner end to end: skipped by `make test-fast`.
+pytestmark = pytest.mark.e2e
+
 PG_BIN = Path("/usr/lib/postgresql")
 WORKER_TIMEOUT = 900
 

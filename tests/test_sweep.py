@@ -14,6 +14,9 @@ from tasks.errors import ConfigError
 from .conftest import REPO, run
 from .test_flow import artifact, harness, task_runs, ws  # noqa: F401 (fixtures)
 
+# A runner end to end: skipped by `make test-fast`.
+pytestmark = pytest.mark.e2e
+
 GRID = {"train.learning_rate": [1e-3, 3e-3]}
 
 
