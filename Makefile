@@ -65,7 +65,7 @@ upgrade: $(BIN)/uv
 check: setup
 	$(BIN)/finetune check
 
-# Everything written about a param comes from its field in tasks/config.py: this rewrites
+# Everything written about a param comes from its field in tasks/config/: this rewrites
 # docs/reference/params.md, params.schema.json, params.yaml's inline comments and the schema
 # line of examples/*.yaml (tests/test_docs.py fails when they are stale). Rerun after adding
 # or changing a param, and commit what it wrote.
@@ -97,7 +97,8 @@ postgres:
 test: setup browser postgres gguf-converter
 	$(BIN)/pytest --durations=30
 
-# The inner loop: every test but the runners end to end (pytest -m e2e runs those alone).
+# The inner loop: every test but the runners end to end, the tests marked e2e (pytest -m e2e
+# runs those alone); stages run in the test process (tests/conftest.py).
 test-fast: setup gguf-converter
 	$(BIN)/pytest -m "not e2e" --durations=15
 

@@ -51,7 +51,7 @@ def test_every_field_has_a_description():
 
 def test_generated_files_are_current():
     stale = [str(p.relative_to(REPO)) for p in schema_docs.stale()]
-    assert not stale, (f"{', '.join(stale)} differ from what tasks/config.py gives: run "
+    assert not stale, (f"{', '.join(stale)} differ from what the fields in tasks/config/ give: run "
                        f"{schema_docs.COMMAND} and commit the result")
 
 
@@ -85,7 +85,7 @@ def test_params_yaml_comments_are_the_descriptions_first_sentence():
         if depth == 0:
             continue
         key = ".".join(stack)
-        assert key in entries, f"params.yaml key {key} is not a field of tasks/config.py"
+        assert key in entries, f"params.yaml key {key} is not a field in tasks/config/"
         comment = (match["comment"] or "").strip().removeprefix("# ")
         assert comment == schema_docs.comment_for(entries[key]), key
         seen.add(key)
