@@ -353,9 +353,9 @@ def prefect_server(home: Path):
 
 
 def bench_orchestration(ws: Path) -> list[dict[str, Any]]:
-    from flows.finetune import dvc_stages
+    from tasks.stages import STAGES
 
-    stages = dvc_stages(ws)
+    stages = list(STAGES)
     flow = [sys.executable, "-c", "from flows.finetune import finetune; finetune(force=True)"]
     walls: dict[str, list[float]] = {"direct": [], "dvc": [], "prefect": [], "prefect-temporary-server": []}
     home = Path(tempfile.mkdtemp(prefix="prefect-home-"))

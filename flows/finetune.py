@@ -38,6 +38,7 @@ from prefect.artifacts import (create_markdown_artifact, create_progress_artifac
 from prefect.states import Completed, State
 
 from tasks.config import ParamsOverride, apply_overrides, deep_merge, load_params, parse_params, read_yaml
+from tasks.stages import STAGES
 from tasks.workspace import RESTORE_ONLY_ENV, Workspace
 
 # Retries where failures can be transient (a preempted GPU host, a flaky filesystem).
@@ -58,20 +59,6 @@ class StageFailed(RuntimeError):
     def __init__(self, stage: str, user_error: bool, tail: str):
         self.user_error = user_error
         super().__init__(f"stage {stage!r} failed:\n{tail}")
-
-
-def dvc_stages(root: Path = Path(".")) -> list[str]:
-    """The stages of dvc.yaml in the order `dvc repro` runs them (dependencies first,
-    otherwise the order of dvc.yaml)."""
-    import networkx as nx
-    from dvc.repo import Repo
-
-    declared = list(yaml.safe_load((root / "dvc.yaml").read_text())["stages"])
-    with Repo(str(root)) as repo:
-        graph = repo.index.graph.reverse()  # edges: dependency -> dependent
-        names = {s: s.name for s in graph.nodes}
-        order = nx.lexicographical_topological_sort(graph, key=lambda s: declared.index(names[s]))
-        return [names[s] for s in order]
 
 
 def stage_version(stage: str, root: Path = Path(".")) -> str | None:
@@ -439,7 +426,7 @@ def finetune(overrides: ParamsOverride | None = None, force: bool = False, remot
     if sweep:
         return run_sweep(sweep, force)
     summary: dict[str, Any] = {"stages": {}}
-    for stage in dvc_stages():
+    for stage in STAGES:
         elsewhere = bool(gpu_deployment) and stage in gpu_stages
         if elsewhere:
             _on_other_pool(gpu_deployment, stage, force, overrides)
@@ -466,7 +453,7 @@ def finetune_stage(stage: str, force: bool = False,
         force: rerun it even when DVC finds it up to date.
         overrides: the parent run's params.yaml overrides, applied here too.
     """
-    if stage not in dvc_stages():
+    if stage not in STAGES:
         raise ValueError(f"no stage {stage!r} in dvc.yaml")
     _apply(overrides)
     result = run_stage.with_options(**_stage_options(stage))(stage, force, remote=True,

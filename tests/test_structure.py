@@ -214,9 +214,21 @@ def test_stage_table_is_dvc_yaml():
     `finetune <stage>` for the same names in the same order."""
     from tasks.stages import STAGES
 
+    position = list(STAGES).index
     declared = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     assert list(STAGES) == list(declared)
     assert all(declared[name]["cmd"] == f"finetune {name}" for name in STAGES)
+
+    # The flow runs the table in order: each stage comes after the stages whose outputs it reads.
+    def paths(entries: list) -> list[str]:
+        return [next(iter(e)) if isinstance(e, dict) else e for e in entries or []]
+
+    made_by = {out: name for name in STAGES for key in ("outs", "metrics")
+               for out in paths(declared[name].get(key))}
+    for i, name in enumerate(STAGES):
+        for dep in paths(declared[name]["deps"]):
+            maker = next((made_by[o] for o in made_by if dep == o or dep.startswith(o + "/")), None)
+            assert maker is None or position(maker) < i, f"{name} reads {dep} of {maker}, which runs later"
 
 
 def test_stages_do_not_import_stages():
