@@ -1,7 +1,10 @@
-"""Adversarial trials, run as a user would: the real `finetune` CLI in a subprocess, in a copy
-of a workspace that has been prepared, tokenized and trained. Each case asserts the exit code,
-the exact first line of the message, and that the workspace (outputs, metrics, dvc.lock, and
-no leftover temporary output) is as it was before the command.
+"""Adversarial trials, run as a user would: the `finetune` CLI's main (conftest.finetune: in
+this process, with a shell's working directory, environment and output streams), in a copy of
+the session's trained workspace (every stage run once). Each case asserts the exit code, the
+exact first line of the message, and that the workspace (outputs, metrics, dvc.lock, and no
+leftover temporary output) is as it was before the command. Real processes only where the
+process is the point: the console script's exit code once end to end, a run as another user
+(permissions), and kill -9.
 
 Full disks and read-only filesystems are real tmpfs mounts over a workspace folder (root
 only: the tests skip elsewhere). Cases tested elsewhere and not repeated here:
@@ -31,11 +34,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks import paths
 from tasks.errors import PipelineError
 from tasks.io import atomic_path
+from tasks.workspace import Workspace
 
-from .conftest import env, make_workspace, run
+from .conftest import copy_workspace, env, run
+from .conftest import finetune as finetune_in_process
+
+WS = Workspace()  # the file contract, relative to a workspace's root
 
 STAGE_TIMEOUT_S = 600
 KILL_WAIT_S = 300
@@ -44,22 +50,19 @@ SLACK = 8 << 10
 NOBODY = 65534  # the unprivileged user a root test runner drops to for permission errors
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_model) -> Path:
-    ws = make_workspace(tmp_path_factory.mktemp("adversarial"), tiny_model)
-    for stage in ("prepare", "tokenize", "train"):
-        run(["finetune", stage], ws)
-    return ws
-
-
 @pytest.fixture
-def ws(trained, tmp_path) -> Path:
-    dst = tmp_path / "ws"
-    shutil.copytree(trained, dst, symlinks=True)
-    return dst
+def ws(trained_workspace, tmp_path) -> Path:
+    """A copy of the session's workspace after every stage (prepare..promote): the cases
+    below refuse before writing, rewrite what is there, or remove what must be absent."""
+    return copy_workspace(trained_workspace, tmp_path / "ws")
 
 
-def finetune(ws: Path, *args: str, user: int | None = None) -> subprocess.CompletedProcess[str]:
+def finetune(ws: Path, *args: str, user: int | None = None,
+             process: bool = False) -> subprocess.CompletedProcess[str]:
+    """`finetune ARGS` in `ws`: in this process, or (`process`, or as `user` through setpriv:
+    permissions belong to a process) the console script in a real one."""
+    if user is None and not process:
+        return finetune_in_process(ws, *args)
     prefix = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"] if user else []
     return subprocess.run([*prefix, "finetune", *args], cwd=ws, env=env(), capture_output=True,
                           text=True, timeout=STAGE_TIMEOUT_S)
@@ -73,11 +76,11 @@ def error_line(proc: subprocess.CompletedProcess[str], stage: str) -> str:
                 proc.stderr[-3000:])
 
 
-def refused(ws: Path, stage: str, user: int | None = None) -> str:
+def refused(ws: Path, stage: str, user: int | None = None, process: bool = False) -> str:
     """Runs `finetune stage`; asserts exit 2 and an unchanged workspace; returns the message's
     first line."""
     before = snapshot(ws)
-    line = error_line(finetune(ws, stage, user=user), stage)
+    line = error_line(finetune(ws, stage, user=user, process=process), stage)
     assert snapshot(ws) == before
     return line
 
@@ -145,7 +148,10 @@ def tmpfs(tmp_path) -> Iterator:
 # --- params.yaml ----------------------------------------------------------------------------
 
 def test_empty_params_file(ws):
+    """Also the one end-to-end run of the console script here that a refusal is exit 2, one
+    message and no traceback from a real process (it fails before importing torch: cheap)."""
     (ws / "params.yaml").write_text("")
+    assert refused(ws, "prepare", process=True) == "finetune prepare: error: params.yaml: 1 problem(s):"
     assert refused(ws, "prepare") == "finetune prepare: error: params.yaml: 1 problem(s):"
     proc = finetune(ws, "prepare")
     assert proc.stderr.splitlines()[1] == "  - the file must be a mapping of sections (data, prompt, model, ...)"
@@ -216,8 +222,8 @@ def test_full_disk_while_train_writes_checkpoints(ws, tmpfs):
     assert line == f"finetune train: error: artifacts/checkpoints: {NO_SPACE}"
     # reports/progress.json is train's live status (not a DVC output): it shows this failed run.
     after = {k: v for k, v in snapshot(ws).items()
-             if not k.startswith("artifacts/checkpoints") and k != str(paths.PROGRESS)}
-    before.pop(str(paths.PROGRESS), None)
+             if not k.startswith("artifacts/checkpoints") and k != str(WS.progress)}
+    before.pop(str(WS.progress), None)
     assert after == before
 
 
@@ -416,7 +422,10 @@ def test_link_inside_the_repository_is_fine(ws):
 def test_kill_9_while_export_writes_leaves_the_outputs_as_they_were(ws):
     """SIGKILL while the merged model is being written: no output moves into place, and the
     temporary folder the killed process left is removed by the next run."""
+    # As a workspace before its first export: the rerun below must write the merged model.
+    shutil.rmtree(ws / "artifacts/merged")
     before = snapshot(ws)
+    # A real process: SIGSTOP and SIGKILL are the point.
     proc = subprocess.Popen(["finetune", "export"], cwd=ws, env=env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + KILL_WAIT_S

@@ -99,7 +99,8 @@ def test_metrics_contents(ws):
             assert set(s) == {"mean", "ci_low", "ci_high"} and s["ci_low"] <= s["mean"] <= s["ci_high"]
     assert set(evaluation["delta"]) == {"rouge1", "rouge2", "rougeL", "rougeLsum"}
     predictions = [json.loads(x) for x in (ws / "reports/predictions.jsonl").read_text().splitlines()]
-    assert len(predictions) == 6 and set(predictions[0]) == {"id", "prompt", "reference", "base", "tuned"}
+    assert len(predictions) == 6 and set(predictions[0]) == {"id", "prompt", "reference", "base", "tuned",
+                                                             "base_score", "tuned_score"}
     train = json.loads((ws / "metrics/train.json").read_text())
     assert train["steps"] == 4 and train["tokens_seen"] > 0
     assert (ws / "metrics/train_log.tsv").read_text().splitlines()[0] == "step\tloss\tlearning_rate\ttokens_seen"

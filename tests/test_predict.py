@@ -1,35 +1,45 @@
-"""`finetune predict` through the real CLI on a trained tiny workspace: the adapter gives
-evaluate's own predictions for the same rows, an export and registry/latest load as
-standalone models, references are scored as `finetune score` scores them, and a bad input or
-model ends in one message with exit 2 and no output."""
+"""`finetune predict` through the CLI's main (conftest.finetune, in this process) on a trained
+tiny workspace: the adapter gives evaluate's own predictions for the same rows, an export and
+registry/latest load as standalone models, references are scored as `finetune score` scores
+them, and a bad input or model ends in one message with exit 2 and no output."""
 
 from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
-from .conftest import TINY_PARAMS, env, make_workspace, merge, run
-
-STAGE_TIMEOUT_S = 600
+from .conftest import TINY_PARAMS, copy_workspace, make_workspace, merge, stage
+from .conftest import finetune as finetune_in_process
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_model) -> Path:
-    # min_gain -1: promote whatever 4 steps of training give, so registry/latest exists.
-    ws = make_workspace(tmp_path_factory.mktemp("predict"), tiny_model,
-                        merge(TINY_PARAMS, {"promote": {"min_gain": -1.0}}))
-    for stage in ("prepare", "tokenize", "train", "evaluate"):
-        run(["finetune", stage], ws)
+def trained(tmp_path_factory, trained_workspace) -> Path:
+    """The session's TINY_PARAMS workspace as it is after evaluate: promote's outputs (and
+    export's, which the test that promotes writes again) removed, so nothing is promoted yet."""
+    ws = copy_workspace(trained_workspace, tmp_path_factory.mktemp("predict") / "ws")
+    for output in ("artifacts/merged", "registry"):
+        shutil.rmtree(ws / output, ignore_errors=True)
+    for metrics in ("export", "promote"):
+        (ws / f"metrics/{metrics}.json").unlink(missing_ok=True)
+    # min_gain -1: promote whatever 4 steps of training give, so registry/latest exists. Only
+    # promote reads it: the stages run before it are those of TINY_PARAMS.
+    raw = yaml.safe_load((ws / "params.yaml").read_text())
+    (ws / "params.yaml").write_text(yaml.safe_dump(merge(raw, {"promote": {"min_gain": -1.0}}),
+                                                   sort_keys=False))
     return ws
 
 
-def finetune(ws: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["finetune", *args], cwd=ws, env=env(), capture_output=True, text=True,
-                          timeout=STAGE_TIMEOUT_S)
+def finetune(ws: Path, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+    proc = finetune_in_process(ws, *args)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"finetune {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -82,8 +92,8 @@ def test_adapter_predicts_what_evaluate_predicted_and_scores_like_finetune_score
 
 def test_export_and_registry_latest_load_as_standalone_models(trained):
     write_input(trained, "new2.tsv")
-    for stage in ("export", "promote"):
-        run(["finetune", stage], trained)
+    for name in ("export", "promote"):
+        finetune(trained, name, check=True)
     outputs = []
     for model in ("artifacts/merged", "registry/latest"):
         proc = finetune(trained, "predict", "--input", "data/raw/new2.tsv", "--model", model,
@@ -119,12 +129,15 @@ def test_bad_model_or_input_is_one_message(trained, args, content, message):
 
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory, tiny_bert) -> Path:
+    from tasks.config import load_params
+
     from .conftest import TASK_PARAMS
 
     ws = make_workspace(tmp_path_factory.mktemp("predict-cls"), tiny_bert,
                         merge(TINY_PARAMS, TASK_PARAMS["sequence_classification"]))
-    for stage in ("prepare", "tokenize", "train", "evaluate"):
-        run(["finetune", stage], ws)
+    params = load_params(ws / "params.yaml")
+    for name in ("prepare", "tokenize", "train", "evaluate"):
+        stage(name, params, ws)
     return ws
 
 
@@ -150,12 +163,9 @@ def test_classifier_writes_class_and_probabilities(classifier):
 
 
 def test_evaluate_scores_each_prediction_against_its_best_reference(trained, tmp_path):
-    import shutil
-
     from tasks.scoring import score
 
-    ws = tmp_path / "ws"
-    shutil.copytree(trained, ws, symlinks=True)
+    ws = copy_workspace(trained, tmp_path / "ws")
     tuned = {e["id"]: e["tuned"] for e in evaluated(ws)}
     test = ws / "data/prepared/test.jsonl"
     rows = read_jsonl(test)
@@ -164,7 +174,7 @@ def test_evaluate_scores_each_prediction_against_its_best_reference(trained, tmp
         r["references"] = [r["completion"].strip(), tuned.get(r["id"], "x")]
     test.write_text("".join(json.dumps(r) + "\n" for r in rows))
     single = json.loads((ws / "metrics/eval.json").read_text())["tuned"]
-    run(["finetune", "evaluate"], ws)
+    finetune(ws, "evaluate", check=True)
     got = json.loads((ws / "metrics/eval.json").read_text())["tuned"]
     scored = evaluated(ws)
     assert [e["references"] for e in scored] == [r["references"] for r in rows[:len(scored)]]

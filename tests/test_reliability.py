@@ -111,13 +111,13 @@ def test_fuzz_templates_render_or_fail_cleanly(template, record):
 @settings(max_examples=200, deadline=None)
 @given(record=st.dictionaries(st.sampled_from(["id", "dialogue", "summary", "other"]), values, max_size=4))
 def test_fuzz_prepare_records_become_examples_or_bad_records(record):
-    from tasks import prepare
+    from tasks import records
 
     params = parse_params(shipped_params(), "p")
     tpl = templates.resolve(params.prompt.template, params.prompt.completion)
     try:
-        example = prepare._to_example(params, tpl, None, "line 1", record)
-    except prepare.BadRecord as err:
+        example = records.to_example(params, tpl, None, "line 1", record)
+    except records.BadRecord as err:
         assert err.reason in {"missing_field", "wrong_type", "empty_completion"}
         return
     # A list in the completion field is several references (multi-reference ROUGE).
@@ -138,19 +138,31 @@ def test_push_is_skipped_offline_and_refused_without_a_token(tmp_path):
     import json
     import subprocess
 
-    from .conftest import FAKE_HF_TOKEN, env
+    from huggingface_hub import constants
+
+    from . import conftest
+    from .conftest import FAKE_HF_TOKEN, env, finetune
 
     exported = tmp_path / "artifacts/merged"
     exported.mkdir(parents=True)
     (exported / "README.md").write_text("# card\n")
     (exported / "manifest.json").write_text(json.dumps({"params_sha256": "ab" * 32, "git_commit": "c" * 40}))
 
-    def push(*extra: str, **environ: str) -> subprocess.CompletedProcess[str]:
-        e = {**env(), **environ}
-        for key in [k for k, v in environ.items() if v is None]:
-            e.pop(key)
-        return subprocess.run(["finetune", "push", "--repo-id", "org/model", *extra], cwd=tmp_path,
-                              env=e, capture_output=True, text=True, timeout=120)
+    def push(*extra: str, **environ: str | None) -> subprocess.CompletedProcess[str]:
+        """`finetune push` in this process (conftest.finetune) with the test environment plus
+        `environ`, where None unsets a variable, as a shell would give it to a fresh process."""
+        unset = {k for k, v in environ.items() if v is None}
+        effective = {k: v for k, v in {**env(), **environ}.items() if k not in unset}
+        with pytest.MonkeyPatch.context() as mp:
+            for key in unset:
+                mp.delenv(key, raising=False)
+            mp.setattr(conftest, "env", lambda: {k: v for k, v in env().items() if k not in unset})
+            # huggingface_hub reads HF_HUB_OFFLINE once, on import; a fresh process would
+            # read this one (with it still on, the upload would fail without trying the network).
+            mp.setattr(constants, "HF_HUB_OFFLINE", constants._is_true(
+                effective.get("HF_HUB_OFFLINE") or effective.get("TRANSFORMERS_OFFLINE")))
+            return finetune(tmp_path, "push", "--repo-id", "org/model", *extra,
+                            extra_env={k: v for k, v in environ.items() if v is not None})
 
     offline = push(HF_HUB_OFFLINE="1")
     assert offline.returncode == 0 and json.loads(offline.stdout) == {"pushed": False, "reason": "offline"}

@@ -48,14 +48,15 @@ def test_a_worker_without_a_checkout_clones_installs_and_pulls(server, tmp_path_
     run(["dvc", "remote", "add", "-d", "storage", str(remote)], ws)
     run(["dvc", "repro"], ws)
     # The registry the GPU host keeps across runs, holding last night's champion: the
-    # model just promoted, its stored test answers made perfect so nothing can beat it.
+    # model just promoted, its stored test answers (and their scores) made perfect so nothing
+    # can beat it.
     kept = tmp_path_factory.mktemp("kept-registry")
     pointer = json.loads((ws / "registry/latest.json").read_text())
     champion = kept / Path(pointer["path"]).name
     shutil.copytree(ws / pointer["path"], champion)
     answers = [json.loads(line) for line in (champion / "predictions.jsonl").read_text().splitlines()]
     (champion / "predictions.jsonl").write_text(
-        "".join(json.dumps({**a, "prediction": a["reference"]}) + "\n" for a in answers))
+        "".join(json.dumps({**a, "prediction": a["reference"], "score": 1.0}) + "\n" for a in answers))
     (kept / "latest.json").write_text(json.dumps({**pointer, "path": str(champion)}))
     kept_latest = (kept / "latest.json").read_text()
     # The commit's promote ran against that registry too (with the shipped min_gain), so the
