@@ -93,14 +93,20 @@ postgres:
 	  && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; } \
 	  || echo "postgresql could not be installed: the PostgreSQL test will be skipped"
 
+# Two workers, a test file each at a time (module fixtures stay whole): most of the suite's
+# time is stage processes that import torch on one core. PYTEST_WORKERS=0 runs it in this
+# process (a debugger, -x).
+PYTEST_WORKERS ?= 2
+PYTEST := $(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile
+
 # The whole suite, then its 30 slowest tests (a new test pays for its seconds).
 test: setup browser postgres gguf-converter
-	$(BIN)/pytest --durations=30
+	$(PYTEST) --durations=30
 
 # The inner loop: every test but the runners end to end, the tests marked e2e (pytest -m e2e
 # runs those alone); stages run in the test process (tests/conftest.py).
 test-fast: setup gguf-converter
-	$(BIN)/pytest -m "not e2e" --durations=15
+	$(PYTEST) -m "not e2e" --durations=15
 
 # Every work pool prefect.yaml names, created where missing, so `prefect deploy --all` works
 # (PREFECT_API_URL must point at the server).

@@ -192,16 +192,22 @@ def tokenized_dir(root: Path, tiny_model: Path, raw: dict[str, Any]) -> Path:
     return root
 
 
-def finetune(ws: Path, *args: str, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def finetune(ws: Path, *args: str,
+             extra_env: dict[str, str | None] | None = None) -> subprocess.CompletedProcess[str]:
     """`finetune ARGS` in `ws`, in this process: tasks.cli.main with the working directory,
-    environment and output streams a shell would give it; returns what a subprocess run would
-    (exit code, stdout, stderr). An exception main() does not turn into a message propagates,
-    as a traceback would end the process."""
+    environment (`extra_env`'s None unsets a variable) and output streams a shell would give
+    it; returns what a subprocess run would (exit code, stdout, stderr). An exception main()
+    does not turn into a message propagates, as a traceback would end the process. Settings
+    a library reads once at import (huggingface_hub's HF_HUB_OFFLINE, HF_HOME) keep their
+    values: a test of those needs a process, or sets the library's constant itself."""
     from tasks.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     saved_env, saved_cwd = dict(os.environ), Path.cwd()
-    os.environ.update({k: v for k, v in env().items() if k != "PATH"} | (extra_env or {}))
+    given = {k: v for k, v in env().items() if k != "PATH"} | (extra_env or {})
+    os.environ.update({k: v for k, v in given.items() if v is not None})
+    for name in (k for k, v in given.items() if v is None):
+        os.environ.pop(name, None)
     os.chdir(ws)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
