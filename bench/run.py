@@ -5,6 +5,7 @@ object (name, ours, baseline, unit, ratio = ours / baseline, settings). Everythi
 temporary copy of the repository, prepared with the shipped params.yaml (the quickstart).
 
     make bench                                  # all of them
+    python bench/run.py train-trl               # the train stage against a plain TRL SFTTrainer script
     python bench/run.py train tokenize evaluate orchestration
     python bench/run.py tokenize-scale --scale-rows 10000 100000   # tokenize at 10k and 100k rows
 """
@@ -32,6 +33,7 @@ BIN = Path(sys.executable).parent
 WARMUP_STEPS = 5  # training steps excluded from the rate (allocations, first-step compiles)
 TRAIN_STEPS = 40
 REPEATS = 3
+TRL_REPEATS = 2  # train-trl: whole stage runs (params.yaml's 150 steps), alternating with the TRL script
 TOKENIZE_COPIES = 10  # the 477 train rows, repeated, so one pass takes long enough to time
 EVAL_PROMPTS = 48
 ORCHESTRATION_REPEATS = 3
@@ -116,6 +118,53 @@ def _train_ours(steps: int, overrides: str) -> None:
     trainer.train()
 
 
+class RunTimer:
+    """A TrainerCallback for whole runs (bench_train_trl): the Trainer's own train_runtime and
+    non-padding tokens seen, the rate after the warm-up steps, and peak RSS, into BENCH_OUT."""
+
+    def __new__(cls, warmup_steps: int = WARMUP_STEPS):
+        from transformers import TrainerCallback
+
+        class _Timer(TrainerCallback):
+            def __init__(self):
+                self.marks: list[tuple[float, int]] = []
+                self.runtime: float | None = None
+
+            def on_step_end(self, args, state, control, **kwargs):
+                self.marks.append((time.perf_counter(), state.num_input_tokens_seen))
+
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if logs and "train_runtime" in logs:  # logged once, just before on_train_end
+                    self.runtime = logs["train_runtime"]
+
+            def on_train_end(self, args, state, control, **kwargs):
+                (t0, n0), (t1, n1) = self.marks[warmup_steps - 1], self.marks[-1]
+                Path(os.environ["BENCH_OUT"]).write_text(json.dumps({
+                    "train_runtime": self.runtime, "tokens_seen": state.num_input_tokens_seen,
+                    "steps": state.global_step, "tokens_per_s": state.num_input_tokens_seen / self.runtime,
+                    "steady_tokens_per_s": (n1 - n0) / (t1 - t0),
+                    "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+        return _Timer()
+
+
+def _stage_train() -> int:
+    """Runs inside the workspace: `finetune train` itself (checkpoints, evaluation, adapter
+    and all), with a RunTimer added to the Trainer it builds."""
+    import transformers
+
+    init = transformers.Trainer.__init__
+
+    def timed_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.add_callback(RunTimer())
+
+    transformers.Trainer.__init__ = timed_init
+    from tasks.cli import main as finetune
+
+    return finetune(["train"])
+
+
 def bench_train(ws: Path, name: str = "train", **overrides: Any) -> dict[str, Any]:
     """The train stage with the shipped params plus `overrides` (train section) against
     bench/plain_train.py."""
@@ -149,6 +198,49 @@ def bench_train(ws: Path, name: str = "train", **overrides: Any) -> dict[str, An
                   model=params.model.name_or_path, quant="nf4" if params.quant.load_in_4bit else None,
                   device="cpu", padding_free=packed, sampling=t.train_sampling_strategy,
                   baseline_is="bench/plain_train.py (pad to max_length)")
+
+
+def bench_train_trl(ws: Path) -> dict[str, Any]:
+    """`finetune train` against bench/trl_train.py, the plain TRL SFTTrainer script a user
+    would write instead (the peer): the same prepared rows, params.yaml's steps, batch,
+    learning rate, max_length, completion-only loss, LoRA, 4-bit and checkpoint settings.
+    Each side is one whole process, run TRL_REPEATS times alternating; the rate is the
+    Trainer's own: non-padding tokens seen / train_runtime (both sides see the same batches).
+
+    SFTTrainer casts a 4-bit model's LoRA weights to bfloat16; on a CPU without native bf16
+    (no AVX512-BF16/AMX) those matmuls are emulated and TRL runs at about half its speed, so
+    the same script is also run with --fp32-adapters (baseline_fp32_adapters): about what TRL
+    costs where bf16 is native, the ratio that carries over to such machines."""
+    from tasks.config import load_params
+
+    params = load_params(ws / "params.yaml")
+    trl = [sys.executable, "bench/trl_train.py", "--callback", "bench.run:RunTimer"]
+    commands = {"ours": [sys.executable, "bench/run.py", "_stage-train"], "baseline": trl,
+                "baseline_fp32_adapters": [*trl, "--fp32-adapters"]}
+    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in commands}
+    for _ in range(TRL_REPEATS):
+        for impl, cmd in commands.items():
+            out = ws / f"bench-{impl}.json"
+            load = os.getloadavg()[0]
+            usage = measured(cmd, ws, BENCH_OUT=str(out))
+            runs[impl].append({**json.loads(out.read_text()), **usage, "load_avg_1m_before": load})
+    med = {k: statistics.median(r["tokens_per_s"] for r in v) for k, v in runs.items()}
+
+    def each(key: str, digits: int = 1) -> dict[str, list[float]]:
+        return {k: [round(r[key], digits) for r in v] for k, v in runs.items()}
+
+    return report("train-trl", med["ours"], med["baseline"], "non-padding tokens/s (tokens_seen / train_runtime)",
+                  target_ratio=1.3, baseline_fp32_adapters=round(med["baseline_fp32_adapters"], 3),
+                  ratio_fp32_adapters=round(med["ours"] / med["baseline_fp32_adapters"], 3),
+                  repeats=TRL_REPEATS, steps=params.train.max_steps,
+                  batch=params.train.per_device_train_batch_size, max_length=params.tokenize.max_length,
+                  tokens_seen=each("tokens_seen", 0), train_runtime_s=each("train_runtime", 2),
+                  tokens_per_s=each("tokens_per_s"),
+                  steady_tokens_per_s=each("steady_tokens_per_s"),  # after WARMUP_STEPS steps
+                  wall_s=each("wall_s"), cpu_s=each("cpu_s"), peak_rss_mib=each("peak_rss_mib", 0),
+                  load_avg_1m_before=each("load_avg_1m_before", 2),
+                  model=params.model.name_or_path, quant="nf4" if params.quant.load_in_4bit else None,
+                  device="cpu", baseline_is="bench/trl_train.py (trl.SFTTrainer, the plain TRL recipe)")
 
 
 # ---- tokenize ------------------------------------------------------------------------------
@@ -225,11 +317,12 @@ def scale_workspace(ws: Path, n: int) -> Path:
     return out
 
 
-def measured(cmd: list[str], cwd: Path) -> dict[str, float]:
+def measured(cmd: list[str], cwd: Path, **extra_env: str) -> dict[str, float]:
     """Wall and CPU seconds and peak RSS of one child process (its own rusage, by wait4)."""
     with tempfile.TemporaryFile() as err:
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env(), stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen(cmd, cwd=cwd, env={**env(), **extra_env}, stdout=subprocess.DEVNULL,
+                                stderr=err)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -384,6 +477,7 @@ def bench_orchestration(ws: Path) -> list[dict[str, Any]]:
 
 BENCHES = {
     "train": bench_train,  # shipped params: padding_free auto (off with sdpa), random order
+    "train-trl": bench_train_trl,  # the whole train stage against a plain TRL SFTTrainer script
     "train-padding_free": lambda ws: bench_train(ws, "train-padding_free", padding_free=True),
     "train-group_by_length": lambda ws: bench_train(ws, "train-group_by_length",
                                                     train_sampling_strategy="group_by_length"),
@@ -414,6 +508,8 @@ def main() -> None:
     if sys.argv[1:2] == ["_train-ours"]:
         _train_ours(int(sys.argv[3]), sys.argv[4])
         return
+    if sys.argv[1:2] == ["_stage-train"]:
+        sys.exit(_stage_train())
     args = parse_args(sys.argv[1:])
     sys.path.insert(0, str(REPO))  # scripts/ (the sample data's generator) is not installed
     ws = workspace()

@@ -4,36 +4,26 @@ SFT adapter for a few steps, writes held-out reward metrics and an adapter that 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tasks import align, train
+from tasks import align
 from tasks.config import parse_params
 from tasks.errors import DataError
+from tasks.workspace import Workspace
 
-from .conftest import REPO, TINY_PARAMS, merge, shipped_params, tokenized_dir
+from .conftest import copy_workspace, merge, stage
 
 STEPS = 2
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_model):
-    """The tiny model, prepared, tokenized and SFT-trained, with the shipped preference set."""
-    import os
-
-    raw = merge(shipped_params(), TINY_PARAMS)
-    root = tokenized_dir(tmp_path_factory.mktemp("align"), tiny_model, raw)
-    shutil.copy(REPO / "data/raw/preferences.jsonl", root / "data/raw/preferences.jsonl")
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        train.run(parse_params(raw, "params.yaml"))
-    finally:
-        os.chdir(cwd)
-    return root
+def trained(tmp_path_factory, trained_workspace):
+    """The tiny model, prepared, tokenized and SFT-trained (TINY_PARAMS), with the shipped
+    preference set: the session's workspace, copied."""
+    return copy_workspace(trained_workspace, tmp_path_factory.mktemp("align") / "ws")
 
 
 def params_with(root: Path, **align_params):
@@ -41,44 +31,62 @@ def params_with(root: Path, **align_params):
     return parse_params(raw, "params.yaml")
 
 
-def test_off_by_default_records_only_that(trained, monkeypatch):
-    monkeypatch.chdir(trained)
-    assert align.run(params_with(trained)) == {"enabled": False}
-    assert (trained / "artifacts/aligned/README.md").read_text() == align.DISABLED_NOTE
+@pytest.fixture(scope="module")
+def aligned(trained) -> dict:
+    """align's metrics after one DPO run from the SFT adapter (artifacts/aligned/), logged to
+    TensorBoard as train.report_to asks."""
+    raw = merge(yaml.safe_load((trained / "params.yaml").read_text()), {
+        "train": {"report_to": ["tensorboard"]},
+        "align": {"enabled": True, "max_steps": STEPS, "per_device_train_batch_size": 2,
+                  "per_device_eval_batch_size": 4}})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(trained)
+        return stage("align", parse_params(raw, "params.yaml"))
 
 
-def test_dpo_trains_from_the_sft_adapter_and_reports_held_out_rewards(trained, monkeypatch):
+def test_off_by_default_records_only_that(trained, tmp_path, monkeypatch):
+    ws = copy_workspace(trained, tmp_path / "ws")  # leaves the module's aligned adapter alone
+    monkeypatch.chdir(ws)
+    assert stage("align", params_with(ws)) == {"enabled": False}
+    assert (ws / "artifacts/aligned/README.md").read_text() == align.DISABLED_NOTE
+
+
+def test_dpo_trains_from_the_sft_adapter_and_reports_held_out_rewards(trained, aligned, monkeypatch):
     from peft import PeftModel
 
     from tasks.modeling import load_base
 
     monkeypatch.chdir(trained)
-    params = params_with(trained, enabled=True, max_steps=STEPS, per_device_train_batch_size=2,
-                         per_device_eval_batch_size=4)
-    metrics = align.run(params)
-    assert metrics["steps"] == STEPS
-    assert metrics["pairs"]["train"] > 0 and metrics["pairs"]["held_out"] > 0
+    assert aligned["steps"] == STEPS
+    assert aligned["pairs"]["train"] > 0 and aligned["pairs"]["held_out"] > 0
     held_out = json.loads(Path("metrics/align.json").read_text())["held_out"]
     assert {"rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected"} <= set(held_out)
     assert 0 <= held_out["rewards/accuracies"] <= 1
     config = json.loads(Path("artifacts/aligned/adapter_config.json").read_text())
     assert config["peft_type"] == "LORA"
-    model = PeftModel.from_pretrained(load_base(params, quantized=True), "artifacts/aligned")
+    model = PeftModel.from_pretrained(load_base(params_with(trained), quantized=True), "artifacts/aligned")
     assert list(model.peft_config) == ["default"]  # TRL's frozen "ref" copy is not saved
 
 
-def test_evaluate_and_export_use_the_aligned_adapter_when_align_is_on(trained, monkeypatch):
-    from tasks import evaluate, export
+def test_align_logs_dpo_to_the_same_trackers(trained, aligned):
+    """train.report_to covers align's DPO run too (test_trackers.py reads the SFT run's)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (run,) = (Workspace(trained).trackers / "tensorboard").glob("align-*")
+    events = EventAccumulator(str(run))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, STEPS + 1))
+
+
+def test_evaluate_and_export_use_the_aligned_adapter_when_align_is_on(trained, aligned, monkeypatch):
     from tasks.io import sha256_path
 
     monkeypatch.chdir(trained)
     params = params_with(trained, enabled=True, max_steps=STEPS)
-    if not Path("artifacts/aligned/adapter_config.json").is_file():
-        align.run(params)
     small = params.model_copy(update={"evaluate": params.evaluate.model_copy(
         update={"max_samples": 2, "max_new_tokens": 4})})
-    assert set(evaluate.run(small)) == {"base", "tuned", "delta"}
-    export.run(small)
+    assert set(stage("evaluate", small)) == {"base", "tuned", "delta"}
+    stage("export", small)
     manifest = json.loads(Path("artifacts/merged/manifest.json").read_text())
     assert manifest["inputs"]["adapter"] == "artifacts/aligned"
     assert manifest["inputs"]["adapter_sha256"] == sha256_path(Path("artifacts/aligned"))
@@ -86,7 +94,7 @@ def test_evaluate_and_export_use_the_aligned_adapter_when_align_is_on(trained, m
 
 
 def test_held_out_pairs_follow_the_data_split(trained, monkeypatch):
-    from tasks.prepare import _split_of
+    from tasks.records import split_of as _split_of
 
     monkeypatch.chdir(trained)
     params = params_with(trained, enabled=True)

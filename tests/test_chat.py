@@ -8,14 +8,14 @@ import math
 import shutil
 from pathlib import Path
 
-import pytest
 import yaml
 
-from tasks import prepare, tokenize, train
 from tasks.cli import main
 from tasks.config import parse_params
+from tasks.encoding import IGNORE_INDEX
+from tasks.modeling import load_tokenizer
 
-from .conftest import TINY_PARAMS, merge, shipped_params
+from .conftest import TINY_PARAMS, merge, shipped_params, stage
 
 CHAT_PARAMS = merge(merge(shipped_params(), TINY_PARAMS), {
     "data": {"path": "data/raw/chats.jsonl"}, "prompt": {"template": "chat"},
@@ -49,16 +49,16 @@ def test_every_assistant_turn_is_trained_end_to_end(tmp_path, monkeypatch, tiny_
     monkeypatch.chdir(tmp_path)
     chats = {c["id"]: c["messages"] for c in workspace(tmp_path, tiny_chat_model)}
     params = parse_params(CHAT_PARAMS, "params.yaml")
-    prepare.run(params)
-    stats = tokenize.run(params)
+    stage("prepare", params)
+    stats = stage("tokenize", params)
     assert stats["train"]["rows_without_eos_label"] == 0
 
     saved = datasets.load_from_disk("data/tokenized")["train"]
-    tok = tokenize.load_tokenizer(params.model, "data/tokenized/tokenizer")
+    tok = load_tokenizer(params.model, "data/tokenized/tokenizer")
     for row in saved:
         answers = [m["content"] for m in chats[row["id"]] if m["role"] == "assistant"]
         trained = [t for t, label in zip(row["input_ids"], row["labels"], strict=True)
-                   if label != tokenize.IGNORE_INDEX]
+                   if label != IGNORE_INDEX]
         assert tok.decode(trained) == "".join(a + "<|im_end|>" for a in answers)
     # The preview: each assistant turn inside [[ ]], the rest outside.
     preview = Path("reports/label_preview.txt").read_text().split("\n\n", 1)[1].split("\n\n-----\n\n")
@@ -70,7 +70,7 @@ def test_every_assistant_turn_is_trained_end_to_end(tmp_path, monkeypatch, tiny_
             for m in chats[row["id"]]).rstrip("\n")
     assert max(sum(m["role"] == "assistant" for m in chats[row["id"]]) for row in saved.select(range(3))) > 1
 
-    metrics = train.run(params)
+    metrics = stage("train", params)
     assert metrics["steps"] == 2 and math.isfinite(metrics["train_loss"])
     assert (Path("artifacts/adapter") / "chat_template.jinja").is_file()
 

@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from tasks import prepare
 from tasks.config import parse_params
 from tasks.errors import ConfigError, DataError
 
-from .conftest import merge, shipped_params
+from .conftest import merge, shipped_params, stage
 
 
 def rows(n: int, start: int = 0, prefix: str = "r") -> list[dict]:
@@ -54,13 +53,13 @@ def ids(split_rows: list[dict]) -> set[str]:
 def test_split_files_keep_the_official_test_set(ws):
     write(ws / "data/raw/train.jsonl", jsonl_bytes(rows(150)))
     write(ws / "data/raw/test.jsonl", jsonl_bytes(rows(20, prefix="t")))
-    stats = prepare.run(params(path={"train": "data/raw/train.jsonl", "test": "data/raw/test.jsonl"}))
+    stats = stage("prepare", params(path={"train": "data/raw/train.jsonl", "test": "data/raw/test.jsonl"}))
     out = prepared()
     assert ids(out["test"]) == {f"t{i}" for i in range(20)}
     # validation is carved out of train by the hash split, exactly as with one file; the rows
     # the hash would have sent to test stay in train.
     write(ws / "data/raw/all.jsonl", jsonl_bytes(rows(150)))
-    prepare.run(params(path="data/raw/all.jsonl"))
+    stage("prepare", params(path="data/raw/all.jsonl"))
     hashed = prepared()
     assert ids(out["validation"]) == ids(hashed["validation"]) and out["validation"]
     assert ids(out["train"]) == ids(hashed["train"]) | ids(hashed["test"])
@@ -71,7 +70,7 @@ def test_split_files_keep_the_official_test_set(ws):
 def test_three_split_files_are_taken_as_they_are(ws):
     for split, prefix, n in (("train", "a", 40), ("dev", "b", 7), ("test", "c", 9)):
         write(ws / f"data/raw/{split}.jsonl", jsonl_bytes(rows(n, prefix=prefix)))
-    prepare.run(params(path={"train": "data/raw/train.jsonl", "validation": "data/raw/dev.jsonl",
+    stage("prepare", params(path={"train": "data/raw/train.jsonl", "validation": "data/raw/dev.jsonl",
                              "test": "data/raw/test.jsonl"}))
     out = prepared()
     assert [len(out[s]) for s in ("train", "validation", "test")] == [40, 7, 9]
@@ -104,12 +103,12 @@ SHAPES = {
 @pytest.mark.parametrize("shape", SHAPES)
 def test_formats_and_several_files_read_like_one_jsonl(ws, shape):
     write(ws / "data/raw/plain.jsonl", jsonl_bytes(rows(80)))
-    prepare.run(params(path="data/raw/plain.jsonl"))
+    stage("prepare", params(path="data/raw/plain.jsonl"))
     expected = prepared()
     data, files = SHAPES[shape]
     for name, content in files.items():
         write(ws / "data/raw" / name, content)
-    assert prepare.run(params(**data))["rows_out"] == 80
+    assert stage("prepare", params(**data))["rows_out"] == 80
     assert prepared() == expected
 
 
@@ -117,7 +116,7 @@ def test_several_files_are_read_in_sorted_order(ws):
     # Without ids, a row's id is its position: sorted file order makes it the same every run.
     write(ws / "data/raw/b.jsonl", jsonl_bytes(rows(40, 40)))
     write(ws / "data/raw/a.jsonl", jsonl_bytes(rows(40)))
-    prepare.run(params(path=["data/raw/b.jsonl", "data/raw/a.jsonl"], id_column=None))
+    stage("prepare", params(path=["data/raw/b.jsonl", "data/raw/a.jsonl"], id_column=None))
     by_id = {r["id"]: r for split in prepared().values() for r in split}
     assert by_id["row0"]["completion"].strip() == "greeting 0"
     assert by_id["row40"]["completion"].strip() == "greeting 40"
@@ -135,19 +134,19 @@ def test_several_files_are_read_in_sorted_order(ws):
 def test_bad_files_are_named_with_the_line(ws, name, content, message):
     write(ws / "data/raw" / name, content)
     with pytest.raises(DataError, match=message):
-        prepare.run(params(path=f"data/raw/{name}"))
+        stage("prepare", params(path=f"data/raw/{name}"))
     assert not Path("data/prepared").exists()
 
 
 def test_missing_split_files_name_the_key(ws):
     write(ws / "data/raw/train.jsonl", jsonl_bytes(rows(40)))
     with pytest.raises(DataError, match=r"^data.path.test: no file matches data/raw/test-\*.jsonl$"):
-        prepare.run(params(path={"train": "data/raw/train.jsonl", "test": "data/raw/test-*.jsonl"}))
+        stage("prepare", params(path={"train": "data/raw/train.jsonl", "test": "data/raw/test-*.jsonl"}))
     with pytest.raises(DataError, match=r"^data.path.validation: data/raw/dev.jsonl does not exist$"):
-        prepare.run(params(path={"train": "data/raw/train.jsonl", "validation": "data/raw/dev.jsonl"}))
+        stage("prepare", params(path={"train": "data/raw/train.jsonl", "validation": "data/raw/dev.jsonl"}))
     write(ws / "data/raw/empty.tsv", b"")
     with pytest.raises(DataError, match=r"^data.path: data/raw/empty.tsv is empty$"):
-        prepare.run(params(path=["data/raw/train.jsonl", "data/raw/empty.tsv"]))
+        stage("prepare", params(path=["data/raw/train.jsonl", "data/raw/empty.tsv"]))
 
 
 @pytest.mark.parametrize(("data", "message"), [
@@ -168,7 +167,7 @@ def test_list_valued_reference_field(ws):
     records = [{**r, "summary": [r["summary"], f"hi number {i}", f"a greeting {i}"]}
                for i, r in enumerate(rows(60))]
     write(ws / "data/raw/d.jsonl", jsonl_bytes(records))
-    prepare.run(params(path="data/raw/d.jsonl"))
+    stage("prepare", params(path="data/raw/d.jsonl"))
     out = prepared()
     row = out["test"][0]
     i = row["id"][1:]
@@ -183,7 +182,7 @@ def test_reference_columns_on_an_official_test_file(ws):
     test = [{"id": f"t{i}", "dialogue": f"B: bye {i}", "summary1": f"farewell {i}",
              "summary2": f"bye {i}", "summary3": f"leaving {i}"} for i in range(5)]
     write(ws / "data/raw/test.tsv", _tsv_any(test))
-    prepare.run(params(path={"train": "data/raw/train.jsonl", "test": "data/raw/test.tsv"},
+    stage("prepare", params(path={"train": "data/raw/train.jsonl", "test": "data/raw/test.tsv"},
                        references=["summary1", "summary2", "summary3"]))
     row = prepared()["test"][0]
     assert row["completion"] == " farewell 0"
@@ -222,7 +221,7 @@ def _mixture(ws, seed: int = 42, **limits) -> dict:
 
 def test_mixture_weights_caps_and_rows_per_source(ws):
     data = _mixture(ws, dialogues={"weight": 3}, qa={"weight": 1}, inst={"row_cap": 40})
-    stats = prepare.run(params(**data))
+    stats = stage("prepare", params(**data))
     out = prepared()
     per_source = stats["rows_per_source"]
     assert set(per_source) == {"dialogues", "qa", "source2"}
@@ -238,10 +237,10 @@ def test_mixture_weights_caps_and_rows_per_source(ws):
     assert any(i.startswith("qa/q") and by_id[i]["prompt"].startswith("Please answer") for i in by_id)
     assert stats["rows_per_split"] == {s: len(r) for s, r in out.items()}
     # Deterministic by seed: the same rows again; another seed picks other Q&A rows.
-    prepare.run(params(**data))
+    stage("prepare", params(**data))
     assert prepared() == out
     data["split"]["seed"] = 7
-    prepare.run(params(**data))
+    stage("prepare", params(**data))
     qa_ids = {r["id"] for split_rows in prepared().values() for r in split_rows if r["id"].startswith("qa/")}
     assert len(qa_ids) == 100 and qa_ids != {i for i in by_id if i.startswith("qa/")}
 

@@ -8,12 +8,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
-from tasks import export, gguf, train
+from tasks import gguf
 from tasks.config import parse_params
 from tasks.errors import ConfigError, PipelineError
 
-from .conftest import TASK_PARAMS, TINY_PARAMS, merge, shipped_params, tokenized_dir
+from .conftest import TASK_PARAMS, TINY_PARAMS, copy_workspace, merge, shipped_params, stage
 
 pytestmark = pytest.mark.skipif(
     not (gguf.CONVERTER_DIR / gguf.CONVERTER).is_file(),
@@ -24,15 +25,18 @@ GGUF = merge(merge(shipped_params(), TINY_PARAMS),
 
 
 def test_export_writes_gguf_that_reads_back_with_the_same_tokens_logits_and_score(
-        tmp_path, tiny_model, monkeypatch):
+        tmp_path, trained_workspace, monkeypatch):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    ws = tokenized_dir(tmp_path / "ws", tiny_model, GGUF)
+    # The session's adapter was trained with GGUF's train settings (TINY_PARAMS'): only
+    # export runs again, now with export.gguf.
+    ws = copy_workspace(trained_workspace, tmp_path / "ws")
+    trained_with = yaml.safe_load((ws / "params.yaml").read_text())
+    assert all(trained_with[key] == GGUF[key] for key in GGUF if key not in ("export", "evaluate"))
     monkeypatch.chdir(ws)
     params = parse_params(GGUF, "params.yaml")
-    train.run(params)
-    metrics = export.run(params)
+    metrics = stage("export", params)
 
     merged = Path("artifacts/merged")
     assert metrics["gguf"]["file"] == "model-f16.gguf" == gguf.file_name("f16")

@@ -25,7 +25,7 @@ import pytest
 from tasks.config import parse_params
 from tasks.errors import ConfigError, PipelineError
 
-from .conftest import REPO, TINY_PARAMS, merge, shipped_params
+from .conftest import REPO, TINY_PARAMS, merge, shipped_params, stage
 
 TASK = "data/lm_eval/smoke_mc.yaml"
 NAME = "finetune_smoke_mc"  # the YAML's `task`
@@ -82,6 +82,18 @@ def teach(model_dir: Path, out: Path) -> Path:
     return out
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread for the module: the tiny model's matrices are too small to split,
+    and on a busy 2-core host two threads spinning at each barrier made the run 2x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory, tiny_model):
     root = tmp_path_factory.mktemp("lm-eval")
@@ -102,12 +114,10 @@ def ws(tmp_path_factory, tiny_model):
 @pytest.fixture(scope="module")
 def forgot(ws):
     """One run, prepare to promote, in this process: (evaluate's lm_eval metrics, decision)."""
-    from tasks import evaluate, export, prepare, promote, tokenize, train
-
     params = parse_params(raw(), "params.yaml")
-    for stage in (prepare, tokenize, train, evaluate, export):
-        stage.run(params)
-    return json.loads(Path("metrics/lm_eval.json").read_text()), promote.run(params)
+    for name in ("prepare", "tokenize", "train", "evaluate", "export"):
+        stage(name, params)
+    return json.loads(Path("metrics/lm_eval.json").read_text()), stage("promote", params)
 
 
 def test_the_harness_scores_base_and_tuned_side_by_side(forgot):
@@ -157,10 +167,8 @@ def test_a_planted_forgetting_case_trips_max_regression(forgot):
 
 
 def test_a_drop_within_max_regression_is_promoted_and_recorded(forgot):
-    from tasks import promote
-
     capability, _ = forgot
-    decision = promote.run(parse_params(raw(promote={"max_regression": 1.0}), "params.yaml"))
+    decision = stage("promote", parse_params(raw(promote={"max_regression": 1.0}), "params.yaml"))
     assert decision["promoted"] is True and decision["lm_eval"]["regressed"] == []
     assert "no task of evaluate.lm_eval_tasks dropped by more than max_regression 1.0: promoted" in decision["reason"]
     latest = json.loads(Path("registry/latest.json").read_text())
@@ -170,21 +178,20 @@ def test_a_drop_within_max_regression_is_promoted_and_recorded(forgot):
 
 
 def test_promote_refuses_lm_eval_metrics_made_with_other_settings(forgot):
-    from tasks import promote
-
     with pytest.raises(PipelineError, match=r"metrics/lm_eval.json was not made with the current "
                                             r"evaluate.lm_eval_tasks.*run `finetune evaluate`"):
-        promote.run(parse_params(raw(evaluate={"lm_eval_limit": 5}), "params.yaml"))
+        stage("promote", parse_params(raw(evaluate={"lm_eval_limit": 5}), "params.yaml"))
 
 
 def test_off_by_default_records_it_and_never_imports_the_harness(tmp_path, monkeypatch):
     from tasks import harness
+    from tasks.workspace import Workspace
 
     monkeypatch.chdir(tmp_path)
     params = parse_params(shipped_params(), "params.yaml")
     assert params.evaluate.lm_eval_tasks == [] and params.promote.max_regression is None
     Path("metrics").mkdir()
-    assert harness.write(params, None, None) == {"enabled": False, "tasks": [], "limit": None,
+    assert harness.write(params, Workspace(tmp_path), None, None) == {"enabled": False, "tasks": [], "limit": None,
                                                  "num_fewshot": None, "scores": {}}
     code = ("import sys, tasks.evaluate, tasks.promote, tasks.cli; "
             "sys.exit('lm_eval' in sys.modules)")

@@ -12,12 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks import evaluate, export, train
 from tasks.config import PROMPT_LEARNING, TASKS, UNQUANTIZED_ONLY, parse_params
 from tasks.errors import PipelineError
 from tasks.modeling import AUTO_CLASSES
 
-from .conftest import TASK_PARAMS, TINY_PARAMS, merge, shipped_params, tokenized_dir
+from .conftest import TASK_PARAMS, TINY_PARAMS, merge, shipped_params, stage, tokenized_dir
 
 METHODS = ("lora", "dora", "adalora", "loha", "lokr", "ia3", *PROMPT_LEARNING)
 STEPS = 2
@@ -25,6 +24,19 @@ STEPS = 2
 # tasks.adapters.takes_prefix_cache): none with transformers 5.23; every task with 5.24.
 PREFIX_TUNING_REFUSED: set[str] = set()
 TINY_MODEL_OF_TASK = {"causal_lm": "tiny_model", "seq2seq": "tiny_t5", "sequence_classification": "tiny_bert"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread while the cells run: the tiny models' matrices are too small to
+    split, and on a busy 2-core host two threads spinning at each barrier made every cell
+    several times slower (a seq2seq cell 35 s against 7 s)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", params=TASKS)
@@ -73,10 +85,10 @@ def test_method_trains_evaluates_exports_and_loads_back(task, method, prepared, 
 
     if method == "prefix_tuning" and task in PREFIX_TUNING_REFUSED:
         with pytest.raises(PipelineError, match="peft.method: prefix_tuning needs a model whose forward takes past_key_values"):
-            train.run(params)
+            stage("train", params)
         assert not Path("artifacts/adapter/adapter_config.json").exists()
         return
-    metrics = train.run(params)
+    metrics = stage("train", params)
     assert metrics["steps"] == STEPS and metrics["trainable_params"] > 0
     config = json.loads(Path("artifacts/adapter/adapter_config.json").read_text())
     assert config["peft_type"].lower().replace("_", "") == {
@@ -84,12 +96,12 @@ def test_method_trains_evaluates_exports_and_loads_back(task, method, prepared, 
         "prefix_tuning": "prefixtuning"}.get(method, method).replace("_", "")
     assert config.get("use_dora", False) == (method == "dora")
 
-    scores = evaluate.run(params)
+    scores = stage("evaluate", params)
     assert set(scores) == {"base", "tuned", "delta"}
     headline = "accuracy" if task == "sequence_classification" else "rougeL"
     assert 0 <= scores["tuned"][headline]["mean"] <= 1
 
-    exported = export.run(params)
+    exported = stage("export", params)
     merged = Path("artifacts/merged")
     manifest = json.loads((merged / "manifest.json").read_text())
     assert manifest["params"]["peft"]["method"] == method

@@ -5,11 +5,11 @@ from pathlib import Path
 
 import pytest
 
-from tasks import prepare
 from tasks.config import parse_params
 from tasks.errors import DataError
+from tasks.records import split_of
 
-from .conftest import merge, shipped_params
+from .conftest import merge, shipped_params, stage
 
 
 def rows(n: int, start: int = 0) -> list[dict]:
@@ -39,7 +39,7 @@ def read_split(split: str) -> list[dict]:
 
 def test_writes_splits_and_stats(ws):
     write_jsonl(ws / "data/raw/dialogues.jsonl", rows(200))
-    stats = prepare.run(params())
+    stats = stage("prepare", params())
     assert stats["rows_in"] == stats["rows_out"] == 200 and stats["rows_dropped"] == 0
     split_rows = {s: read_split(s) for s in ("train", "validation", "test")}
     assert sum(map(len, split_rows.values())) == 200
@@ -52,10 +52,10 @@ def test_writes_splits_and_stats(ws):
 
 def test_split_is_stable_when_rows_are_added_or_reordered(ws):
     write_jsonl(ws / "data/raw/dialogues.jsonl", rows(100))
-    prepare.run(params())
+    stage("prepare", params())
     before = {r["id"] for r in read_split("test")}
     write_jsonl(ws / "data/raw/dialogues.jsonl", list(reversed(rows(100))) + rows(50, start=100))
-    prepare.run(params())
+    stage("prepare", params())
     after = {r["id"] for r in read_split("test")}
     assert before <= after
 
@@ -67,7 +67,7 @@ def test_field_mapping_and_csv(ws):
     p = params(data={"path": "data/raw/qa.csv", "id_column": "key",
                      "columns": {"question": "Question", "answer": "Answer"}},
                prompt={"template": "question_answer"})
-    assert prepare.run(p)["rows_out"] == 60
+    assert stage("prepare", p)["rows_out"] == 60
     row = read_split("train")[0]
     assert row["prompt"].startswith("Please answer the following question.\nQ: what is")
 
@@ -78,14 +78,14 @@ def test_parquet_source(ws):
 
     (ws / "data/raw").mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(rows(50)), ws / "data/raw/d.parquet")
-    assert prepare.run(params(data={"path": "data/raw/d.parquet"}))["rows_out"] == 50
+    assert stage("prepare", params(data={"path": "data/raw/d.parquet"}))["rows_out"] == 50
 
 
 def test_malformed_line_names_file_and_line(ws):
     path = write_jsonl(ws / "data/raw/dialogues.jsonl", rows(3))
     path.write_text(path.read_text() + "{not json\n")
     with pytest.raises(DataError, match=r"dialogues.jsonl line 4: .*on_bad_record: skip"):
-        prepare.run(params())
+        stage("prepare", params())
     assert not Path("data/prepared").exists()
 
 
@@ -94,7 +94,7 @@ def test_skip_policy_counts_reasons(ws):
            {"id": "x2", "dialogue": "d", "summary": "   "}]
     path = write_jsonl(ws / "data/raw/dialogues.jsonl", rows(60) + bad)
     path.write_bytes(path.read_bytes() + b'{"id": "x3", "dialogue": "\xff"}\n')
-    stats = prepare.run(params(data={"on_bad_record": "skip"}))
+    stats = stage("prepare", params(data={"on_bad_record": "skip"}))
     assert stats["rows_in"] == 64 and stats["rows_out"] == 60
     assert stats["dropped_by_reason"] == {"duplicate_id": 1, "empty_completion": 1,
                                           "missing_field": 1, "not_utf8": 1}
@@ -108,13 +108,13 @@ def test_missing_or_empty_source(ws, content, needle):
         (ws / "data/raw").mkdir(parents=True)
         (ws / "data/raw/dialogues.jsonl").write_bytes(content)
     with pytest.raises(DataError, match=needle):
-        prepare.run(params())
+        stage("prepare", params())
 
 
 def test_empty_split_is_an_error(ws):
     write_jsonl(ws / "data/raw/dialogues.jsonl", rows(2))
     with pytest.raises(DataError, match="split is empty"):
-        prepare.run(params())
+        stage("prepare", params())
 
 
 def test_chat_template_from_the_models_tokenizer(ws, tiny_model):
@@ -127,7 +127,7 @@ def test_chat_template_from_the_models_tokenizer(ws, tiny_model):
     write_jsonl(ws / "data/raw/chats.jsonl", chats)
     p = params(data={"path": "data/raw/chats.jsonl", "columns": {"messages": "conversation"}},
                prompt={"template": "chat"}, model={"name_or_path": "models/tiny"})
-    assert prepare.run(p)["rows_out"] == 40
+    assert stage("prepare", p)["rows_out"] == 40
     row = read_split("train")[0]
     n = row["id"][1:]
     assert row == {"id": f"c{n}", "prompt": f"<|user|>\nhi {n}\n<|assistant|>\n", "completion": f"hello {n}",
@@ -144,7 +144,7 @@ def test_multi_turn_chat_keeps_the_conversation_for_training_only(ws, tiny_model
     write_jsonl(ws / "data/raw/chats.jsonl", chats)
     p = params(data={"path": "data/raw/chats.jsonl", "columns": {"messages": "conversation"}, "id_column": None},
                prompt={"template": "chat"}, model={"name_or_path": "models/tiny"})
-    prepare.run(p)
+    stage("prepare", p)
     train, test = read_split("train"), read_split("test")
     # The last turn stays the pair evaluate generates; training rows carry every turn.
     i = int(test[0]["completion"].split()[1])
@@ -153,7 +153,7 @@ def test_multi_turn_chat_keeps_the_conversation_for_training_only(ws, tiny_model
     assert all(r["messages"] == chats[int(r["completion"].split()[1])]["conversation"] for r in train)
     # Without an id column a row's split hashes its rendered pair, as before it kept its messages.
     key = json.dumps({"prompt": test[0]["prompt"], "completion": test[0]["completion"]}, sort_keys=True)
-    assert prepare._split_of(key, p) == "test"
+    assert split_of(key, p) == "test"
 
 
 # Leakage (tasks/leakage.py): rows of distinct random words, so that only planted twins match.
@@ -170,8 +170,8 @@ def planted(p) -> list[dict]:
     """Three held-out rows copying train rows under new ids: exact, re-cased with other
     spacing and punctuation, and with one word of forty changed."""
     base = dialogues(120)
-    train = [r for r in base if prepare._split_of(r["id"], p) == "train"]
-    held_out = (f"x{i}" for i in range(1000) if prepare._split_of(f"x{i}", p) != "train")
+    train = [r for r in base if split_of(r["id"], p) == "train"]
+    held_out = (f"x{i}" for i in range(1000) if split_of(f"x{i}", p) != "train")
     words = train[2]["dialogue"].split()
     variants = [train[0]["dialogue"], "  " + train[1]["dialogue"].upper().replace(" ", " ,  ") + "!",
                 " ".join(words[:20] + ["changed"] + words[21:])]
@@ -191,7 +191,7 @@ def test_normalize():
 def test_leakage_found_and_counted_on_warn(ws):
     p = leakage_params(on_leakage="warn")
     write_jsonl(ws / "data/raw/dialogues.jsonl", planted(p))
-    stats = prepare.run(p)
+    stats = stage("prepare", p)
     leak = stats["leakage"]
     assert leak["rows"] == 3 and leak["dropped"] == 0
     assert {k: sum(leak[k].values()) for k in ("exact", "normalized", "near")} == \
@@ -202,13 +202,13 @@ def test_leakage_found_and_counted_on_warn(ws):
 
 def test_no_leakage_in_distinct_rows(ws):
     write_jsonl(ws / "data/raw/dialogues.jsonl", dialogues(120))
-    assert prepare.run(leakage_params(on_leakage="error"))["leakage"]["rows"] == 0
+    assert stage("prepare", leakage_params(on_leakage="error"))["leakage"]["rows"] == 0
 
 
 def test_leakage_drop_removes_held_out_rows_only(ws):
     p = leakage_params(on_leakage="drop")
     write_jsonl(ws / "data/raw/dialogues.jsonl", planted(p))
-    stats = prepare.run(p)
+    stats = stage("prepare", p)
     assert stats["leakage"]["dropped"] == 3 and stats["dropped_by_reason"] == {"leakage": 3}
     assert stats["rows_in"] == stats["rows_out"] + stats["rows_dropped"] == 123
     held_out = {r["id"] for s in ("validation", "test") for r in read_split(s)}

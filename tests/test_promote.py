@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
 from tasks.config import parse_params
 
-from .conftest import TINY_PARAMS, merge, shipped_params, tokenized_dir
+from .conftest import TINY_PARAMS, copy_workspace, finetune, merge, shipped_params, stage
 
 FIRST = {"max_steps": 1}
 SECOND = {"max_steps": 2}  # another adapter, so another registry entry
@@ -36,8 +37,12 @@ def raw(train: dict, min_gain: float, max_samples: int = SAMPLES) -> dict:
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory, tiny_model):
-    root = tokenized_dir(tmp_path_factory.mktemp("promote"), tiny_model, raw(FIRST, ALWAYS))
+def ws(tmp_path_factory, trained_workspace):
+    """The session's workspace (prepared and tokenized with TINY_PARAMS, as here), with no
+    registry yet: the nights below train, evaluate and export again with their own settings."""
+    root = copy_workspace(trained_workspace, tmp_path_factory.mktemp("promote") / "ws")
+    shutil.rmtree(root / "registry", ignore_errors=True)
+    (root / "metrics/promote.json").unlink(missing_ok=True)
     cwd = os.getcwd()
     os.chdir(root)
     yield root
@@ -46,14 +51,11 @@ def ws(tmp_path_factory, tiny_model):
 
 def night(train: dict, min_gain: float, max_samples: int = SAMPLES) -> dict:
     """One nightly run from train to promote, in this process."""
-    from tasks import evaluate, export, promote
-    from tasks import train as train_stage
-
     params = parse_params(raw(train, min_gain, max_samples), "params.yaml")
-    train_stage.run(params)
-    evaluate.run(params)
-    export.run(params)
-    return promote.run(params)
+    stage("train", params)
+    stage("evaluate", params)
+    stage("export", params)
+    return stage("promote", params)
 
 
 def latest() -> dict:
@@ -98,10 +100,8 @@ def test_a_challenger_short_of_min_gain_is_not_promoted_and_the_champion_stays(w
 
 @pytest.fixture(scope="module")
 def better(worse):
-    from tasks import promote
-
     _, champion, _ = worse
-    return champion, promote.run(parse_params(raw(SECOND, ALWAYS), "params.yaml"))
+    return champion, stage("promote", parse_params(raw(SECOND, ALWAYS), "params.yaml"))
 
 
 def test_a_challenger_beating_the_champion_replaces_it(better):
@@ -114,19 +114,15 @@ def test_a_challenger_beating_the_champion_replaces_it(better):
 
 
 def test_bootstrap_is_deterministic(better):
-    from tasks import promote
-
     params = parse_params(raw(SECOND, UNREACHABLE), "params.yaml")
-    assert promote.run(params) == promote.run(params)
+    assert stage("promote", params) == stage("promote", params)
 
 
 def test_a_changed_test_set_re_scores_the_champion(better):
-    from tasks import evaluate, promote
-
     champion = latest()
     params = parse_params(raw(SECOND, UNREACHABLE, max_samples=SAMPLES - 4), "params.yaml")
-    evaluate.run(params)
-    decision = promote.run(params)
+    stage("evaluate", params)
+    decision = stage("promote", params)
     assert decision["champion"]["predictions"].startswith("generated: the test set changed")
     assert "champion re-scored (the test set changed" in decision["reason"]
     assert decision["num_examples"] == SAMPLES - 4 and decision["test_sha256"] != champion["test_sha256"]
@@ -134,7 +130,7 @@ def test_a_changed_test_set_re_scores_the_champion(better):
     # The re-scored predictions are stored: the next run reuses them.
     entry = Path(champion["path"])
     assert json.loads((entry / "scored.json").read_text())["test_sha256"] == decision["test_sha256"]
-    again = promote.run(params)
+    again = stage("promote", params)
     assert again["champion"]["predictions"] == "reused"
     assert again["champion"]["score"] == decision["champion"]["score"]
 
@@ -142,21 +138,18 @@ def test_a_changed_test_set_re_scores_the_champion(better):
 def test_finetune_registry_keeps_the_registry_outside_the_workspace(better, tmp_path):
     """FINETUNE_REGISTRY (what nightly-remote sets) moves the registry: the first run there
     meets the base, the next one the champion it promoted; the workspace's is untouched."""
-    import subprocess
-
     import yaml
 
-    from tasks.paths import REGISTRY_ENV
-
-    from .conftest import env
+    from tasks.workspace import REGISTRY_ENV
 
     Path("params.yaml").write_text(yaml.safe_dump(raw(SECOND, ALWAYS, max_samples=SAMPLES - 4)))
     before = latest()
     kept = tmp_path / "kept/registry"
 
     def promote() -> dict:
-        subprocess.run(["finetune", "promote"], env={**env(), REGISTRY_ENV: str(kept)}, check=True,
-                       capture_output=True, timeout=300)
+        # The CLI in this process: the variable is read where `finetune promote` reads it.
+        done = finetune(Path.cwd(), "promote", extra_env={REGISTRY_ENV: str(kept)})
+        assert done.returncode == 0, done.stderr
         return json.loads(Path("metrics/promote.json").read_text())
 
     first_there = promote()

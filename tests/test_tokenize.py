@@ -7,12 +7,13 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from tasks import tokenize
+from tasks import encoding, tokenize
 from tasks.config import TokenizeConfig, parse_params
 from tasks.errors import DataError
-from tasks.tokenize import IGNORE_INDEX, encode_pair, label_preview, set_pad_token
+from tasks.encoding import IGNORE_INDEX, encode_pair, set_pad_token
+from tasks.tokenize import label_preview
 
-from .conftest import merge, shipped_params
+from .conftest import merge, shipped_params, stage
 
 EOS, BOS = 2, 1
 
@@ -66,7 +67,7 @@ def test_pad_equal_to_eos_is_replaced(tiny_model):
     assert "UNK" in set_pad_token(t) and t.pad_token_id == t.unk_token_id != t.eos_token_id
     t.pad_token, t.unk_token = t.eos_token, None
     assert "added" in set_pad_token(t)
-    assert t.pad_token == tokenize.PAD_TOKEN and t.pad_token_id != t.eos_token_id
+    assert t.pad_token == encoding.PAD_TOKEN and t.pad_token_id != t.eos_token_id
 
 
 def test_label_preview_marks_trained_span(tok):
@@ -86,7 +87,7 @@ def _stage(ws: Path, tiny_model: Path, rows: list[dict], **tok_cfg):
     p = parse_params(merge(shipped_params(), {"model": {"name_or_path": "models/tiny"},
                                               "tokenize": tok_cfg, "evaluate": {"max_new_tokens": 4}}),
                      "params.yaml")
-    return tokenize.run(p)
+    return stage("tokenize", p)
 
 
 def test_stage_reports_truncation_and_saves(tmp_path, monkeypatch, tiny_model):
@@ -145,8 +146,8 @@ def trained_spans(tok, e) -> list[str]:
 
 
 def test_every_assistant_turn_is_trained_and_the_rest_masked(chat_tok):
-    ids, mask = tokenize.chat_ids(chat_tok, CHAT, "r")
-    e = tokenize.encode_chat(ids, mask, chat_tok.eos_token_id, chat_tok.bos_token_id, cfg(max_length=512))
+    ids, mask = encoding.chat_ids(chat_tok, CHAT, "r")
+    e = encoding.encode_chat(ids, mask, chat_tok.eos_token_id, chat_tok.bos_token_id, cfg(max_length=512))
     assistant = [m["content"] for m in CHAT if m["role"] == "assistant"]
     # Each answer and the <|im_end|> (EOS) that ends its turn; no system or user token.
     assert trained_spans(chat_tok, e) == [a + "<|im_end|>" for a in assistant]
@@ -163,13 +164,13 @@ def test_every_assistant_turn_is_trained_and_the_rest_masked(chat_tok):
 
 def test_chat_truncation_cuts_the_earliest_turns_and_counts_them():
     ids, mask = [BOS, 10, 11, 20, 21, EOS, 12, 13, 22, EOS], [0, 0, 0, 1, 1, 1, 0, 0, 1, 1]
-    e = tokenize.encode_chat(ids, mask, EOS, BOS, cfg(max_length=8, truncation_side="left"))
+    e = encoding.encode_chat(ids, mask, EOS, BOS, cfg(max_length=8, truncation_side="left"))
     assert e["input_ids"] == [BOS, 20, 21, EOS, 12, 13, 22, EOS]
     assert e["labels"] == [IGNORE_INDEX, 20, 21, EOS, IGNORE_INDEX, IGNORE_INDEX, 22, EOS]
     assert (e["prompt_cut"], e["completion_cut"], e["trainable"]) == (2, 0, 5) and e["eos_in_labels"]
-    e = tokenize.encode_chat(ids, mask, EOS, BOS, cfg(max_length=8, truncation_side="right"))
+    e = encoding.encode_chat(ids, mask, EOS, BOS, cfg(max_length=8, truncation_side="right"))
     assert e["input_ids"] == ids[:8] and (e["prompt_cut"], e["completion_cut"]) == (0, 2)
-    e = tokenize.encode_chat(ids, mask, EOS, BOS, cfg(max_length=8, completion_only_loss=False))
+    e = encoding.encode_chat(ids, mask, EOS, BOS, cfg(max_length=8, completion_only_loss=False))
     assert e["labels"] == e["input_ids"]
 
 
@@ -226,7 +227,7 @@ def test_chat_template_that_cannot_end_or_mark_every_turn_is_refused(chat_tok, o
     tok = copy.deepcopy(chat_tok)
     tok.chat_template = CHATML_TEMPLATE.replace(old, new)
     with pytest.raises(TemplateError, match=needle):
-        tokenize.chat_ids(tok, CHAT, "r")
+        encoding.chat_ids(tok, CHAT, "r")
 
 
 @pytest.mark.parametrize("template_bos", [False, True])
@@ -239,9 +240,9 @@ def test_chat_starts_with_bos_once_when_the_tokenizer_adds_one(chat_tok, templat
     tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
         single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)])
     tok.chat_template = ("{{- bos_token }}" if template_bos else "") + CHATML_TEMPLATE
-    ids, mask = tokenize.chat_ids(tok, CHAT, "r")
+    ids, mask = encoding.chat_ids(tok, CHAT, "r")
     assert ids[0] == tok.bos_token_id != ids[1] and mask[0] == 0
-    assert tokenize.prompt_ids(tok, [tok.decode(ids)])[0] == ids  # as generation will see it
+    assert encoding.prompt_ids(tok, [tok.decode(ids)])[0] == ids  # as generation will see it
 
 # ---- streaming: the output is written chunk by chunk, with the bytes of the in-memory way ----
 

@@ -1,9 +1,14 @@
 """train: SIGKILL mid-run, rerun, and the adapter is byte-identical to an uninterrupted run;
-a diverging run stops with a message naming the step."""
+a diverging run stops with a message naming the step.
+
+Real `finetune train` processes only where the process is the point: kill -9 and resume, a
+rerun while other processes load every core, the launcher's data-parallel processes and a
+launcher with another process count. The other runs are in this process."""
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import shutil
 import signal
 import subprocess
@@ -15,7 +20,7 @@ import yaml
 
 from tasks.config import parse_params
 
-from .conftest import TINY_PARAMS, env, merge, shipped_params, tokenized_dir
+from .conftest import TINY_PARAMS, env, finetune, merge, shipped_params, stage, tokenized_dir
 
 STEPS = 8
 KILL_AFTER = "checkpoint-4"
@@ -38,23 +43,40 @@ def train(ws: Path, *extra: str) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=600)
 
 
-def train_metrics(ws: Path, **train_params) -> dict:
-    """metrics/train.json of a run with the workspace's params plus `train_params`."""
-    import json
-
+def variant(ws: Path, name: str, **train_params) -> Path:
+    """params.yaml with `train_params` over its train section, written to `name` in `ws`."""
     params = yaml.safe_load((ws / "params.yaml").read_text())
     params["train"].update(train_params)
-    variant = ws / "variant.yaml"
-    variant.write_text(yaml.safe_dump(params))
-    out = train(ws, "--params", variant.name)
-    assert out.returncode == 0, out.stderr
-    return {**json.loads((ws / "metrics/train.json").read_text()), "stderr": out.stderr}
+    (ws / name).write_text(yaml.safe_dump(params))
+    return ws / name
 
 
-def test_killed_training_resumes_to_the_same_adapter(ws):
+def train_metrics(ws: Path, monkeypatch, **train_params) -> dict:
+    """metrics/train.json of an in-process run with the workspace's params plus `train_params`."""
+    import json
+
+    monkeypatch.chdir(ws)
+    params = parse_params(yaml.safe_load(variant(ws, "variant.yaml", **train_params).read_text()), "params.yaml")
+    stage("train", params)
+    return json.loads((ws / "metrics/train.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ws) -> str:
+    """The adapter digest of one `finetune train` process run to the end without interference."""
     done = train(ws)
     assert done.returncode == 0, done.stderr
-    uninterrupted = adapter_digest(ws)
+    return adapter_digest(ws)
+
+
+@pytest.fixture(scope="module")
+def padded(ws) -> dict:
+    """The reference run of the comparisons below: padded batches, random order, one process."""
+    with pytest.MonkeyPatch.context() as mp:
+        return train_metrics(ws, mp, padding_free=False)
+
+
+def test_killed_training_resumes_to_the_same_adapter(ws, uninterrupted):
     shutil.rmtree(ws / "artifacts/adapter")
 
     proc = subprocess.Popen(["finetune", "train"], cwd=ws, env=env(), stdout=subprocess.DEVNULL,
@@ -76,14 +98,12 @@ def test_killed_training_resumes_to_the_same_adapter(ws):
     assert not (ws / "artifacts/checkpoints").exists()
 
 
-def test_forced_retrain_under_cpu_load_is_byte_identical(ws):
+def test_forced_retrain_under_cpu_load_is_byte_identical(ws, uninterrupted):
     """A rerun while other processes fight for every core gives the same adapter bytes."""
     import os
     import sys
 
-    quiet = train(ws)
-    assert quiet.returncode == 0, quiet.stderr
-    alone = adapter_digest(ws)
+    shutil.rmtree(ws / "artifacts/adapter", ignore_errors=True)  # the bytes compared are this run's
     hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
             for _ in range(2 * (os.cpu_count() or 1))]
     try:
@@ -93,33 +113,32 @@ def test_forced_retrain_under_cpu_load_is_byte_identical(ws):
             hog.kill()
             hog.wait()
     assert loaded.returncode == 0, loaded.stderr
-    assert adapter_digest(ws) == alone
+    assert adapter_digest(ws) == uninterrupted
 
 
 def test_diverging_loss_stops_with_the_step(ws):
-    params = yaml.safe_load((ws / "params.yaml").read_text())
-    params["train"]["learning_rate"] = 1.0e30  # overflows float32 within a step or two
-    (ws / "diverge.yaml").write_text(yaml.safe_dump(params))
-    out = train(ws, "--params", "diverge.yaml")
+    variant(ws, "diverge.yaml", learning_rate=1.0e30)  # overflows float32 within a step or two
+    out = finetune(ws, "train", "--params", "diverge.yaml")
     assert out.returncode == 2
     assert "error: training loss is" in out.stderr and "at step" in out.stderr
     assert "Traceback" not in out.stderr
 
 
-def test_length_grouped_batches_train_to_a_similar_loss(ws):
+def test_length_grouped_batches_train_to_a_similar_loss(ws, padded, monkeypatch):
     """A throughput feature must not change what is learned beyond noise."""
-    baseline = train_metrics(ws)["train_loss"]
-    grouped = train_metrics(ws, train_sampling_strategy="group_by_length")["train_loss"]
+    baseline = padded["train_loss"]
+    grouped = train_metrics(ws, monkeypatch, padding_free=False,
+                            train_sampling_strategy="group_by_length")["train_loss"]
     assert abs(grouped - baseline) / baseline < 0.05  # same data, same steps: within 5%
 
 
-def test_padding_free_batches_train_to_the_same_loss(ws):
+def test_padding_free_batches_train_to_the_same_loss(ws, padded, monkeypatch, caplog):
     """Packing a batch into one row with restarting position ids is the same computation as
     padding it: the same loss up to float rounding."""
-    packed = train_metrics(ws, padding_free=True)
-    assert "padding-free check: packed and separate logits agree" in packed["stderr"]
-    padded = train_metrics(ws, padding_free=False)["train_loss"]
-    assert abs(packed["train_loss"] - padded) / padded < PADDING_FREE_RTOL
+    with caplog.at_level(logging.INFO, logger="finetune.train"):
+        packed = train_metrics(ws, monkeypatch, padding_free=True)
+    assert "padding-free check: packed and separate logits agree" in caplog.text
+    assert abs(packed["train_loss"] - padded["train_loss"]) / padded["train_loss"] < PADDING_FREE_RTOL
 
 
 def test_padding_free_is_refused_where_attention_leaks_across_examples():
@@ -140,13 +159,18 @@ def test_padding_free_is_refused_where_attention_leaks_across_examples():
         check_padding_free(opt, rows, "float32")
 
 
-def test_two_data_parallel_processes_train_like_one(ws):
+def test_two_data_parallel_processes_train_like_one(ws, padded):
     """train.num_processes: 2 runs two gloo processes on this CPU host; with the per-process
     batch halved the effective batch is unchanged, and so, up to data order, is the loss."""
-    one = train_metrics(ws)
+    import json
+
+    one = padded
     batch = yaml.safe_load((ws / "params.yaml").read_text())["train"]["per_device_train_batch_size"]
-    two = train_metrics(ws, num_processes=2, per_device_train_batch_size=batch // 2)
-    assert "launching 2 training processes (gloo)" in two["stderr"]
+    variant(ws, "two.yaml", padding_free=False, num_processes=2, per_device_train_batch_size=batch // 2)
+    launched = train(ws, "--params", "two.yaml")
+    assert launched.returncode == 0, launched.stderr
+    two = json.loads((ws / "metrics/train.json").read_text())
+    assert "launching 2 training processes (gloo)" in launched.stderr
     assert two["steps"] == one["steps"]
     assert two["tokens_seen"] == pytest.approx(one["tokens_seen"], rel=0.25)  # both ranks counted
     assert abs(two["train_loss"] - one["train_loss"]) / one["train_loss"] < DDP_LOSS_RTOL
@@ -156,9 +180,7 @@ def test_two_data_parallel_processes_train_like_one(ws):
 def test_a_launcher_with_another_process_count_is_refused(ws):
     env_ = {**env(), "LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1",
             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533"}
-    params = yaml.safe_load((ws / "params.yaml").read_text())
-    params["train"]["num_processes"] = 2
-    (ws / "two.yaml").write_text(yaml.safe_dump(params))
+    variant(ws, "two.yaml", num_processes=2)
     out = subprocess.run(["finetune", "train", "--params", "two.yaml"], cwd=ws, env=env_,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 2
