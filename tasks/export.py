@@ -116,7 +116,7 @@ def manifest(params: Params, ws: Workspace) -> dict[str, Any]:
         "git_dirty": _git("status", "--porcelain", "--untracked-files=no") not in ("", "unknown"),
         "params_sha256": params.digest(LINEAGE),
         "params": params.model_dump(mode="json", include=set(LINEAGE)),
-        "inputs": {"base_model": base, "adapter": str(adapter),
+        "inputs": {"base_model": base, "adapter": adapter.relative_to(ws.root).as_posix(),
                    "adapter_sha256": sha256_path(adapter),
                    "test_split_sha256": sha256_path(ws.prepared / "test.jsonl")},
         "libraries": versions,

@@ -158,7 +158,7 @@ def run(params: Params, ws: Workspace) -> dict[str, Any]:
     decision: dict[str, Any] = {
         "metric": metric, "num_examples": len(rows), "test_sha256": registry.test_digest(rows),
         "champion": {"model": name, "score": round(sum(theirs) / len(theirs), 6), "predictions": how},
-        "challenger": {"model": str(ws.merged), "score": round(sum(ours) / len(ours), 6)},
+        "challenger": {"model": ws.merged.relative_to(ws.root).as_posix(), "score": round(sum(ours) / len(ours), 6)},
         "difference": difference, "confidence_level": cfg.confidence_level,
         "min_gain": threshold, "promoted": difference["mean"] >= threshold}
     check = capability(params, ws)

@@ -13,6 +13,11 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+
+# One torch thread per test process (and the stage processes it starts, which inherit it):
+# make test runs two workers on two cores, and two threads each stall one another (a tiny
+# forward pass went from 38 ms to 285 ms at load 5). Set before anything imports torch.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 import shutil
 import subprocess
 import sys

@@ -32,6 +32,19 @@ def adapter_digest(ws: Path) -> str:
     return hashlib.sha256((ws / "artifacts/adapter/adapter_model.safetensors").read_bytes()).hexdigest()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread for the runs in this process (the `finetune train` processes keep
+    torch's default): on a busy 2-core host two threads spinning at each barrier made each
+    in-process run several times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory, tiny_model):
     raw = merge(shipped_params(), merge(TINY_PARAMS, {"train": {"max_steps": STEPS, "save_steps": 2}}))
