@@ -138,8 +138,9 @@ def _peak_gib() -> float | None:
 
 def ours(args, params) -> dict:
     from tasks import train
+    from tasks.workspace import Workspace
 
-    return timed(train.build_trainer(params, tempfile.mkdtemp(), []), args)
+    return timed(train.build_trainer(params, Workspace(), []), args)
 
 
 def baseline(args, params) -> dict:

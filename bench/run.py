@@ -28,7 +28,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from tasks.workspace import Workspace
+
 REPO = Path(__file__).resolve().parents[1]
+
 BIN = Path(sys.executable).parent
 WARMUP_STEPS = 5  # training steps excluded from the rate (allocations, first-step compiles)
 TRAIN_STEPS = 40
@@ -113,7 +116,7 @@ def _train_ours(steps: int, overrides: str) -> None:
     params = load_params()
     params = params.model_copy(update={"train": params.train.model_copy(
         update={"max_steps": steps, "save_steps": steps + 1, **json.loads(overrides)})})
-    trainer = train.build_trainer(params, tempfile.mkdtemp(), [])
+    trainer = train.build_trainer(params, Workspace(), [])
     trainer.add_callback(StepTimer())
     trainer.train()
 
@@ -248,14 +251,14 @@ def bench_train_trl(ws: Path) -> dict[str, Any]:
 def bench_tokenize(ws: Path) -> dict[str, Any]:
     import datasets
 
-    from tasks import paths, tokenize
+    from tasks import tokenize
     from tasks.config import load_params
     from tasks.io import read_jsonl
     from tasks.modeling import load_tokenizer
 
     datasets.disable_progress_bars()
     params = load_params(ws / "params.yaml")
-    rows = read_jsonl(ws / paths.PREPARED / "train.jsonl") * TOKENIZE_COPIES
+    rows = read_jsonl(Workspace(ws).prepared / "train.jsonl") * TOKENIZE_COPIES
     rows = [{**r, "id": f"{r['id']}-{i}"} for i, r in enumerate(rows)]
     tok = load_tokenizer(params.model, str(ws / params.model.name_or_path))
     tokenize.set_pad_token(tok)
@@ -372,7 +375,7 @@ def bench_tokenize_scale(ws: Path, sizes: tuple[int, ...] = SCALE_ROWS) -> list[
 def bench_evaluate(ws: Path) -> dict[str, Any]:
     import torch
 
-    from tasks import generation, paths
+    from tasks import generation
     from tasks.config import load_params
     from tasks.io import read_jsonl
     from tasks.modeling import load_base, load_tokenizer
@@ -381,9 +384,9 @@ def bench_evaluate(ws: Path) -> dict[str, Any]:
     os.chdir(ws)
     try:
         params = load_params()
-        tok = load_tokenizer(params.model, str(paths.TOKENIZER))
+        tok = load_tokenizer(params.model, str(Workspace().tokenizer))
         model = load_base(params, quantized=params.quant.load_in_4bit).eval()
-        prompts = [r["prompt"] for r in read_jsonl(paths.PREPARED / "test.jsonl")][:EVAL_PROMPTS]
+        prompts = [r["prompt"] for r in read_jsonl(Workspace().prepared / "test.jsonl")][:EVAL_PROMPTS]
         new_tokens = params.evaluate.max_new_tokens
 
         def ours(ps: list[str]) -> list[str]:
