@@ -145,15 +145,16 @@ class RunTimer:
                 Path(os.environ["BENCH_OUT"]).write_text(json.dumps({
                     "train_runtime": self.runtime, "tokens_seen": state.num_input_tokens_seen,
                     "steps": state.global_step, "tokens_per_s": state.num_input_tokens_seen / self.runtime,
+                    "gradient_checkpointing": bool(args.gradient_checkpointing),
                     "steady_tokens_per_s": (n1 - n0) / (t1 - t0),
                     "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
         return _Timer()
 
 
-def _stage_train() -> int:
+def _stage_train(args: list[str]) -> int:
     """Runs inside the workspace: `finetune train` itself (checkpoints, evaluation, adapter
-    and all), with a RunTimer added to the Trainer it builds."""
+    and all), with a RunTimer added to the Trainer it builds; `args` go to the stage."""
     import transformers
 
     init = transformers.Trainer.__init__
@@ -165,7 +166,7 @@ def _stage_train() -> int:
     transformers.Trainer.__init__ = timed_init
     from tasks.cli import main as finetune
 
-    return finetune(["train"])
+    return finetune(["train", *args])
 
 
 def bench_train(ws: Path, name: str = "train", **overrides: Any) -> dict[str, Any]:
@@ -213,13 +214,21 @@ def bench_train_trl(ws: Path) -> dict[str, Any]:
     SFTTrainer casts a 4-bit model's LoRA weights to bfloat16; on a CPU without native bf16
     (no AVX512-BF16/AMX) those matmuls are emulated and TRL runs at about half its speed, so
     the same script is also run with --fp32-adapters (baseline_fp32_adapters): about what TRL
-    costs where bf16 is native, the ratio that carries over to such machines."""
-    from tasks.config import load_params
+    costs where bf16 is native, the ratio that carries over to such machines.
+
+    train.gradient_checkpointing: auto turns checkpointing off where memory is plentiful (here);
+    the script keeps TRL's default (on). ours_checkpointing runs the stage with it forced on:
+    the two loops compared on equal settings."""
+    from tasks.config import apply_overrides, load_params
 
     params = load_params(ws / "params.yaml")
+    checkpointing = ws / "params-checkpointing.yaml"
+    shutil.copyfile(ws / "params.yaml", checkpointing)
+    apply_overrides(checkpointing, {"train": {"gradient_checkpointing": True}})
     trl = [sys.executable, "bench/trl_train.py", "--callback", "bench.run:RunTimer"]
-    commands = {"ours": [sys.executable, "bench/run.py", "_stage-train"], "baseline": trl,
-                "baseline_fp32_adapters": [*trl, "--fp32-adapters"]}
+    stage = [sys.executable, "bench/run.py", "_stage-train"]
+    commands = {"ours": stage, "ours_checkpointing": [*stage, "--params", checkpointing.name],
+                "baseline": trl, "baseline_fp32_adapters": [*trl, "--fp32-adapters"]}
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in commands}
     for _ in range(TRL_REPEATS):
         for impl, cmd in commands.items():
@@ -235,9 +244,14 @@ def bench_train_trl(ws: Path) -> dict[str, Any]:
     return report("train-trl", med["ours"], med["baseline"], "non-padding tokens/s (tokens_seen / train_runtime)",
                   target_ratio=1.3, baseline_fp32_adapters=round(med["baseline_fp32_adapters"], 3),
                   ratio_fp32_adapters=round(med["ours"] / med["baseline_fp32_adapters"], 3),
+                  ours_checkpointing=round(med["ours_checkpointing"], 3),
+                  ratio_equal_checkpointing=round(med["ours_checkpointing"] / med["baseline"], 3),
+                  ratio_equal_checkpointing_fp32_adapters=round(
+                      med["ours_checkpointing"] / med["baseline_fp32_adapters"], 3),
                   repeats=TRL_REPEATS, steps=params.train.max_steps,
                   batch=params.train.per_device_train_batch_size, max_length=params.tokenize.max_length,
                   tokens_seen=each("tokens_seen", 0), train_runtime_s=each("train_runtime", 2),
+                  gradient_checkpointing={k: v[0]["gradient_checkpointing"] for k, v in runs.items()},
                   tokens_per_s=each("tokens_per_s"),
                   steady_tokens_per_s=each("steady_tokens_per_s"),  # after WARMUP_STEPS steps
                   wall_s=each("wall_s"), cpu_s=each("cpu_s"), peak_rss_mib=each("peak_rss_mib", 0),
@@ -512,7 +526,7 @@ def main() -> None:
         _train_ours(int(sys.argv[3]), sys.argv[4])
         return
     if sys.argv[1:2] == ["_stage-train"]:
-        sys.exit(_stage_train())
+        sys.exit(_stage_train(sys.argv[2:]))
     args = parse_args(sys.argv[1:])
     sys.path.insert(0, str(REPO))  # scripts/ (the sample data's generator) is not installed
     ws = workspace()

@@ -14,7 +14,9 @@ Every setting it shares with the pipeline comes from params.yaml, read with yaml
 the model, quant.*, lora.*, tokenize.max_length and completion_only_loss, and train.* (steps,
 batch, accumulation, learning rate and schedule, warmup, weight decay, clipping, seed,
 gradient checkpointing, logging and checkpoint steps). `train.precision: auto` and the CUDA-only
-optimizers are resolved as the pipeline resolves them (fp32 and adamw_torch on a CPU).
+optimizers are resolved as the pipeline resolves them (fp32 and adamw_torch on a CPU);
+`train.gradient_checkpointing: auto` is the pipeline's decision, so the script keeps TRL's
+default there (on).
 
     python bench/trl_train.py                      # in a prepared workspace (data/prepared/)
     python bench/trl_train.py --steps 40 --callback bench.run:StepTimer --no-save
@@ -120,7 +122,9 @@ def main() -> None:
         optim=optim,
         seed=train["seed"],
         bf16=prec == "bf16", fp16=prec == "fp16",
-        gradient_checkpointing=train["gradient_checkpointing"],
+        # "auto" is the pipeline's own choice (from its memory estimate); a plain script keeps
+        # TRL's default, which is on.
+        gradient_checkpointing=train["gradient_checkpointing"] in (True, "auto"),
         max_length=tok_p["max_length"],
         completion_only_loss=tok_p["completion_only_loss"],
         logging_steps=train["logging_steps"],

@@ -80,9 +80,11 @@ def _trainer(params: Params, ws: Workspace, data: dict[str, list[dict[str, str]]
     from peft import PeftModel
     from trl import DPOConfig, DPOTrainer
 
+    from tasks.memory import with_checkpointing
     from tasks.modeling import device, load_tokenizer, resolve_precision
     from tasks.training import optim_name, run_name, trackers, trainable_base
 
+    params = with_checkpointing(params, estimated=False)
     a, t = params.align, params.train
     tokenizer = load_tokenizer(params.model, str(ws.adapter))
     model = PeftModel.from_pretrained(trainable_base(params, tokenizer), str(ws.adapter),

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from tasks.errors import PipelineError, environment_error
-from tasks.stages import STAGES, run_stage
+from tasks.stages import STAGES, preflight, run_stage
 from tasks.workspace import RESTORE_ONLY_ENV, Workspace
 
 
@@ -77,6 +77,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from tasks.config import load_params
 
         params = load_params(args.params)
+        ws = Workspace.from_env()
+        with ws.entered():
+            for name in STAGES:
+                preflight(name, params, ws)
         print(f"{args.params}: OK (params hash {params.digest()[:12]})")
         return 0
     if args.command in STAGES:

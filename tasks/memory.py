@@ -202,3 +202,35 @@ def export_preflight(params: Params, counts: Shape, merged: Path, device: str) -
     copies = MERGE_HOST_COPIES["cpu" if device == "cpu" else "cuda"]
     check_memory("export", copies * counts.total * _dtype_bytes(dtype),
                  f"merging the model in {dtype}", lower)
+
+
+# train.gradient_checkpointing: auto checkpoints only when the run without it would need more
+# than this share of the free memory. Checkpointing recomputes every layer's forward in the
+# backward pass (here with its 4-bit dequantization and LoRA dropout draws): the CPU quickstart's
+# train took 53 s with it and 43 s without, for a few MiB of activations (BENCHMARKS.md).
+CHECKPOINTING_FREE_SHARE = 0.5
+
+
+def with_checkpointing(params: Params, estimated: bool = True) -> Params:
+    """params with train.gradient_checkpointing resolved to true or false. The recompute
+    replays the same dropout draws, so the adapter is the same bytes either way. Without an
+    estimate (align's DPO, whose memory the SFT estimate does not describe) auto means on."""
+    setting = params.train.gradient_checkpointing
+    if setting == "auto":
+        setting = params.peft.method != "prefix_tuning" and (not estimated or _checkpointing_needed(params))
+        log.info("train.gradient_checkpointing auto: %s", "on" if setting else "off (it would only cost time)")
+    return params.model_copy(update={"train": params.train.model_copy(update={"gradient_checkpointing": setting})})
+
+
+def _checkpointing_needed(params: Params) -> bool:
+    from tasks.modeling import compute_dtype, device, load_config
+
+    without = params.model_copy(update={"train": params.train.model_copy(update={"gradient_checkpointing": False})})
+    need = estimate(without, load_config(params), str(compute_dtype(params)).removeprefix("torch."))["total"] * GIB
+    if device() == "cuda":
+        import torch
+
+        free = torch.cuda.mem_get_info()[0]
+    else:
+        free = available_memory()
+    return free is None or need > CHECKPOINTING_FREE_SHARE * free

@@ -34,9 +34,26 @@ def metric_names(task: str) -> tuple[str, ...]:
 
 @functools.cache
 def rouge_metric():
-    import evaluate
+    return _evaluate_package().load(str(METRIC_DIR))
 
-    return evaluate.load(str(METRIC_DIR))
+
+def _evaluate_package():
+    """The `evaluate` package, imported without torch where torch is not loaded yet. Its
+    model-evaluator module (pipelines; unused here) imports transformers.pipelines, and so
+    torch, when the package is imported, and does without it when that import fails: marked
+    unavailable for the length of the import, it costs `finetune score` and promote no torch."""
+    import sys
+
+    if "evaluate" in sys.modules or "transformers.pipelines" in sys.modules:
+        import evaluate
+
+        return evaluate
+    sys.modules["transformers.pipelines"] = None  # type: ignore[assignment]  # import -> ImportError
+    try:
+        import evaluate
+    finally:
+        del sys.modules["transformers.pipelines"]
+    return evaluate
 
 
 # One reference text per prediction, or several (each prediction then scores against its best).

@@ -30,6 +30,7 @@ from tasks.adapters import adalora_callback
 from tasks.config import PROMPT_LEARNING, Params
 from tasks.errors import PipelineError
 from tasks.io import atomic_path, normalize_adapter_config, save_tokenizer, sha256_path, write_json, writing
+from tasks.memory import with_checkpointing
 from tasks.encoding import IGNORE_INDEX
 from tasks.modeling import device, load_tokenizer, resolve_precision
 from tasks.training import optim_name, run_name, tracked, trackers, trainable_base
@@ -262,6 +263,7 @@ def build_trainer(params: Params, ws: Workspace, history: list[dict[str, Any]]):
     import datasets
     from transformers import Trainer, set_seed
 
+    params = with_checkpointing(params)  # run() passes it resolved; bench/ callers may not
     name = run_name("train")
     report_to, callbacks = trackers(params, name, ws)  # first: a missing package fails before loading
     set_seed(params.train.seed)
@@ -317,9 +319,10 @@ def run(params: Params, ws: Workspace) -> dict[str, Any]:
 
     config = load_config(params)
     dtype = str(compute_dtype(params)).removeprefix("torch.")
-    estimate = preflight(params, config, dtype, device(), ws.checkpoints)
+    resolved = with_checkpointing(params)  # params itself stays the checkpoints' fingerprint
+    estimate = preflight(resolved, config, dtype, device(), ws.checkpoints)
     history: list[dict[str, Any]] = []
-    trainer = build_trainer(params, ws, history)
+    trainer = build_trainer(resolved, ws, history)
     _check_world(params, trainer.args)
     with trainer.args.main_process_first(desc="checkpoint check"), writing(ws.checkpoints):
         resume = _resume_checkpoint(params, ws)

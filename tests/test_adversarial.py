@@ -380,7 +380,7 @@ def test_link_to_a_file_outside_the_repository_is_refused_unless_allowed(ws, tmp
     outside = tmp_path / "elsewhere.jsonl"
     shutil.move(ws / "data/raw/dialogues.jsonl", outside)
     (ws / "data/raw/dialogues.jsonl").symlink_to(outside)
-    for stage in ("prepare", "tokenize"):
+    for stage in ("check", "prepare", "tokenize"):  # check: before dvc repro starts
         assert refused(ws, stage) == (
             f"finetune {stage}: error: data/raw/dialogues.jsonl is a symlink to {outside}, outside "
             "the repository: copy it into the repository, or set data.allow_external_links: true")

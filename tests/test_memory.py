@@ -6,7 +6,7 @@ from transformers import LlamaConfig
 from tasks.config import parse_params
 from tasks.errors import PipelineError
 from tasks.memory import (GIB, available_memory, check_fits, check_memory, checkpoint_disk, estimate,
-                          merged_disk, shape)
+                          merged_disk, shape, with_checkpointing)
 
 from .conftest import merge, shipped_params
 
@@ -68,3 +68,26 @@ def test_export_refuses_more_than_the_available_host_memory():
                        r"host memory but [\d.]+ GiB is available \(MemAvailable\): free memory, or set "
                        r"export.torch_dtype: bfloat16$"):
         check_memory("export", 2 * available, "merging the model in float32", "set export.torch_dtype: bfloat16")
+
+
+@pytest.mark.parametrize("over, estimated, expected", [
+    ({}, True, False),  # the quickstart's activations are a sliver of any host's memory
+    ({"train": {"gradient_checkpointing": True}}, True, True),
+    ({"train": {"gradient_checkpointing": False}}, True, False),
+    ({"peft": {"method": "prefix_tuning"}}, True, False),  # PEFT cannot checkpoint a KV-cache prefix
+    ({}, False, True),  # align: no estimate for DPO, so auto keeps memory safe
+])
+def test_gradient_checkpointing_auto_resolves(over, estimated, expected):
+    assert params(**over).train.gradient_checkpointing == over.get("train", {}).get("gradient_checkpointing", "auto")
+    assert with_checkpointing(params(**over), estimated).train.gradient_checkpointing is expected
+
+
+def test_gradient_checkpointing_auto_turns_on_when_activations_would_crowd_memory(tmp_path):
+    """An 8B shape (config only, no weights) at 4096 tokens and a batch of 16: tens of GiB of
+    activations without checkpointing, more than half of the memory of any machine that runs
+    this suite."""
+    LLAMA_8B.save_pretrained(tmp_path)
+    big = params(tokenize={"max_length": 4096}, train={"per_device_train_batch_size": 16})
+    # past the models/ rule, which is about what DVC tracks, not about the estimate
+    big = big.model_copy(update={"model": big.model.model_copy(update={"name_or_path": str(tmp_path)})})
+    assert with_checkpointing(big).train.gradient_checkpointing is True

@@ -6,7 +6,8 @@ that runs code (no heavy imports for light commands) does it in a subprocess.
 - dvc.yaml's deps under tasks/ for each stage are exactly the files `finetune <stage>` can
   import, so a change to shared code reruns every stage that runs it, and only those.
 - A stage module imports no other stage module: shared code lives in lower modules.
-- `finetune check` imports none of torch, transformers, peft, trl, datasets.
+- `finetune check` imports none of torch, transformers, peft, trl, datasets; `finetune score`
+  no torch.
 - The import graph does not get deeper.
 """
 
@@ -314,6 +315,16 @@ def test_stages_without_a_model_import_no_heavy_packages(trained_workspace, tmp_
     assert_no_heavy_imports("from tasks.cli import main\n"
                             "for stage in ('prepare', 'align', 'promote'):\n"
                             "    assert main([stage]) == 0, stage", ws, heavy=(*HEAVY, "evaluate"))
+
+
+def test_score_imports_no_torch(tmp_path):
+    """`finetune score` computes ROUGE through the `evaluate` package (which loads datasets)
+    but no torch: evaluate's model evaluators, which would import it, are not loaded."""
+    (tmp_path / "p.txt").write_text("the cat sat\na dog ran\n")
+    (tmp_path / "r.txt").write_text("the cat sat down\na dog ran off\n")
+    assert_no_heavy_imports("from tasks.cli import main\n"
+                            "assert main(['score', '--predictions', 'p.txt', '--references', 'r.txt',"
+                            " '--bootstrap-samples', '20']) == 0", tmp_path, heavy=("torch", "peft", "trl"))
 
 
 def test_import_graph_depth():

@@ -50,7 +50,7 @@ def prompt_learning_unpacked(params: Params) -> list[str]:
 
 
 def prefix_tuning_without_checkpointing(params: Params) -> list[str]:
-    if params.peft.method == "prefix_tuning" and params.train.gradient_checkpointing:
+    if params.peft.method == "prefix_tuning" and params.train.gradient_checkpointing is True:
         return ["peft.method prefix_tuning feeds its prefixes as a KV cache, which PEFT "
                 "cannot combine with gradient checkpointing: set "
                 "train.gradient_checkpointing: false"]

@@ -70,8 +70,10 @@ class TrainConfig(Section):
     optim: str = Field("paged_adamw_8bit", description=(
         "Any TrainingArguments optimizer name; paged and 8-bit ones need CUDA. On a CPU-only "
         "machine they fall back to adamw_torch, with a logged warning."))
-    gradient_checkpointing: bool = Field(True, description=(
-        "Trade compute for activation memory (non-reentrant gradient checkpointing)."))
+    gradient_checkpointing: Literal["auto"] | bool = Field("auto", description=(
+        "Trade compute for activation memory (non-reentrant gradient checkpointing); auto: on "
+        "only when training without it would need more than half of the free memory (the "
+        "GPU's, or the host's on a CPU), by the memory estimate train logs."))
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description=(
         "Training precision; auto picks bf16 on GPUs that support it, else fp16 on CUDA, else "
         "fp32 (CPU)."))
