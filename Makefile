@@ -34,15 +34,18 @@ setup: $(STAMP)
 
 # A fresh venv holding exactly the lock: uv (itself hash-checked from the lock) installs every
 # pin with its hash and no resolution, then torch in the host's build, then the project.
-# scripts/check_env.py fails the setup if anything differs from the lock.
+# scripts/check_env.py fails the setup if anything differs from the lock. Packages are
+# byte-compiled once here: where PYTHONDONTWRITEBYTECODE is set (as on our CI machines) every
+# stage process would otherwise compile torch, transformers and DVC from source on import
+# (a no-op `dvc repro` took 3.2 s instead of 1.3 s, the quickstart 162 s instead of 89 s).
 $(STAMP): pyproject.toml $(LOCK) $(TORCH_PIN)
 	@test -n "$(PYTHON)" || { echo "make setup: no Python 3.11-3.13 found; set PYTHON=..." >&2; exit 1; }
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	awk '/^uv==/ {p = 1} p && /^    #/ {exit} p' $(LOCK) > $(VENV)/uv-pin.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --require-hashes -r $(VENV)/uv-pin.txt
-	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps --require-hashes -r $(LOCK)
-	$(BIN)/uv pip install --quiet --python $(BIN)/python $(TORCH_SOURCE) -r $(TORCH_PIN)
+	$(BIN)/uv pip install --quiet --python $(BIN)/python --compile-bytecode --no-deps --require-hashes -r $(LOCK)
+	$(BIN)/uv pip install --quiet --python $(BIN)/python --compile-bytecode $(TORCH_SOURCE) -r $(TORCH_PIN)
 	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .
 	$(BIN)/python scripts/check_env.py
 	touch $@
