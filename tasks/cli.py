@@ -74,9 +74,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(explain(args.explain, args.params))
         return 0
     if args.command == "check":
-        from tasks.config import load_params
+        from tasks.config import check_dvc_params, load_params
 
         params = load_params(args.params)
+        check_dvc_params(args.params)
         ws = Workspace.from_env()
         with ws.entered():
             for name in STAGES:
@@ -102,8 +103,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         run_stage(args.command, params, Workspace.from_env())
         return 0
     if args.command == "score":
+        from tasks.config import check_options
         from tasks.scoring import read_predictions, read_references, score
 
+        check_options({"evaluate.bootstrap_samples": ("--bootstrap-samples", args.bootstrap_samples),
+                       "evaluate.confidence_level": ("--confidence-level", args.confidence_level)})
         predictions = read_predictions(args.predictions, args.prediction_field or args.field)
         references = read_references(args.references, args.reference_field or args.field)
         result = score(predictions, references, use_stemmer=not args.no_stemmer,

@@ -198,3 +198,52 @@ def test_stage_with_bad_params_writes_nothing(tmp_path, monkeypatch, capsys):
     assert main(["prepare"]) == 2
     assert "train.seed" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == [tmp_path / "params.yaml"]
+
+
+def test_cli_check_refuses_a_key_given_twice(tmp_path, capsys):
+    """PyYAML keeps the last of two keys; DVC refuses the file: so does check, naming both lines."""
+    text = (REPO / "params.yaml").read_text().replace(
+        "\ntrain:\n", "\ntrain:\n  learning_rate: 0.1\n", 1)
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    assert main(["check", "--params", str(path)]) == 2
+    lines = text.splitlines()
+    line = 1 + next(n for n in range(lines.index("train:") + 2, len(lines))
+                    if lines[n].startswith("  learning_rate:"))
+    err = capsys.readouterr().err
+    assert f"line {line}, column 3: duplicate key 'learning_rate' (first at line " in err, err
+    assert "DVC refuses a file with a key given twice" in err
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+def test_nan_and_infinity_are_refused(value):
+    assert problems({"promote": {"min_gain": float(value.replace(".", ""))}}) == [
+        f"promote.min_gain: Input should be a finite number (got {float(value.replace('.', ''))!r})"]
+
+
+def test_cli_check_refuses_params_dvc_yaml_lists_but_the_file_lacks(tmp_path, capsys):
+    """The schema has defaults for model and quant, but dvc.yaml lists them: DVC would refuse
+    to run the stages that read them."""
+    raw = shipped_params()
+    del raw["quant"], raw["model"]["revision"]
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["check", "--params", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert ("  - model.revision: not set, and dvc.yaml's prepare, tokenize stage(s) read it (DVC will not run them without it): add it; "
+            "`finetune check --explain model.revision` gives its default") in err, err
+    assert "  - quant: not set, and dvc.yaml's train, align, evaluate, export, promote stage(s)" in err
+
+
+@pytest.mark.parametrize("option, value, expected", [
+    ("--bootstrap-samples", "-5", "--bootstrap-samples: Input should be greater than or equal to 10 "
+                                  "(got -5; the rule of evaluate.bootstrap_samples)"),
+    ("--confidence-level", "7", "--confidence-level: Input should be less than 1 "
+                                "(got 7.0; the rule of evaluate.confidence_level)"),
+])
+def test_score_options_follow_the_params_rules(tmp_path, capsys, option, value, expected):
+    (tmp_path / "p.txt").write_text("a cat\n")
+    assert main(["score", "--predictions", str(tmp_path / "p.txt"), "--references", str(tmp_path / "p.txt"),
+                 option, value]) == 2
+    err = capsys.readouterr().err
+    assert err == f"finetune score: error: command line: 1 problem(s):\n  - {expected}\n"

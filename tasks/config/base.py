@@ -26,9 +26,10 @@ Files = str | list[str]
 
 
 # The base of every section. extra="forbid": a typo fails at once, naming its key path, instead
-# of being ignored; frozen: no stage can change the params it was given (and hashed).
+# of being ignored; frozen: no stage can change the params it was given (and hashed); no
+# NaN or infinity, which no setting means and JSON cannot hold.
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # Tags of a union's members start with this; messages leave them out of the key path, so a

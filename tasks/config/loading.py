@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import reprlib
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
 
@@ -66,15 +67,38 @@ def parse_params(raw: Any, source: str) -> Params:
         raise ConfigError(source, describe(err)) from None
 
 
+DUPLICATE = "duplicate key"
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping: PyYAML keeps the last, DVC
+    refuses the file, so `check` would pass what `dvc repro` rejects."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, Hashable):
+                continue  # SafeLoader's own message names it
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{DUPLICATE} {key!r} (first at line {seen[key]}): keep one; DVC "
+                    "refuses a file with a key given twice", key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: Path) -> Any:
     if not path.is_file():
         raise ConfigError(str(path), ["file not found"])
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 (safe)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise ConfigError(str(path), [f"{where}not valid YAML ({getattr(err, 'problem', err)})"]) from None
+        problem = str(getattr(err, "problem", err))
+        what = problem if problem.startswith(DUPLICATE) else f"not valid YAML ({problem})"
+        raise ConfigError(str(path), [f"{where}{what}"]) from None
     except UnicodeDecodeError:
         raise ConfigError(str(path), ["not UTF-8 text"]) from None
 
@@ -142,3 +166,49 @@ def apply_overrides(path: Path, overrides: BaseModel | dict[str, Any]) -> dict[s
     with path.open("w", encoding="utf-8") as f:
         yml.dump(doc, f)
     return changed
+
+
+def check_options(options: dict[str, tuple[str, Any]]) -> None:
+    """Command-line options that mirror params keys, validated by the keys' own rules:
+    {"evaluate.bootstrap_samples": ("--bootstrap-samples", -5), ...}. One problem per line,
+    each naming the option and the key whose rule it broke."""
+    from typing import Annotated
+
+    from pydantic import TypeAdapter
+
+    problems = []
+    for key, (option, value) in options.items():
+        section, field = key.split(".")
+        info = Params.model_fields[section].annotation.model_fields[field]
+        try:
+            TypeAdapter(Annotated[info.annotation, info]).validate_python(value)
+        except ValidationError as err:
+            problems += [f"{option}: {e['msg']} (got {SHORT.repr(value)}; the rule of {key})"
+                         for e in err.errors()]
+    if problems:
+        raise ConfigError("command line", problems)
+
+
+def check_dvc_params(path: Path, dvc_file: Path = Path("dvc.yaml")) -> None:
+    """Every key dvc.yaml's stages list under `params:` is set in `path`. A default in the
+    schema does not count: DVC refuses to run a stage whose listed key is missing."""
+    if not dvc_file.is_file():
+        return
+    raw = read_yaml(path)
+    readers: dict[str, list[str]] = {}
+    for stage, spec in (yaml.safe_load(dvc_file.read_text(encoding="utf-8")) or {}).get("stages", {}).items():
+        for key in spec.get("params") or []:
+            if isinstance(key, str):  # {file: [keys]} entries read other files
+                readers.setdefault(key, []).append(stage)
+    problems = []
+    for key, stages in readers.items():
+        node: Any = raw
+        for part in key.split("."):
+            if not (isinstance(node, dict) and part in node):
+                problems.append(f"{key}: not set, and dvc.yaml's {', '.join(stages)} stage(s) read it (DVC "
+                                f"will not run them without it): add it; `finetune check --explain {key}` "
+                                "gives its default")
+                break
+            node = node[part]
+    if problems:
+        raise ConfigError(str(path), problems)
