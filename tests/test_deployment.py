@@ -35,8 +35,9 @@ COMPLETED: dict[str, str] = {}  # flow run id of the nightly run, for the UI che
 RUNNING: dict[str, str] = {}
 # Enough steps (and no checkpoint before the last) that train runs for several of the flow's
 # relay intervals (flows.finetune.PROGRESS_POLL_S): time to load a below-100% progress page.
-# (About 5 steps/s on 2 shared CPU cores; the browser takes some seconds per page.)
-MAX_STEPS = 150
+# (About 10 steps/s on 2 shared CPU cores since gradient checkpointing is off where memory is
+# plentiful; 150 steps ended before the browser had the page; it takes some seconds per page.)
+MAX_STEPS = 300
 NIGHTLY_PARAMS = deep_merge(TINY_PARAMS, {"train": {"max_steps": MAX_STEPS, "save_steps": MAX_STEPS}})
 STEP = re.compile(r"step (\d+) of (\d+)")
 

@@ -151,7 +151,9 @@ def test_prefix_tuning_is_refused_for_a_forward_without_past_key_values():
     ({"peft": {"method": "loha"}}, "peft.method loha has no 4-bit"),
     ({"peft": {"method": "prefix_tuning"}, "train": {"padding_free": True}},
      "set train.padding_free: false"),
-    ({"peft": {"method": "prefix_tuning"}}, "train.gradient_checkpointing: false"),
+    # auto resolves to off for prefix_tuning (tests/test_memory.py); asking for it is refused
+    ({"peft": {"method": "prefix_tuning"}, "train": {"gradient_checkpointing": True}},
+     "train.gradient_checkpointing: false"),
     ({"peft": {"method": "adalora"}, "train": {"max_steps": -1}}, "positive train.max_steps"),
     ({"peft": {"method": "adalora", "adalora_target_r": 64}}, "must be below lora.r"),
 ])
