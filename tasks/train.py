@@ -100,6 +100,45 @@ def _history_callback(history: list[dict[str, Any]]):
     return History()
 
 
+def _logged_before(checkpoint: str | None) -> tuple[list[dict[str, Any]], int]:
+    """The loss rows an interrupted run logged up to `checkpoint` (its trainer_state.json
+    keeps them), in the History callback's shape, and the checkpoint's step (0 for none):
+    a resumed run's log still starts at its first step."""
+    if checkpoint is None:
+        return [], 0
+    path = Path(checkpoint) / "trainer_state.json"
+    try:
+        state = json.loads(path.read_text())
+        rows = [{"step": e["step"], "loss": e["loss"], "learning_rate": e.get("learning_rate"),
+                 "tokens_seen": e.get("num_input_tokens_seen")} for e in state["log_history"] if "loss" in e]
+        return rows, state["global_step"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise PipelineError(f"{path}: not the trainer state the Trainer writes ({type(err).__name__}: "
+                            f"{err}); delete {path.parent} to resume from the checkpoint before it, "
+                            "or artifacts/checkpoints to start over") from None
+
+
+def _train_loss(history: list[dict[str, Any]], result, resumed_at: int) -> float:
+    """The mean loss per step over the whole run, summed the same way whether or not the run
+    was resumed (the Trainer's own training_loss counts only the steps since a resume): each
+    logged window's loss times its length, plus any steps after the last log, which only
+    the Trainer's sum for this call holds. A checkpoint between two logs (train.save_steps
+    not a multiple of logging_steps) leaves the steps from the last log to it unlogged: they
+    are left out of the mean."""
+    total, counted, last, this_call = 0.0, 0, 0, 0.0
+    for row in history:
+        start = max(last, resumed_at) if row["step"] > resumed_at else last  # the Trainer's window
+        window = row["loss"] * (row["step"] - start)
+        total += window
+        counted += row["step"] - start
+        this_call += window if row["step"] > resumed_at else 0.0
+        last = row["step"]
+    if last < result.global_step:
+        total += result.training_loss * (result.global_step - resumed_at) - this_call
+        counted += result.global_step - max(last, resumed_at)
+    return total / counted if counted else result.training_loss
+
+
 def _progress_callback(ws: Workspace):
     from transformers import TrainerCallback
 
@@ -326,6 +365,8 @@ def run(params: Params, ws: Workspace) -> dict[str, Any]:
     _check_world(params, trainer.args)
     with trainer.args.main_process_first(desc="checkpoint check"), writing(ws.checkpoints):
         resume = _resume_checkpoint(params, ws)
+    logged, resumed_at = _logged_before(resume)
+    history.extend(logged)
     model, tokenizer = trainer.model, trainer.processing_class
     trainable, total = model.get_nb_trainable_parameters()
     log.info("trainable parameters: %d of %d (%.2f%%)", trainable, total, 100 * trainable / total)
@@ -350,7 +391,7 @@ def run(params: Params, ws: Workspace) -> dict[str, Any]:
         model.save_pretrained(tmp)
         normalize_adapter_config(tmp)
         save_tokenizer(tokenizer, tmp)
-    metrics = {"train_loss": result.training_loss, "final_loss": history[-1]["loss"] if history else None,
+    metrics = {"train_loss": _train_loss(history, result, resumed_at), "final_loss": history[-1]["loss"] if history else None,
                "eval_loss": eval_loss, "steps": result.global_step,
                "tokens_seen": trainer.state.num_input_tokens_seen,
                "trainable_params": trainable, "total_params": total,

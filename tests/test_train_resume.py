@@ -76,10 +76,19 @@ def train_metrics(ws: Path, monkeypatch, **train_params) -> dict:
 
 @pytest.fixture(scope="module")
 def uninterrupted(ws) -> str:
-    """The adapter digest of one `finetune train` process run to the end without interference."""
+    """The adapter digest of one `finetune train` process run to the end without interference
+    (its metrics in uninterrupted_metrics)."""
     done = train(ws)
     assert done.returncode == 0, done.stderr
+    UNINTERRUPTED_METRICS.update(metric_files(ws))
     return adapter_digest(ws)
+
+
+UNINTERRUPTED_METRICS: dict[str, str] = {}
+
+
+def metric_files(ws: Path) -> dict[str, str]:
+    return {name: (ws / name).read_text() for name in ("metrics/train.json", "metrics/train_log.tsv")}
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +117,8 @@ def test_killed_training_resumes_to_the_same_adapter(ws, uninterrupted):
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stderr
     assert adapter_digest(ws) == uninterrupted
+    # the whole loss log (from step 1) and the whole run's train_loss, as if never killed
+    assert metric_files(ws) == UNINTERRUPTED_METRICS
     assert not (ws / "artifacts/checkpoints").exists()
 
 
@@ -209,3 +220,22 @@ def test_tf32_and_liger_need_their_hardware(ws):
         bad = parse_params(merge(raw, {"train": {key: True}}), "p")
         with pytest.raises(PipelineError, match=needle):
             training_arguments(bad, str(ws / "unused"))
+
+
+@pytest.mark.parametrize("resumed_at, this_call_loss, expected", [
+    # logs every 2 steps, 7 steps, the last one unlogged (loss 4): the whole run's mean per step
+    (0, 16 / 7, 16 / 7),
+    # resumed from step 4: the Trainer's training_loss covers steps 5-7 only ((3 + 3 + 4) / 3)
+    (4, 10 / 3, 16 / 7),
+    # resumed from step 5, a checkpoint between two logs: step 5 was never logged; its window
+    # after the resume is step 6 alone, and the mean is over the six steps it knows
+    (5, (3 + 4) / 2, (2 * 1 + 2 * 2 + 1 * 3 + 4) / 6),
+])
+def test_train_loss_counts_every_logged_step_across_a_resume(resumed_at, this_call_loss, expected):
+    from transformers.trainer_utils import TrainOutput
+
+    from tasks.train import _train_loss
+
+    history = [{"step": 2, "loss": 1.0}, {"step": 4, "loss": 2.0}, {"step": 6, "loss": 3.0}]
+    result = TrainOutput(global_step=7, training_loss=this_call_loss, metrics={})
+    assert _train_loss(history, result, resumed_at) == pytest.approx(expected)
