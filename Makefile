@@ -109,7 +109,7 @@ test: setup browser postgres gguf-converter
 # The inner loop: every test but the runners end to end, the tests marked e2e (pytest -m e2e
 # runs those alone); stages run in the test process (tests/conftest.py).
 test-fast: setup gguf-converter
-	$(PYTEST) -m "not e2e" --durations=15
+	$(PYTEST) -m "not e2e and not slow" --durations=15
 
 # Every work pool prefect.yaml names, created where missing, so `prefect deploy --all` works
 # (PREFECT_API_URL must point at the server).

@@ -419,6 +419,7 @@ def test_link_inside_the_repository_is_fine(ws):
 
 # --- kill -9 --------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_kill_9_while_export_writes_leaves_the_outputs_as_they_were(ws):
     """SIGKILL while the merged model is being written: no output moves into place, and the
     temporary folder the killed process left is removed by the next run."""

