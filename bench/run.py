@@ -31,7 +31,6 @@ from typing import Any
 from tasks.workspace import Workspace
 
 REPO = Path(__file__).resolve().parents[1]
-
 BIN = Path(sys.executable).parent
 WARMUP_STEPS = 5  # training steps excluded from the rate (allocations, first-step compiles)
 TRAIN_STEPS = 40

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from tasks.errors import PipelineError, environment_error
-from tasks.stages import STAGES, preflight, run_stage
+from tasks.stages import STAGES, check_local_inputs, run_stage
 from tasks.workspace import RESTORE_ONLY_ENV, Workspace
 
 
@@ -74,14 +74,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(explain(args.explain, args.params))
         return 0
     if args.command == "check":
-        from tasks.config import check_dvc_params, load_params
+        from tasks.config import check_dvc_params, parse_params, read_yaml
 
-        params = load_params(args.params)
-        check_dvc_params(args.params)
-        ws = Workspace.from_env()
-        with ws.entered():
-            for name in STAGES:
-                preflight(name, params, ws)
+        raw = read_yaml(args.params)
+        params = parse_params(raw, str(args.params))
+        check_dvc_params(raw, str(args.params))
+        if any(stage.reads_local_inputs for stage in STAGES.values()):
+            ws = Workspace.from_env()
+            with ws.entered():
+                check_local_inputs(params, ws)
         print(f"{args.params}: OK (params hash {params.digest()[:12]})")
         return 0
     if args.command in STAGES:

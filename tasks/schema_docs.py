@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from tasks.config import Params
+from tasks.config import Params, lookup
 from tasks.errors import PipelineError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -195,12 +195,7 @@ def yaml_value(value: Any) -> str:
 
 def _shipped(key: str, params: Path = PARAMS) -> tuple[bool, Any]:
     """(present, value) of a dotted key in a params file (the shipped params.yaml)."""
-    node: Any = yaml.safe_load(params.read_text(encoding="utf-8")) if params.is_file() else None
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False, None
-        node = node[part]
-    return True, node
+    return lookup(yaml.safe_load(params.read_text(encoding="utf-8")) if params.is_file() else None, key)
 
 
 def default_text(entry: Entry) -> str:

@@ -83,18 +83,21 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
 )}
 
 
-def preflight(name: str, params: Params, ws: Workspace) -> None:
-    """What a stage checks before it loads anything (run_stage does it; `finetune check` does
-    it for every stage, so a refused input fails before `dvc repro` starts)."""
-    if STAGES[name].reads_local_inputs:
-        from tasks.io import check_external_links
+def check_local_inputs(params: Params, ws: Workspace) -> None:
+    """Refuses links under data/ and models/ that point out of the repository (unless
+    data.allow_external_links): DVC would not see what is behind them change. Each stage that
+    reads those folders checks before it loads anything; `finetune check` checks once for all
+    of them, so such a link fails before `dvc repro` starts."""
+    from tasks.io import check_external_links
 
-        check_external_links((ws.data_dir, ws.models_dir), params.data.allow_external_links)
+    check_external_links((ws.data_dir, ws.models_dir), params.data.allow_external_links)
 
 
 def run_stage(name: str, params: Params, ws: Workspace) -> Result:
     """Runs one stage on `ws`, with the workspace root as the working directory (params'
     paths are relative to it)."""
+    stage = STAGES[name]
     with ws.entered():
-        preflight(name, params, ws)
-        return STAGES[name].run(params, ws)
+        if stage.reads_local_inputs:
+            check_local_inputs(params, ws)
+        return stage.run(params, ws)

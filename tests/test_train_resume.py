@@ -75,16 +75,12 @@ def train_metrics(ws: Path, monkeypatch, **train_params) -> dict:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(ws) -> str:
-    """The adapter digest of one `finetune train` process run to the end without interference
-    (its metrics in uninterrupted_metrics)."""
+def uninterrupted(ws) -> dict[str, str]:
+    """The adapter digest and the metric files of one `finetune train` process run to the
+    end without interference."""
     done = train(ws)
     assert done.returncode == 0, done.stderr
-    UNINTERRUPTED_METRICS.update(metric_files(ws))
-    return adapter_digest(ws)
-
-
-UNINTERRUPTED_METRICS: dict[str, str] = {}
+    return {"adapter": adapter_digest(ws), **metric_files(ws)}
 
 
 def metric_files(ws: Path) -> dict[str, str]:
@@ -117,9 +113,9 @@ def test_killed_training_resumes_to_the_same_adapter(ws, uninterrupted):
     resumed = train(ws)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stderr
-    assert adapter_digest(ws) == uninterrupted
+    assert adapter_digest(ws) == uninterrupted["adapter"]
     # the whole loss log (from step 1) and the whole run's train_loss, as if never killed
-    assert metric_files(ws) == UNINTERRUPTED_METRICS
+    assert metric_files(ws) == {k: v for k, v in uninterrupted.items() if k != "adapter"}
     assert not (ws / "artifacts/checkpoints").exists()
 
 
@@ -139,7 +135,7 @@ def test_forced_retrain_under_cpu_load_is_byte_identical(ws, uninterrupted):
             hog.kill()
             hog.wait()
     assert loaded.returncode == 0, loaded.stderr
-    assert adapter_digest(ws) == uninterrupted
+    assert adapter_digest(ws) == uninterrupted["adapter"]
 
 
 def test_diverging_loss_stops_with_the_step(ws):

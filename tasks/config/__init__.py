@@ -29,7 +29,7 @@ from tasks.config.data import (DataConfig, DataPath, OptionalDataPath, PathShape
                                SplitConfig, SplitFiles, _path_shape, reference_field)
 from tasks.config.evaluation import EvaluateConfig, ExportConfig, PromoteConfig
 from tasks.config.loading import (SHORT, ParamsOverride, _allowed, _flatten, _key_path, _partial,
-                                  apply_overrides, check_dvc_params, check_options, deep_merge, describe, load_params, parse_params, read_yaml)
+                                  apply_overrides, check_dvc_params, check_options, deep_merge, describe, load_params, lookup, parse_params, read_yaml)
 from tasks.config.model import (PROMPT_LEARNING, TASKS, UNQUANTIZED_ONLY, Dtype, LoraConfig, ModelConfig,
                                 PeftMethodConfig, QuantConfig)
 from tasks.config.params import Params
@@ -43,5 +43,5 @@ __all__ = [
     "Params", "ParamsOverride", "PathShapes", "PeftMethodConfig", "PromoteConfig", "PromptConfig",
     "QuantConfig", "Section", "SourceConfig", "SplitConfig", "SplitFiles", "TokenizeConfig", "TrainConfig",
     "_allowed", "_flatten", "_key_path", "_partial", "_path_shape", "apply_overrides", "data_suffix",
-    "check_dvc_params", "check_options", "deep_merge", "describe", "load_params", "parse_params", "read_yaml", "reference_field",
+    "check_dvc_params", "check_options", "deep_merge", "describe", "load_params", "lookup", "parse_params", "read_yaml", "reference_field",
 ]

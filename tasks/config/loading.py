@@ -189,26 +189,29 @@ def check_options(options: dict[str, tuple[str, Any]]) -> None:
         raise ConfigError("command line", problems)
 
 
-def check_dvc_params(path: Path, dvc_file: Path = Path("dvc.yaml")) -> None:
-    """Every key dvc.yaml's stages list under `params:` is set in `path`. A default in the
-    schema does not count: DVC refuses to run a stage whose listed key is missing."""
+def lookup(raw: Any, key: str) -> tuple[bool, Any]:
+    """(present, value) of a dotted key (train.learning_rate) in params as read from YAML."""
+    node = raw
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def check_dvc_params(raw: dict[str, Any], source: str, dvc_file: Path = Path("dvc.yaml")) -> None:
+    """Every key dvc.yaml's stages list under `params:` is set in `raw` (the params file
+    `source`, as read). A default in the schema does not count: DVC refuses to run a stage
+    whose listed key is missing."""
     if not dvc_file.is_file():
         return
-    raw = read_yaml(path)
     readers: dict[str, list[str]] = {}
     for stage, spec in (yaml.safe_load(dvc_file.read_text(encoding="utf-8")) or {}).get("stages", {}).items():
         for key in spec.get("params") or []:
             if isinstance(key, str):  # {file: [keys]} entries read other files
                 readers.setdefault(key, []).append(stage)
-    problems = []
-    for key, stages in readers.items():
-        node: Any = raw
-        for part in key.split("."):
-            if not (isinstance(node, dict) and part in node):
-                problems.append(f"{key}: not set, and dvc.yaml's {', '.join(stages)} stage(s) read it (DVC "
-                                f"will not run them without it): add it; `finetune check --explain {key}` "
-                                "gives its default")
-                break
-            node = node[part]
+    problems = [f"{key}: not set, and dvc.yaml's {', '.join(stages)} stage(s) read it (DVC will not run "
+                f"them without it): add it; `finetune check --explain {key}` gives its default"
+                for key, stages in readers.items() if not lookup(raw, key)[0]]
     if problems:
-        raise ConfigError(str(path), problems)
+        raise ConfigError(source, problems)
