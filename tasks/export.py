@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -90,14 +89,11 @@ def _headline(model, tokenizer, prompts: list[str], references: list[str], param
     return scores(outputs(model, tokenizer, prompts, params), references, params)[HEADLINE[params.model.task]]["mean"]
 
 
-def _git(*args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def manifest(params: Params, ws: Workspace) -> dict[str, Any]:
+    """What the merged model was made from, by content: params, inputs' hashes, libraries.
+    No git commit: the folder is a DVC output, and a commit in it would change its hash with
+    every commit of the repository (dvc.lock never current). The commit that promoted it is in
+    its registry entry's promotion.json; push names the commit it is pushed from."""
     from tasks.config import ModelConfig
 
     model: ModelConfig = params.model
@@ -112,8 +108,6 @@ def manifest(params: Params, ws: Workspace) -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             versions[lib] = None
     return {
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": _git("status", "--porcelain", "--untracked-files=no") not in ("", "unknown"),
         "params_sha256": params.digest(LINEAGE),
         "params": params.model_dump(mode="json", include=set(LINEAGE)),
         "inputs": {"base_model": base, "adapter": adapter.relative_to(ws.root).as_posix(),

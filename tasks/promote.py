@@ -98,15 +98,16 @@ def _promote(rows: list[dict[str, Any]], scores: list[float], decision: dict[str
              ws: Workspace) -> Path:
     digest = sha256_path(ws.merged)
     target = ws.registry / digest[:16]
+    decided = decision | registry.source_revision(ws.root)
     challenger = [r["tuned"] for r in rows]
     if not target.is_dir():
         with atomic_path(target) as tmp:
             shutil.copytree(ws.merged, tmp)
             registry.store(tmp, rows, challenger, scores, params)
-            write_json(tmp / registry.ENTRY_DECISION, decision)
+            write_json(tmp / registry.ENTRY_DECISION, decided)
     else:  # the same model promoted again: refresh what it was scored on
         registry.store(target, rows, challenger, scores, params)
-        write_json(target / registry.ENTRY_DECISION, decision)
+        write_json(target / registry.ENTRY_DECISION, decided)
     write_json(ws.latest, {
         "path": str(target), "sha256": digest, "metric": decision["metric"],
         "score": decision["challenger"]["score"], "test_sha256": decision["test_sha256"],

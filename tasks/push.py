@@ -18,6 +18,7 @@ from typing import Any
 
 from tasks.errors import PipelineError
 from tasks.io import TOKEN_VARIABLES, redact
+from tasks.registry import source_revision
 
 log = logging.getLogger("finetune.push")
 
@@ -45,7 +46,8 @@ def run(repo_id: str, folder: Path, private: bool = False) -> dict[str, Any]:
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
-    message = f"finetune-pipeline: params {manifest['params_sha256'][:12]}, git {manifest['git_commit'][:12]}"
+    commit = source_revision(Path.cwd())["git_commit"]
+    message = f"finetune-pipeline: params {manifest['params_sha256'][:12]}, git {commit[:12]}"
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
         commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=message)

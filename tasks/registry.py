@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,22 @@ from tasks.workspace import Workspace
 # Files a registry entry holds beside the model.
 ENTRY_PREDICTIONS = "predictions.jsonl"  # {id, prompt, reference, prediction, score} per test row
 ENTRY_SCORED = "scored.json"  # what those predictions were made on: test_sha256, generation, scoring
-ENTRY_DECISION = "promotion.json"  # the decision that promoted it
+ENTRY_DECISION = "promotion.json"  # the decision that promoted it, and the git commit that made it
+
+
+def source_revision(root: Path) -> dict[str, Any]:
+    """The git commit of the code in `root` and whether tracked files differ from it ("unknown"
+    outside a git checkout)."""
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
+                                  check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"git_commit": commit or "unknown", "git_dirty": bool(status) if status is not None else None}
 
 
 def latest(ws: Workspace) -> dict[str, Any] | None:

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tasks import COMPILE_SWITCH, allow_compile
 from tasks.adapters import adalora_callback
 from tasks.config import PROMPT_LEARNING, Params
 from tasks.errors import PipelineError
@@ -212,6 +213,9 @@ def training_arguments(params: Params, output_dir: str, report_to: list[str] | N
     from transformers import TrainingArguments
 
     t = params.train
+    if t.torch_compile and not allow_compile():
+        raise PipelineError(f"train.torch_compile is true but {COMPILE_SWITCH}=1 is set in the "
+                            "environment: unset it, or set train.torch_compile: false")
     precision = resolve_precision(t.precision)
     fields = t.model_dump(exclude={"precision", "optim", "gradient_checkpointing", "tf32",
                                    "padding_free", "num_processes", "report_to"})

@@ -107,9 +107,9 @@ def test_metrics_contents(ws):
     export = json.loads((ws / "metrics/export.json").read_text())
     assert export["merged"] is True and export["logits_max_abs_diff"] <= 1e-3
     manifest = json.loads((ws / "artifacts/merged/manifest.json").read_text())
-    assert set(manifest) == {"git_commit", "git_dirty", "params_sha256", "params", "inputs", "libraries",
-                             "merged"}
-    assert len(manifest["git_commit"]) == 40 and manifest["inputs"]["base_model"]["sha256"]
+    # By content only: a git commit in this DVC output would change its hash every commit.
+    assert set(manifest) == {"params_sha256", "params", "inputs", "libraries", "merged"}
+    assert manifest["inputs"]["base_model"]["sha256"]
     assert "ROUGE-L" in (ws / "artifacts/merged/README.md").read_text()
     shown = run(["dvc", "metrics", "show", "--json"], ws).stdout
     assert "tuned" in shown and "rougeL" in shown

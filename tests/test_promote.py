@@ -78,7 +78,10 @@ def test_first_run_compares_with_the_base(first):
     entry = Path(latest()["path"])
     assert {"model.safetensors", "predictions.jsonl", "scored.json", "promotion.json"} <= \
         {p.name for p in entry.iterdir()}
-    assert json.loads((entry / "promotion.json").read_text())["champion"]["model"] == "base"
+    promotion = json.loads((entry / "promotion.json").read_text())
+    assert promotion["champion"]["model"] == "base"
+    # the code that promoted it (not in artifacts/merged, whose hash must not follow commits)
+    assert {"git_commit", "git_dirty"} <= set(promotion) and "git_commit" not in first
     assert latest()["test_sha256"] == first["test_sha256"]
 
 

@@ -146,7 +146,7 @@ def test_push_is_skipped_offline_and_refused_without_a_token(tmp_path):
     exported = tmp_path / "artifacts/merged"
     exported.mkdir(parents=True)
     (exported / "README.md").write_text("# card\n")
-    (exported / "manifest.json").write_text(json.dumps({"params_sha256": "ab" * 32, "git_commit": "c" * 40}))
+    (exported / "manifest.json").write_text(json.dumps({"params_sha256": "ab" * 32}))
 
     def push(*extra: str, **environ: str | None) -> subprocess.CompletedProcess[str]:
         """`finetune push` in this process (conftest.finetune) with the test environment plus

@@ -327,6 +327,22 @@ def test_score_imports_no_torch(tmp_path):
                             " '--bootstrap-samples', '20']) == 0", tmp_path, heavy=("torch", "peft", "trl"))
 
 
+def test_stage_processes_load_no_inductor(tmp_path):
+    """bitsandbytes wraps its kernels in torch.compile when imported; in a stage process
+    (torch.compile off, tasks/__init__.py) torch.compile hands back the plain function and
+    TorchInductor, 2-3 s of imports, is not loaded."""
+    code = ("import sys, tasks, peft\n"
+            "from bitsandbytes.backends.default import ops\n"
+            "f = ops._dequantize_4bit_compute  # bnb's fallback wrapper around torch.compile(fn)\n"
+            "cells = dict(zip(f.__code__.co_freevars, (c.cell_contents for c in f.__closure__)))\n"
+            "assert cells['compiled_fn'] is f.__wrapped__, 'compiled'\n"
+            "assert 'torch._inductor.compile_fx' not in sys.modules, 'inductor loaded'")
+    env = {k: v for k, v in os.environ.items() if k != "TORCHDYNAMO_DISABLE"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def test_import_graph_depth():
     layer = graph.layers(REPO)
     count = max(layer.values()) + 1

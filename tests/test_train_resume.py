@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import shutil
 import signal
 import subprocess
@@ -219,6 +220,25 @@ def test_tf32_and_liger_need_their_hardware(ws):
         bad = parse_params(merge(raw, {"train": {key: True}}), "p")
         with pytest.raises(PipelineError, match=needle):
             training_arguments(bad, str(ws / "unused"))
+
+
+def test_torch_compile_turns_compile_back_on(ws, monkeypatch):
+    """Stage processes start with torch.compile off (tasks/__init__.py); train.torch_compile
+    turns it back on, and is refused when the user's own environment turned it off."""
+    import tasks
+    from tasks.errors import PipelineError
+    from tasks.train import training_arguments
+
+    on = parse_params(merge(yaml.safe_load((ws / "params.yaml").read_text()),
+                            {"train": {"torch_compile": True}}), "p")
+    monkeypatch.setattr(tasks, "_COMPILE_OFF_HERE", True)
+    monkeypatch.setenv(tasks.COMPILE_SWITCH, "1")
+    assert training_arguments(on, str(ws / "unused")).torch_compile
+    assert tasks.COMPILE_SWITCH not in os.environ
+    monkeypatch.setattr(tasks, "_COMPILE_OFF_HERE", False)
+    monkeypatch.setenv(tasks.COMPILE_SWITCH, "1")
+    with pytest.raises(PipelineError, match="train.torch_compile is true but TORCHDYNAMO_DISABLE=1"):
+        training_arguments(on, str(ws / "unused"))
 
 
 @pytest.mark.parametrize("resumed_at, this_call_loss, expected", [
