@@ -21,6 +21,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -461,5 +462,39 @@ def finetune_stage(stage: str, force: bool = False,
     return {k: result[k] for k in ("stage", "status", "version")}
 
 
+# What Prefect raises when the temporary API server it starts (no PREFECT_API_URL set) does not
+# answer in time, as on a loaded machine or with a fresh PREFECT_HOME, whose database is set up
+# first: a plain RuntimeError (prefect/server/api/server.py), known by its text only.
+EPHEMERAL_TIMEOUT = "Timed out while attempting to connect to ephemeral Prefect API server"
+EPHEMERAL_EXIT = re.compile(r"Ephemeral server process exited with code (-?\d+)")
+
+
+def server_start_failure(err: BaseException) -> str | None:
+    """The one line that says what to set when `err` is Prefect's temporary server failing
+    to start; None for any other error."""
+    if not isinstance(err, RuntimeError) or EPHEMERAL_TIMEOUT not in str(err):
+        return None
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+
+    exited = EPHEMERAL_EXIT.search(str(err))
+    how = f"exited with code {exited.group(1)} before it answered" if exited else \
+        f"did not answer within {PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()} s"
+    return (f"Prefect's temporary API server {how} (PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS): "
+            "set PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=120 (a loaded machine, or a fresh "
+            "PREFECT_HOME, takes longer), or start a server with `prefect server start` and set "
+            "PREFECT_API_URL=http://127.0.0.1:4200/api")
+
+
+def main() -> int:
+    try:
+        print(json.dumps(finetune(), indent=2))
+    except RuntimeError as err:
+        if (message := server_start_failure(err)) is None:
+            raise
+        print(f"python -m flows.finetune: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    print(json.dumps(finetune(), indent=2))
+    sys.exit(main())

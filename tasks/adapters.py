@@ -11,6 +11,7 @@ from typing import Any
 
 from tasks.config import PROMPT_LEARNING, Params
 from tasks.errors import PipelineError
+from tasks.io import check_adapter
 from tasks.workspace import Workspace
 
 # PEFT's task type of each model.task. SEQ_CLS also trains the new classification head in
@@ -20,8 +21,10 @@ TASK_TYPES = {"causal_lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM",
 
 
 def tuned_adapter(params: Params, ws: Workspace) -> Path:
-    """The adapter evaluate and export use: the DPO-aligned one when align is on, else SFT's."""
-    return ws.aligned if params.align.enabled else ws.adapter
+    """The adapter evaluate and export use: the DPO-aligned one when align is on, else SFT's;
+    its JSON files checked (check_adapter) before PEFT or the tokenizer reads them."""
+    folder, stage = (ws.aligned, "align") if params.align.enabled else (ws.adapter, "train")
+    return check_adapter(folder, f"rerun `dvc repro {stage}`")
 
 
 def mergeable(params: Params) -> bool:

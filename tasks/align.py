@@ -26,7 +26,7 @@ from typing import Any
 from tasks import templates
 from tasks.config import SPLIT_NAMES, Params
 from tasks.errors import DataError, PipelineError
-from tasks.io import atomic_path, normalize_adapter_config, save_tokenizer, write_json
+from tasks.io import atomic_path, check_adapter, normalize_adapter_config, save_tokenizer, write_json
 from tasks.records import BadRecord, read_file, split_of, to_example
 from tasks.workspace import Workspace
 
@@ -86,7 +86,7 @@ def _trainer(params: Params, ws: Workspace, data: dict[str, list[dict[str, str]]
 
     params = with_checkpointing(params, estimated=False)
     a, t = params.align, params.train
-    tokenizer = load_tokenizer(params.model, str(ws.adapter))
+    tokenizer = load_tokenizer(params.model, str(check_adapter(ws.adapter, "rerun `dvc repro train`")))
     model = PeftModel.from_pretrained(trainable_base(params, tokenizer), str(ws.adapter),
                                       is_trainable=True)
     precision = resolve_precision(t.precision)

@@ -79,10 +79,23 @@ def _dispatch(args: argparse.Namespace) -> int:
         raw = read_yaml(args.params)
         params = parse_params(raw, str(args.params))
         check_dvc_params(raw, str(args.params))
-        if any(stage.reads_local_inputs for stage in STAGES.values()):
-            ws = Workspace.from_env()
-            with ws.entered():
+        ws = Workspace.from_env()
+        with ws.entered():
+            if any(stage.reads_local_inputs for stage in STAGES.values()):
                 check_local_inputs(params, ws)
+            if params.model.is_local and Path(params.model.name_or_path).is_dir():
+                from tasks.modeling import check_model_files
+
+                check_model_files(Path(params.model.name_or_path))
+            for path, kind in _special_files((Path("data"), Path("models"))):
+                print(f"finetune check: warning: {path} is {kind}: DVC cannot version it, and on a "
+                      "FIFO dvc status and dvc repro hang (Ctrl-C stops them): remove it or move it "
+                      "out of data/ and models/", file=sys.stderr)
+            from tasks.errors import ConfigError
+            from tasks.memory import impossible_sizes
+
+            if problems := impossible_sizes(params):
+                raise ConfigError(str(args.params), problems)
         print(f"{args.params}: OK (params hash {params.digest()[:12]})")
         return 0
     if args.command in STAGES:
@@ -139,6 +152,24 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(build(texts_from_jsonl(args.data), args.out, arch=args.arch))
         return 0
     raise AssertionError(args.command)
+
+
+# What DVC cannot hash: it blocks on a FIFO for ever, waiting for a writer.
+SPECIAL_KINDS = ("a FIFO (named pipe)", "a socket", "a device file")
+
+
+def _special_files(folders: tuple[Path, ...]) -> list[tuple[Path, str]]:
+    """(path, kind) of each FIFO, socket or device file under `folders` (links followed to
+    what they name, not into linked folders)."""
+    from tasks.config import path_kind
+
+    found = []
+    for folder in folders:
+        for parent, dirs, files in os.walk(folder):
+            for name in sorted(dirs + files):
+                if (kind := path_kind(Path(parent) / name)) in SPECIAL_KINDS:
+                    found.append((Path(parent) / name, kind))
+    return found
 
 
 def _fail(command: str, message: str, code: int) -> int:

@@ -92,8 +92,8 @@ def _headline(model, tokenizer, prompts: list[str], references: list[str], param
 def manifest(params: Params, ws: Workspace) -> dict[str, Any]:
     """What the merged model was made from, by content: params, inputs' hashes, libraries.
     No git commit: the folder is a DVC output, and a commit in it would change its hash with
-    every commit of the repository (dvc.lock never current). The commit that promoted it is in
-    its registry entry's promotion.json; push names the commit it is pushed from."""
+    every commit of the repository (dvc.lock never current). dvc.lock's history says which
+    commit computed which hash; push names the commit it pushes from."""
     from tasks.config import ModelConfig
 
     model: ModelConfig = params.model

@@ -116,7 +116,8 @@ def generate(model, tokenizer, prompts: list[str], params: Params) -> list[str]:
 
 
 def test_rows(params: Params, ws: Workspace) -> list[dict[str, Any]]:
-    rows = read_jsonl(ws.prepared / "test.jsonl")
+    rows = read_jsonl(ws.prepared / "test.jsonl", required={"id": object, "prompt": str, "completion": str},
+                      recover="rerun `dvc repro prepare`")
     return rows[:params.evaluate.max_samples] if params.evaluate.max_samples else rows
 
 

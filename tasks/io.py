@@ -11,9 +11,9 @@ import logging
 import os
 import shutil
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from tasks.errors import PipelineError, environment_error
 
@@ -32,14 +32,32 @@ def atomic_path(final: Path) -> Iterator[Path]:
     tmp = final.with_name(f"{TMP_PREFIX.format(name=final.name)}{os.getpid()}")
     with writing(final, tmp):
         final.parent.mkdir(parents=True, exist_ok=True)
+        _refuse_foreign(final)
         _remove_stale_siblings(final)
         _remove(tmp)
         try:
             yield tmp
+            _refuse_foreign(final, tmp)
             _remove(final)
             os.replace(tmp, final)
         finally:
             _remove(tmp)
+
+
+def _refuse_foreign(final: Path, tmp: Path | None = None) -> None:
+    """Refuses to replace at `final` what no stage writes there: a symlink (but DVC's own,
+    into its cache) and, once the output (`tmp`) is a file, a folder holding anything. A
+    folder replaced by an output folder goes silently: it is that output, from an earlier run."""
+    if final.is_symlink():
+        target = final.resolve()
+        cache = _dvc_cache()
+        if cache is None or not target.is_relative_to(cache):
+            raise PipelineError(f"{final} is a symlink to {os.readlink(final)}, and the stage would "
+                                "replace the link with its output, not write through it: remove the "
+                                f"link (to keep outputs on another disk, link {final.parent} instead)")
+    elif tmp is not None and not tmp.is_dir() and final.is_dir() and any(final.iterdir()):
+        raise PipelineError(f"{final} is a folder holding files the pipeline did not write (it writes "
+                            "a file there): move them away")
 
 
 # A temporary output's name: hidden, next to the output, ending in the writer's pid.
@@ -175,16 +193,112 @@ def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    """The rows of a JSONL file, one at a time: a file larger than memory streams."""
-    with path.open(encoding="utf-8") as f:
-        for line in f:
+# Reading back what a stage wrote: a file cut short by a full disk or a kill, overwritten
+# by hand or by another tool, or from an older version of the pipeline would otherwise stop
+# a later stage with a traceback from json, a KeyError, or a library's own error.
+
+# How to get back a JSONL file whose reader did not say: DVC reruns a stage whose output changed.
+RERUN = "rerun `dvc repro` to write it again"
+# A JSON value's kind as a message names it, by the Python type json gives it.
+JSON_KINDS: dict[type, str] = {dict: "an object", list: "a list", str: "a string", int: "an integer",
+                               float: "a number", bool: "true or false", type(None): "null"}
+Required = Mapping[str, type | tuple[type, ...]]  # key -> the types its value may have (object: any)
+
+
+def damaged(where: object, problem: str, recover: str) -> PipelineError:
+    """The one message for a file the pipeline wrote that cannot be read back: which file
+    (and line), what is wrong with it, and how to get a good one."""
+    return PipelineError(f"{where}: {problem}; {recover}")
+
+
+def _kind(value: Any) -> str:
+    return JSON_KINDS.get(type(value), type(value).__name__)
+
+
+def _kinds(expected: type | tuple[type, ...]) -> str:
+    types = expected if isinstance(expected, tuple) else (expected,)
+    return " or ".join(JSON_KINDS.get(t, t.__name__) for t in types)
+
+
+def check_shape(where: object, value: Any, recover: str, shape: type = dict,
+                required: Required | None = None) -> Any:
+    """`value` if it is a `shape` holding each `required` key with a value of its types."""
+    if not isinstance(value, shape):
+        raise damaged(where, f"holds {_kind(value)} where {_kinds(shape)} was expected", recover)
+    for key, expected in (required or {}).items():
+        if key not in value:
+            raise damaged(where, f"has no {key!r}", recover)
+        if not isinstance(value[key], expected):
+            raise damaged(where, f"{key!r} is {_kind(value[key])}, not {_kinds(expected)}", recover)
+    return value
+
+
+def _parse(where: object, data: bytes, recover: str) -> Any:
+    if not data.strip():
+        raise damaged(where, "empty", recover)
+    try:
+        text = data.decode("utf-8-sig")  # a byte order mark, as Windows tools write, is no damage
+    except UnicodeDecodeError as err:
+        raise damaged(where, f"not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start})",
+                      recover) from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        # A string runs to the end of the text only when its closing quote was cut off.
+        cut = err.pos >= len(text.rstrip()) or err.msg.startswith("Unterminated string")
+        raise damaged(where, f"not valid JSON{' (cut short)' if cut else ''} ({err.msg}: line {err.lineno} "
+                      f"column {err.colno})", recover) from None
+
+
+def _open(path: Path, recover: str) -> BinaryIO:
+    try:
+        return path.open("rb")
+    except FileNotFoundError:
+        raise damaged(path, "missing", recover) from None
+    except IsADirectoryError:
+        raise damaged(path, "a folder, not a file", recover) from None
+
+
+def read_json_state(path: Path, *, recover: str, shape: type = dict,
+                    required: Required | None = None) -> Any:
+    """A JSON file a stage wrote, as `shape` with the `required` keys; a missing, empty,
+    cut-short, non-UTF-8 or otherwise shaped file ends in one PipelineError naming it and
+    saying how to recover (`recover`: e.g. "rerun `dvc repro export`")."""
+    with _open(path, recover) as f:
+        data = f.read()
+    return check_shape(path, _parse(path, data, recover), recover, shape, required)
+
+
+def read_json_folder(folder: Path, *, recover: str,
+                     required: Mapping[str, Required] | None = None) -> dict[str, Any]:
+    """Every *.json file under `folder` (a saved adapter, tokenizer or dataset), read as
+    read_json_state reads one, by path relative to `folder`; the `required` files (relative
+    path -> their required keys) must be there. Checked before a library loads the folder:
+    transformers, PEFT and datasets stop on a damaged file with a traceback."""
+    found = {path.relative_to(folder).as_posix(): read_json_state(path, recover=recover)
+             for path in sorted(folder.rglob("*.json")) if path.is_file()}
+    for name, keys in (required or {}).items():
+        if name not in found:
+            raise damaged(folder / name, "missing", recover)
+        check_shape(folder / name, found[name], recover, dict, keys)
+    return found
+
+
+def iter_jsonl(path: Path, *, recover: str = RERUN,
+               required: Required | None = None) -> Iterator[dict[str, Any]]:
+    """The rows of a JSONL file a stage wrote, one at a time (a file larger than memory
+    streams); a missing file, or a line that is not a JSON object with the `required` keys,
+    ends in one PipelineError naming the file and line."""
+    with _open(path, recover) as f:
+        for number, line in enumerate(f, 1):
             if line.strip():
-                yield json.loads(line)
+                where = f"{path} line {number}"
+                yield check_shape(where, _parse(where, line, recover), recover, dict, required)
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return list(iter_jsonl(path))
+def read_jsonl(path: Path, *, recover: str = RERUN,
+               required: Required | None = None) -> list[dict[str, Any]]:
+    return list(iter_jsonl(path, recover=recover, required=required))
 
 
 def sha256_path(path: Path) -> str:
@@ -204,6 +318,12 @@ def save_tokenizer(tokenizer: Any, path: Path) -> None:
     the same tokenizer save to different bytes online and offline."""
     tokenizer.init_kwargs.pop("local_files_only", None)
     tokenizer.save_pretrained(path)
+
+
+def check_adapter(folder: Path, recover: str) -> Path:
+    """`folder`, once its adapter_config.json and tokenizer files read back (read_json_folder)."""
+    read_json_folder(folder, recover=recover, required={"adapter_config.json": {"peft_type": str}})
+    return folder
 
 
 def normalize_adapter_config(path: Path) -> None:

@@ -1,8 +1,10 @@
 """Resource preflights: from the model's shape and the params, estimates of the train
-stage's peak accelerator memory (checked against the GPU), of the disk train's checkpoints
-and export's merged model take (checked against the output folder's filesystem), and of the
-host memory export's merge takes (checked against MemAvailable). Each refuses before any
-work with one message naming the stage, the need, what is free and the params that lower it.
+stage's peak memory (checked against the GPU's free memory, on a CPU against the host's
+memory), of the disk train's checkpoints and export's merged model take (checked against the
+output folder's filesystem), and of the host memory export's merge takes (checked against
+MemAvailable). Each refuses before any work with one message naming the stage, the need,
+what is free and the params that lower it. `finetune check` refuses, from config.json alone,
+batch and sequence sizes no machine could hold (impossible_sizes).
 
 The model is instantiated on PyTorch's meta device (no memory, no weights) to count every
 linear layer's shape, so the estimates work for any architecture transformers can build.
@@ -10,10 +12,12 @@ linear layer's shape, so the estimates work for any architecture transformers ca
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from tasks.config import Params
@@ -107,16 +111,77 @@ def preflight(params: Params, config: Any, compute_dtype: str, device: str,
 
         free, _ = torch.cuda.mem_get_info()
         check_fits(est["total"], free / GIB)
+    elif (total := total_memory()) is not None:
+        # On a CPU the processes share the host's memory; past MemTotal the run would only
+        # swap until the kernel kills it.
+        processes = params.train.num_processes
+        check_fits(est["total"] * processes, total / GIB,
+                   f"this host has {total / GIB:.1f} GiB of memory (MemTotal)"
+                   + (f" for its {processes} training processes" if processes > 1 else ""))
     return est
 
 
-def check_fits(needed_gib: float, free_gib: float) -> None:
+def check_fits(needed_gib: float, free_gib: float, has: str | None = None) -> None:
     if needed_gib > free_gib:
-        raise PipelineError(
-            f"training needs about {needed_gib:.1f} GiB but the GPU has {free_gib:.1f} GiB free: "
-            "lower train.per_device_train_batch_size (raise gradient_accumulation_steps to keep the "
-            "effective batch) or tokenize.max_length, keep train.gradient_checkpointing: true, or "
-            "use quant.load_in_4bit: true")
+        has = has or f"the GPU has {free_gib:.1f} GiB free"
+        raise PipelineError(f"training needs about {needed_gib:.1f} GiB but {has}: {LOWER_TRAINING_MEMORY}")
+
+
+LOWER_TRAINING_MEMORY = (
+    "lower train.per_device_train_batch_size (raise gradient_accumulation_steps to keep the "
+    "effective batch) or tokenize.max_length, keep train.gradient_checkpointing: true, or "
+    "use quant.load_in_4bit: true")
+# Per training process, no machine holds more: eight of the largest accelerators sold today
+# (H200, 141 GiB each), were one process to use them all. `finetune check` refuses sizes whose
+# estimate is past this and past the host's memory: they are typos, not plans.
+GPUS_PER_MACHINE, GPU_GIB = 8, 141
+ANY_MACHINE_GIB = GPUS_PER_MACHINE * GPU_GIB
+# config.json names of the sizes `estimate` reads, in the spellings architectures use.
+CONFIG_SIZES = {"hidden_size": ("hidden_size", "d_model", "n_embd", "dim"),
+                "num_hidden_layers": ("num_hidden_layers", "num_layers", "n_layer", "n_layers"),
+                "vocab_size": ("vocab_size",)}
+
+
+def config_sizes(model_dir: Path) -> SimpleNamespace | None:
+    """hidden_size, num_hidden_layers and vocab_size from a local model's config.json,
+    without transformers (`finetune check` loads no torch); None when it has no such file or
+    does not give them (a damaged file is named by the model-file checks)."""
+    path = model_dir / "config.json"
+    try:
+        # is_file first: opening a FIFO would block
+        config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+    found = {}
+    for part in (config, config.get("text_config") if isinstance(config, dict) else None):
+        if not isinstance(part, dict):
+            continue
+        for name, spellings in CONFIG_SIZES.items():
+            value = next((part[s] for s in spellings if isinstance(part.get(s), int) and part[s] > 0), None)
+            if value is not None:
+                found.setdefault(name, value)
+    return SimpleNamespace(**found) if len(found) == len(CONFIG_SIZES) else None
+
+
+def impossible_sizes(params: Params) -> list[str]:
+    """Problems for `finetune check`: the batch and sequence sizes whose activations and
+    logits alone (no weights, 2-byte activations, checkpointing unless it is off: a lower
+    bound of `estimate`) exceed any machine's memory and this host's. Needs the model's
+    shape, so a local model only."""
+    sizes = config_sizes(Path(params.model.name_or_path)) if params.model.is_local else None
+    if sizes is None:
+        return []
+    no_weights = Shape(linear=0, other=0, adapter=0, has_head=params.model.task != "sequence_classification")
+    need = estimate(params, sizes, "bfloat16", no_weights)["total"]
+    host = (total_memory() or 0) / GIB
+    if need <= max(ANY_MACHINE_GIB, host):
+        return []
+    t = params.train
+    return [f"train.per_device_train_batch_size ({t.per_device_train_batch_size}) with tokenize.max_length "
+            f"({params.tokenize.max_length}): training would need at least {need:,.0f} GiB per process "
+            f"for activations and logits alone, more than any machine holds ({ANY_MACHINE_GIB} GiB: "
+            f"{GPUS_PER_MACHINE} x {GPU_GIB} GiB) or this host ({host:.0f} GiB): lower them (raise "
+            "train.gradient_accumulation_steps to keep the effective batch)"]
 
 
 # Bytes per parameter on disk: an adapter's fp32 weights, and a checkpoint's fp32 weights plus
@@ -146,15 +211,24 @@ def merged_disk(params: Params, counts: Shape) -> int:
     return need
 
 
-def available_memory() -> int | None:
-    """MemAvailable: what the kernel can give without swapping; None off Linux."""
+def _meminfo(field: str) -> int | None:
     try:
         for line in MEMINFO.read_text().splitlines():
-            if line.startswith("MemAvailable:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024  # the file counts in KiB
     except OSError:
         pass
     return None
+
+
+def available_memory() -> int | None:
+    """MemAvailable: what the kernel can give without swapping; None off Linux."""
+    return _meminfo("MemAvailable")
+
+
+def total_memory() -> int | None:
+    """MemTotal: the host's memory; None off Linux."""
+    return _meminfo("MemTotal")
 
 
 def size(n: float) -> str:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from tasks.config import ModelConfig, Params
 from tasks.errors import PipelineError
+from tasks.io import read_json_state
 
 if TYPE_CHECKING:
     import torch
@@ -81,6 +82,83 @@ def _check_folder(folder: Path) -> None:
     if not (folder / "config.json").is_file():
         raise PipelineError(f"model.name_or_path: {folder}/config.json is missing: the folder is not "
                             "a complete model (save it with save_pretrained)")
+    check_model_files(folder)
+
+
+# JSON files of a model folder that transformers parses when it loads the model or tokenizer.
+MODEL_JSON_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                    "special_tokens_map.json", "added_tokens.json", "vocab.json",
+                    "preprocessor_config.json", "model.safetensors.index.json")
+# safetensors refuses a header longer than this (its MAX_HEADER_SIZE).
+SAFETENSORS_MAX_HEADER = 100_000_000
+AGAIN = "copy or download the model again"
+# (folder, (name, mtime_ns, size) per file) of model folders found whole in this process.
+_checked: set[tuple[str, tuple[tuple[str, int, int], ...]]] = set()
+
+
+def check_model_files(folder: Path) -> None:
+    """Refuses a model folder whose weights or JSON files are damaged (an interrupted copy or
+    download), naming the file, before a loader fails deep inside safetensors or tokenizers.
+    Reads only the safetensors headers, not the tensors; a folder is checked once per process
+    unless its files change."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and
+                   (p.suffix == ".safetensors" or p.name in MODEL_JSON_FILES))
+    key = (str(folder.resolve()), tuple((p.name, (st := p.stat()).st_mtime_ns, st.st_size) for p in files))
+    if key in _checked:
+        return
+    for path in files:
+        if path.suffix == ".safetensors":
+            _check_safetensors(path)
+        else:
+            _check_json(path)
+    _check_shards(folder)
+    _checked.add(key)
+
+
+def _check_json(path: Path) -> Any:
+    return read_json_state(path, recover=AGAIN)
+
+
+def _check_safetensors(path: Path) -> None:
+    """The layout safetensors checks: an 8-byte little-endian header length, a JSON header
+    of tensors with data_offsets, and exactly the bytes those offsets cover after it."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        length = int.from_bytes(f.read(8), "little") if size >= 8 else None
+        if length is None or length > min(size - 8, SAFETENSORS_MAX_HEADER):
+            found = "shorter than a header" if length is None else f"header length {_bytes(length)}"
+            raise PipelineError(f"{path}: damaged or cut short ({found}, file holds {_bytes(size)}): {AGAIN}")
+        raw = f.read(length)
+    try:
+        ends = [entry["data_offsets"][1] for name, entry in json.loads(raw).items() if name != "__metadata__"]
+        if not all(type(end) is int for end in ends):
+            raise TypeError
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        raise PipelineError(f"{path}: damaged or cut short (its header is not the JSON table of "
+                            f"tensors safetensors writes): {AGAIN}") from None
+    data = max(ends, default=0)
+    if 8 + length + data != size:
+        raise PipelineError(f"{path}: damaged or cut short (header says {_bytes(data)} of tensors, "
+                            f"file holds {_bytes(size - 8 - length)}): {AGAIN}")
+
+
+def _check_shards(folder: Path) -> None:
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return
+    weight_map = _check_json(index).get("weight_map")
+    shards = {str(s) for s in weight_map.values()} if isinstance(weight_map, dict) else set()
+    missing = sorted(s for s in shards if not (folder / s).is_file())
+    if missing:
+        raise PipelineError(f"{folder / missing[0]}: missing, but {index} lists it"
+                            f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}: {AGAIN}")
+
+
+def _bytes(n: int) -> str:
+    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
 
 
 # Files of a model folder whose `auto_map` names code for transformers to import.

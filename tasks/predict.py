@@ -23,7 +23,7 @@ from typing import Any
 from tasks import registry, templates
 from tasks.config import LOCAL_DATA_SUFFIXES, Params, data_suffix
 from tasks.errors import DataError, PipelineError, TemplateError
-from tasks.io import atomic_path, write_jsonl
+from tasks.io import atomic_path, check_adapter, write_jsonl
 from tasks.workspace import Workspace
 
 log = logging.getLogger("finetune.predict")
@@ -46,11 +46,20 @@ def resolve_model(ref: str, ws: Workspace) -> tuple[Path, bool]:
         raise PipelineError(f"--model: {folder} is not a folder (an adapter, an exported model or "
                             f"{LATEST})")
     if (folder / "adapter_config.json").is_file():
-        return folder, True
+        return check_adapter(folder, _recovery(folder, ws)), True
     if (folder / "config.json").is_file():
         return folder, False
     raise PipelineError(f"--model: {folder} holds neither an adapter (adapter_config.json) nor a "
                         "model (config.json)")
+
+
+def _recovery(folder: Path, ws: Workspace) -> str:
+    """How to get a good copy of the adapter `folder`: the stage that writes it, else a backup."""
+    if folder.resolve().parent == ws.registry.resolve():
+        return registry.restore(folder)
+    written = {ws.adapter: "train", ws.aligned: "align", ws.merged: "export"}
+    stage = next((s for f, s in written.items() if f.resolve() == folder.resolve()), None)
+    return f"rerun `dvc repro {stage}`" if stage else "save the adapter again, or restore it from a backup"
 
 
 def load_model(params: Params, ws: Workspace, folder: Path, adapter: bool):

@@ -33,7 +33,6 @@ remote worker's clone).
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -42,7 +41,7 @@ from typing import Any
 from tasks import registry
 from tasks.config import Params
 from tasks.errors import PipelineError
-from tasks.io import atomic_path, read_jsonl, sha256_path, write_json
+from tasks.io import atomic_path, check_shape, damaged, read_json_state, read_jsonl, sha256_path, write_json
 from tasks.scoring import HEADLINE, SCORE_FIELDS, headline_per_example, summarize
 from tasks.workspace import Workspace
 
@@ -98,16 +97,15 @@ def _promote(rows: list[dict[str, Any]], scores: list[float], decision: dict[str
              ws: Workspace) -> Path:
     digest = sha256_path(ws.merged)
     target = ws.registry / digest[:16]
-    decided = decision | registry.source_revision(ws.root)
     challenger = [r["tuned"] for r in rows]
     if not target.is_dir():
         with atomic_path(target) as tmp:
             shutil.copytree(ws.merged, tmp)
             registry.store(tmp, rows, challenger, scores, params)
-            write_json(tmp / registry.ENTRY_DECISION, decided)
+            write_json(tmp / registry.ENTRY_DECISION, decision)
     else:  # the same model promoted again: refresh what it was scored on
         registry.store(target, rows, challenger, scores, params)
-        write_json(target / registry.ENTRY_DECISION, decided)
+        write_json(target / registry.ENTRY_DECISION, decision)
     write_json(ws.latest, {
         "path": str(target), "sha256": digest, "metric": decision["metric"],
         "score": decision["challenger"]["score"], "test_sha256": decision["test_sha256"],
@@ -125,11 +123,16 @@ def capability(params: Params, ws: Workspace) -> dict[str, Any] | None:
     if not params.evaluate.lm_eval_tasks:
         return None
     file = ws.metrics("lm_eval")
-    found = json.loads(file.read_text()) if file.is_file() else None
+    recover = "rerun `dvc repro evaluate`"
+    found = read_json_state(file, required={"scores": dict}, recover=recover) if file.is_file() else None
     if found is None or {k: found.get(k) for k in settings(params)} != settings(params):
         raise PipelineError(f"{file} was not made with the current evaluate.lm_eval_tasks, lm_eval_limit "
                             "and lm_eval_num_fewshot: run `finetune evaluate` (or `dvc repro`) first")
     limit = params.promote.max_regression
+    number = (int, float)
+    for name, row in found["scores"].items():
+        check_shape(f"{file} (scores.{name})", row, recover, dict,
+                    {"metric": str, "base": number, "tuned": number, "drop": number})
     tasks = {name: {k: row[k] for k in ("metric", "base", "tuned", "drop")}
              for name, row in found["scores"].items()}
     regressed = [name for name, row in tasks.items() if limit is not None and row["drop"] > limit]
@@ -147,7 +150,11 @@ def run(params: Params, ws: Workspace) -> dict[str, Any]:
     cfg = params.evaluate
     task = params.model.task
     metric = HEADLINE[task]
-    rows = read_jsonl(ws.predictions)
+    recover = "rerun `dvc repro evaluate`"
+    rows = read_jsonl(ws.predictions, required={"id": object, "prompt": str, "reference": str, "base": str,
+                                                "tuned": str}, recover=recover)
+    if not rows:
+        raise damaged(ws.predictions, "empty", recover)
     references = [r["reference"] for r in rows]
     name, _, theirs, how = _champion(rows, params, ws)
     kept = [r[SCORE_FIELDS["tuned"]] for r in rows] if all(SCORE_FIELDS["tuned"] in r for r in rows) else None

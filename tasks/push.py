@@ -10,15 +10,14 @@ from the environment (HF_TOKEN) only, never from params or arguments. With HF_HU
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
 from tasks.errors import PipelineError
-from tasks.io import TOKEN_VARIABLES, redact
-from tasks.registry import source_revision
+from tasks.io import TOKEN_VARIABLES, read_json_state, redact
 
 log = logging.getLogger("finetune.push")
 
@@ -29,12 +28,23 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
+def _git_commit(root: Path) -> str:
+    """The commit pushed from (named in the Hub commit message; the exported folder records
+    none, or its DVC hash would change with every commit)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def run(repo_id: str, folder: Path, private: bool = False) -> dict[str, Any]:
     missing = [f for f in REQUIRED_FILES if not (folder / f).is_file()]
     if not folder.is_dir() or missing:
         raise PipelineError(f"{folder}: not an exported model (missing {', '.join(missing) or 'folder'}); "
                             "run the export stage first (dvc repro export)")
-    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest = read_json_state(folder / "manifest.json", required={"params_sha256": str}, recover=(
+        "rerun `dvc repro export`, or restore the folder from a backup"))
     if _offline():
         log.warning("HF_HUB_OFFLINE is set: not pushing %s to %s (set HF_HUB_OFFLINE=0 to push)",
                     folder, repo_id)
@@ -46,7 +56,7 @@ def run(repo_id: str, folder: Path, private: bool = False) -> dict[str, Any]:
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
-    commit = source_revision(Path.cwd())["git_commit"]
+    commit = _git_commit(Path.cwd())
     message = f"finetune-pipeline: params {manifest['params_sha256'][:12]}, git {commit[:12]}"
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from tasks import templates
-from tasks.config import DataConfig, Params, data_suffix, reference_field
+from tasks.config import DataConfig, Params, data_suffix, local_data_problem, path_kind, reference_field
 from tasks.errors import DataError, TemplateError
 
 Record = tuple[str, dict[str, Any] | None, str | None]  # (where, record, why it is bad)
@@ -145,17 +145,24 @@ def local_files(patterns: list[str], key: str) -> list[Path]:
     """The files `patterns` (files or globs) name, in sorted order; `key` names the param."""
     files: set[Path] = set()
     for pattern in patterns:
+        # Checked again here: params may have been read from another working directory.
+        if (problem := local_data_problem(pattern)) is not None:
+            raise DataError(f"{key}: {problem}")
         if glob.has_magic(pattern):
-            matches = [Path(m) for m in glob.glob(pattern) if Path(m).is_file()]
+            matches = [Path(m) for m in glob.glob(pattern) if not Path(m).is_dir()]
             if not matches:
                 raise DataError(f"{key}: no file matches {pattern}")
             files.update(matches)
             continue
-        path = Path(pattern)
-        if not path.is_file():
+        files.add(Path(pattern))
+    for path in sorted(files):
+        kind = path_kind(path)
+        if kind is None:
             raise DataError(f"{key}: {path} does not exist")
-        files.add(path)
-    for path in files:
+        if kind != "a file":
+            # Opening a FIFO would block until something writes to it.
+            raise DataError(f"{key}: {path} is {kind}, not a data file: put the data in a regular "
+                            f"file under data/raw/")
         if path.stat().st_size == 0:
             raise DataError(f"{key}: {path} is empty")
     return sorted(files)

@@ -12,50 +12,32 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
 from pathlib import Path
 from typing import Any
 
 from tasks.config import Params
-from tasks.errors import PipelineError
-from tasks.io import atomic_path, read_jsonl, write_json, write_jsonl
+from tasks.io import atomic_path, check_adapter, damaged, read_json_state, read_jsonl, write_json, write_jsonl
 from tasks.scoring import HEADLINE
 from tasks.workspace import Workspace
 
 # Files a registry entry holds beside the model.
 ENTRY_PREDICTIONS = "predictions.jsonl"  # {id, prompt, reference, prediction, score} per test row
 ENTRY_SCORED = "scored.json"  # what those predictions were made on: test_sha256, generation, scoring
-ENTRY_DECISION = "promotion.json"  # the decision that promoted it, and the git commit that made it
-
-
-def source_revision(root: Path) -> dict[str, Any]:
-    """The git commit of the code in `root` and whether tracked files differ from it ("unknown"
-    outside a git checkout)."""
-    def git(*args: str) -> str | None:
-        try:
-            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
-                                  check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return None
-
-    commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"git_commit": commit or "unknown", "git_dirty": bool(status) if status is not None else None}
+ENTRY_DECISION = "promotion.json"  # the decision that promoted it
 
 
 def latest(ws: Workspace) -> dict[str, Any] | None:
     """What `registry/latest.json` points at now, if anything was ever promoted."""
     if not ws.latest.is_file():
         return None
-    try:
-        pointer = json.loads(ws.latest.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise PipelineError(f"{ws.latest} is not valid JSON ({err}): restore it from a backup, or "
-                            "delete it to compare with the base model again") from None
-    if not isinstance(pointer, dict) or not isinstance(pointer.get("path"), str):
-        raise PipelineError(f"{ws.latest} does not name a model (expected an object with a \"path\"): "
-                            "restore it from a backup, or delete it to compare with the base model again")
-    return pointer
+    return read_json_state(ws.latest, required={"path": str}, recover=(
+        "restore it from a backup, or delete it to start over (the next promote compares with "
+        "the base model)"))
+
+
+def restore(entry: Path) -> str:
+    """How to recover from a damaged registry entry."""
+    return f"restore {entry} from a backup, or delete {entry.parent / 'latest.json'} to start over"
 
 
 def test_digest(rows: list[dict[str, Any]]) -> str:
@@ -93,16 +75,21 @@ def stored(entry: Path, rows: list[dict[str, Any]],
     """An entry's stored answers on `rows` when made on the same rows and settings (else None),
     their scores when scored the same way (else None), and why not when not reused."""
     scored_file = entry / ENTRY_SCORED
-    scored = json.loads(scored_file.read_text()) if scored_file.is_file() else None
-    digest = test_digest(rows)
-    if scored is None:
+    if not scored_file.is_file():
         return None, None, "it has no stored predictions"
+    # Without scored.json promote generates the champion's answers again, and stores them.
+    recover = f"delete {scored_file} to have promote generate the champion's answers again, or {restore(entry)}"
+    scored = read_json_state(scored_file, required={"test_sha256": str, "generation": dict}, recover=recover)
+    digest = test_digest(rows)
     if scored["test_sha256"] != digest:
         return None, None, (f"the test set changed since it was scored (sha256 {scored['test_sha256'][:12]} "
                             f"-> {digest[:12]})")
     if scored["generation"] != generation_settings(params):
         return None, None, "the generation settings changed since it was scored"
-    kept = read_jsonl(entry / ENTRY_PREDICTIONS)
+    kept = read_jsonl(entry / ENTRY_PREDICTIONS, required={"prediction": str}, recover=recover)
+    if len(kept) != len(rows):
+        raise damaged(entry / ENTRY_PREDICTIONS, f"{len(kept)} rows where {scored_file}'s test set has "
+                      f"{len(rows)}", recover)
     predictions = [r["prediction"] for r in kept]
     same_scoring = scored.get("scoring") == scoring_settings(params) and all("score" in r for r in kept)
     return predictions, [r["score"] for r in kept] if same_scoring else None, "reused"
@@ -113,8 +100,11 @@ def load(entry: Path, params: Params):
     (PEFT methods that do not merge) loaded on the configured base."""
     from tasks.modeling import load_tokenizer, model_class
 
+    adapter = (entry / "adapter_config.json").is_file()
+    if adapter:
+        check_adapter(entry, restore(entry))
     tokenizer = load_tokenizer(params.model, str(entry))
-    if (entry / "adapter_config.json").is_file():
+    if adapter:
         from peft import PeftModel
 
         from tasks.modeling import load_base, match_vocab

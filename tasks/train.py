@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -29,8 +31,9 @@ from typing import Any
 from tasks import COMPILE_SWITCH, allow_compile
 from tasks.adapters import adalora_callback
 from tasks.config import PROMPT_LEARNING, Params
-from tasks.errors import PipelineError
-from tasks.io import atomic_path, normalize_adapter_config, save_tokenizer, sha256_path, write_json, writing
+from tasks.errors import PipelineError, environment_errno
+from tasks.io import (atomic_path, damaged, normalize_adapter_config, read_json_folder, read_json_state,
+                      save_tokenizer, sha256_path, write_json, writing)
 from tasks.memory import with_checkpointing
 from tasks.encoding import IGNORE_INDEX
 from tasks.modeling import device, load_tokenizer, resolve_precision
@@ -65,7 +68,8 @@ def _resume_checkpoint(params: Params, ws: Workspace) -> str | None:
 
     marker = ws.checkpoints / FINGERPRINT
     fingerprint = _fingerprint(params, ws)
-    if marker.is_file() and marker.read_text() == fingerprint:
+    # Compared as bytes: a damaged marker matches nothing, and its checkpoints are discarded.
+    if marker.is_file() and marker.read_bytes() == fingerprint.encode():
         # A kill while a checkpoint was being written leaves it without trainer_state.json,
         # which the Trainer writes last: drop such partial checkpoints.
         while (last := get_last_checkpoint(str(ws.checkpoints))) is not None:
@@ -76,10 +80,44 @@ def _resume_checkpoint(params: Params, ws: Workspace) -> str | None:
             shutil.rmtree(last)
     elif ws.checkpoints.exists():
         log.info("discarding checkpoints of a run with other params or data")
-        shutil.rmtree(ws.checkpoints)
+        clear_checkpoints(ws.checkpoints, keep_folder=True)
     ws.checkpoints.mkdir(parents=True, exist_ok=True)
     marker.write_text(fingerprint)
     return None
+
+
+def _trainer_wrote(path: Path) -> bool:
+    """Whether `path`, in the checkpoints folder, is train's: a Trainer checkpoint or the
+    fingerprint of the run it belongs to."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    return path.name == FINGERPRINT or re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-\d+", path.name) is not None
+
+
+def check_checkpoints(folder: Path) -> None:
+    """Refuses, before any training, a checkpoints folder train could not use. A link or a
+    mount point (a bigger disk for the checkpoints) is fine, and so is anything else in the
+    folder (a tracker's logs, a user's notes): train removes only its own checkpoints there
+    (clear_checkpoints)."""
+    if folder.is_symlink() and not folder.exists():
+        raise PipelineError(f"{folder} is a symlink to {os.readlink(folder)}, which does not exist: "
+                            "create that folder (train keeps its checkpoints there), or remove the link")
+    if folder.exists() and not folder.is_dir():
+        raise PipelineError(f"{folder} is a file, where train keeps its checkpoints: move it away")
+
+
+def clear_checkpoints(folder: Path, keep_folder: bool = False) -> None:
+    """Removes train's checkpoints (and their fingerprint) from `folder`, then the folder
+    itself unless `keep_folder`, or it is a link or a mount point someone set up for them
+    (removing either fails, or would undo that set-up), or it holds anything else."""
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if _trainer_wrote(path) and path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif _trainer_wrote(path):
+            path.unlink()
+    if not (keep_folder or folder.is_symlink() or os.path.ismount(folder)) and folder.is_dir() \
+            and not any(folder.iterdir()):
+        folder.rmdir()
 
 
 def _history_callback(history: list[dict[str, Any]]):
@@ -108,15 +146,16 @@ def _logged_before(checkpoint: str | None) -> tuple[list[dict[str, Any]], int]:
     if checkpoint is None:
         return [], 0
     path = Path(checkpoint) / "trainer_state.json"
+    recover = (f"delete {path.parent} to resume from the checkpoint before it, or "
+               "artifacts/checkpoints to start over")
+    state = read_json_state(path, required={"log_history": list, "global_step": int}, recover=recover)
     try:
-        state = json.loads(path.read_text())
         rows = [{"step": e["step"], "loss": e["loss"], "learning_rate": e.get("learning_rate"),
                  "tokens_seen": e.get("num_input_tokens_seen")} for e in state["log_history"] if "loss" in e]
-        return rows, state["global_step"]
-    except (ValueError, KeyError, TypeError) as err:
-        raise PipelineError(f"{path}: not the trainer state the Trainer writes ({type(err).__name__}: "
-                            f"{err}); delete {path.parent} to resume from the checkpoint before it, "
-                            "or artifacts/checkpoints to start over") from None
+    except (KeyError, TypeError) as err:
+        raise damaged(path, f"not the trainer state the Trainer writes ({type(err).__name__}: {err})",
+                      recover) from None
+    return rows, state["global_step"]
 
 
 def _train_loss(history: list[dict[str, Any]], result, resumed_at: int) -> float:
@@ -301,17 +340,37 @@ def check_padding_free(model, rows, dtype: str) -> float:
     return diff
 
 
+def load_tokenized(ws: Workspace):
+    """tokenize's DatasetDict, its metadata and tokenizer files checked first: datasets and
+    tokenizers stop on a damaged one with a traceback (or a bare KeyError)."""
+    import datasets
+
+    recover = "rerun `dvc repro tokenize`"
+    index = ws.tokenized / "dataset_dict.json"
+    splits = read_json_state(index, required={"splits": list}, recover=recover)["splits"]
+    if "train" not in splits or not all(isinstance(s, str) for s in splits):
+        raise damaged(index, f"lists the splits {splits}, not tokenize's train (and validation)", recover)
+    read_json_folder(ws.tokenized, recover=recover, required={
+        f"{split}/{name}": keys for split in splits
+        for name, keys in (("state.json", {"_data_files": list}), ("dataset_info.json", {}))})
+    try:
+        return datasets.load_from_disk(str(ws.tokenized))
+    except (OSError, ValueError) as err:  # pyarrow on a cut-short or overwritten .arrow file
+        if environment_errno(err) is not None:
+            raise
+        raise damaged(ws.tokenized, f"a data file cannot be read ({err})", recover) from None
+
+
 def build_trainer(params: Params, ws: Workspace, history: list[dict[str, Any]]):
     """The model, data and Trainer of the train stage (also what bench/ measures)."""
-    import datasets
     from transformers import Trainer, set_seed
 
     params = with_checkpointing(params)  # run() passes it resolved; bench/ callers may not
     name = run_name("train")
     report_to, callbacks = trackers(params, name, ws)  # first: a missing package fails before loading
     set_seed(params.train.seed)
+    data = load_tokenized(ws).remove_columns("id")
     tokenizer = load_tokenizer(params.model, str(ws.tokenizer))
-    data = datasets.load_from_disk(str(ws.tokenized)).remove_columns("id")
     model = _model(params, tokenizer)
     callbacks += [_history_callback(history), _progress_callback(ws)]
     if params.peft.method == "adalora":
@@ -360,6 +419,7 @@ def run(params: Params, ws: Workspace) -> dict[str, Any]:
     from tasks.memory import preflight
     from tasks.modeling import compute_dtype, load_config
 
+    check_checkpoints(ws.checkpoints)
     config = load_config(params)
     dtype = str(compute_dtype(params)).removeprefix("torch.")
     resolved = with_checkpointing(params)  # params itself stays the checkpoints' fingerprint
@@ -405,6 +465,9 @@ def run(params: Params, ws: Workspace) -> dict[str, Any]:
         rows += [f"{h['step']}\t{h['loss']}\t{h['learning_rate']}\t{h['tokens_seen']}" for h in history]
         tmp.write_text("\n".join(rows) + "\n")
     write_json(ws.metrics("train"), metrics)
-    shutil.rmtree(ws.checkpoints, ignore_errors=True)
+    try:
+        clear_checkpoints(ws.checkpoints)
+    except OSError as err:  # the adapter is saved: what is left costs disk, not the run
+        log.warning("could not remove the checkpoints in %s (%s): remove them by hand", ws.checkpoints, err)
     log.info("adapter saved to %s: %s", ws.adapter, metrics)
     return metrics

@@ -410,6 +410,18 @@ def test_dvc_links_into_a_shared_cache_are_dvcs_own(ws, tmp_path):
     assert proc.returncode == 0, proc.stderr
 
 
+def test_outputs_dvc_checked_out_as_links_are_replaced(ws):
+    """With `cache.type: symlink`, DVC checks outputs out as links into its cache: a stage run
+    by hand replaces them (only the link goes), where it refuses a link of anyone else's."""
+    run(["dvc", "config", "cache.type", "symlink"], ws)
+    run(["dvc", "commit", "--force", "prepare"], ws)  # the stages ran in-process: nothing cached yet
+    run(["dvc", "checkout", "--relink", "prepare"], ws)
+    assert (ws / WS.metrics("prepare")).is_symlink()
+    proc = finetune(ws, "prepare")
+    assert proc.returncode == 0, proc.stderr
+    assert not (ws / WS.metrics("prepare")).is_symlink()
+
+
 def test_link_inside_the_repository_is_fine(ws):
     (ws / "data/raw/alias.jsonl").symlink_to("dialogues.jsonl")
     set_params(ws, data={"path": "data/raw/alias.jsonl"})

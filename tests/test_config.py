@@ -14,7 +14,7 @@ from tasks.config import RULES, Params, load_params, parse_params
 from tasks.config import rules as cross
 from tasks.errors import ConfigError
 
-from .conftest import REPO, merge, shipped_params
+from .conftest import REPO, finetune, merge, shipped_params
 
 
 def problems(over: dict) -> list[str]:
@@ -247,3 +247,60 @@ def test_score_options_follow_the_params_rules(tmp_path, capsys, option, value, 
                  option, value]) == 2
     err = capsys.readouterr().err
     assert err == f"finetune score: error: command line: 1 problem(s):\n  - {expected}\n"
+
+
+@pytest.mark.parametrize("data, expected", [
+    ({"name": "default"}, "data: name: 'default' is a Hub dataset configuration, but path names local "
+                          "files, which have none (nothing would read it): set name: null"),
+    ({"revision": "main"}, "data: revision: 'main' is a Hub dataset tag or commit, but path names local "
+                           "files, which have none (nothing would read it): set revision: null"),
+    ({"path": None, "sources": [{"path": "data/raw/dialogues.jsonl", "name": "x"}]},
+     "data: sources.0: name: 'x' is a Hub dataset configuration, but path names local files, which "
+     "have none (nothing would read it): set name: null"),
+    ({"path": None, "revision": "v1", "sources": [{"path": "org/dataset", "revision": "v2"}]},
+     "data: revision: 'v1' is not read with data.sources, where each source has its own "
+     "(sources.N.revision): move it there, and set revision: null here"),
+])
+def test_hub_only_keys_are_refused_where_nothing_reads_them(data, expected):
+    """They were ignored without a word: prepare reads local files as they are, and a
+    mixture's sources carry their own."""
+    assert problems({"data": data}) == [expected]
+
+
+def test_hub_only_keys_stay_for_hub_datasets():
+    parse_params(merge(shipped_params(), {"data": {"path": "org/dataset", "name": "x", "revision": "v1"}}),
+                 "params.yaml")
+
+
+def test_cli_check_refuses_a_hub_only_key_with_local_data(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(merge(shipped_params(), {"data": {"revision": "main"}})))
+    proc = finetune(REPO, "check", "--params", str(path))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines()[:2] == [
+        f"finetune check: error: {path}: 1 problem(s):",
+        "  - data: revision: 'main' is a Hub dataset tag or commit, but path names local files, which "
+        "have none (nothing would read it): set revision: null"]
+
+
+def test_cli_check_refuses_sizes_no_machine_holds(tmp_path):
+    """The issue's trial: max_steps 1e12 with a batch of 1e9 passed check, and train ran,
+    logging a 3.6M GiB estimate. From the local model's config.json (no torch), check refuses
+    sizes whose activations and logits alone exceed 8 x 141 GiB and this host's memory."""
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(merge(shipped_params(), {
+        "train": {"max_steps": 10**12, "per_device_train_batch_size": 10**9}})))
+    proc = finetune(REPO, "check", "--params", str(path))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    first, problem = proc.stderr.splitlines()[:2]
+    assert first == f"finetune check: error: {path}: 1 problem(s):"
+    assert re.fullmatch(
+        r"  - train\.per_device_train_batch_size \(1000000000\) with tokenize\.max_length \(256\): training "
+        r"would need at least [\d,]+ GiB per process for activations and logits alone, more than any "
+        r"machine holds \(1128 GiB: 8 x 141 GiB\) or this host \(\d+ GiB\): lower them \(raise "
+        r"train\.gradient_accumulation_steps to keep the effective batch\)", problem), problem
+    # A large batch a big machine could hold passes.
+    path.write_text(yaml.safe_dump(merge(shipped_params(), {"train": {"per_device_train_batch_size": 4096}})))
+    proc = finetune(REPO, "check", "--params", str(path))
+    assert proc.returncode == 0, proc.stderr
+

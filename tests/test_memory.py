@@ -5,8 +5,9 @@ from transformers import LlamaConfig
 
 from tasks.config import parse_params
 from tasks.errors import PipelineError
-from tasks.memory import (GIB, available_memory, check_fits, check_memory, checkpoint_disk, estimate,
-                          merged_disk, shape, with_checkpointing)
+from tasks.memory import (GIB, available_memory, check_fits, check_memory, checkpoint_disk, config_sizes,
+                          estimate, impossible_sizes, merged_disk, preflight, shape, total_memory,
+                          with_checkpointing)
 
 from .conftest import merge, shipped_params
 
@@ -91,3 +92,38 @@ def test_gradient_checkpointing_auto_turns_on_when_activations_would_crowd_memor
     # past the models/ rule, which is about what DVC tracks, not about the estimate
     big = big.model_copy(update={"model": big.model.model_copy(update={"name_or_path": str(tmp_path)})})
     assert with_checkpointing(big).train.gradient_checkpointing is True
+
+
+def test_cpu_preflight_refuses_more_than_the_host_memory(tmp_path):
+    """On a GPU the estimate is checked against the free memory; on a CPU it was only logged,
+    so a batch no host holds trained on until the kernel killed it."""
+    if total_memory() is None:
+        pytest.skip("no /proc/meminfo on this system")
+    small = LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=2)
+    preflight(params(), small, "float32", "cpu", tmp_path)
+    with pytest.raises(PipelineError, match=r"^training needs about [\d.]+ GiB but this host has [\d.]+ GiB "
+                       r"of memory \(MemTotal\): lower train\.per_device_train_batch_size"):
+        preflight(params(train={"per_device_train_batch_size": 10**7}), small, "float32", "cpu", tmp_path)
+
+
+@pytest.mark.parametrize("config", [
+    {"hidden_size": 32, "num_hidden_layers": 2, "vocab_size": 320},  # Llama, BERT
+    {"d_model": 32, "num_layers": 2, "vocab_size": 320},  # T5
+    {"text_config": {"hidden_size": 32, "num_hidden_layers": 2, "vocab_size": 320}},  # multimodal
+])
+def test_check_reads_the_shape_from_config_json_without_torch(tmp_path, config):
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    sizes = config_sizes(tmp_path)
+    assert (sizes.hidden_size, sizes.num_hidden_layers, sizes.vocab_size) == (32, 2, 320)
+    (tmp_path / "config.json").write_text("{}")
+    assert config_sizes(tmp_path) is None
+
+
+def test_impossible_sizes_need_a_local_model_shape():
+    hub = params(model={"name_or_path": "org/model", "revision": "v1"},
+                 train={"per_device_train_batch_size": 10**9})
+    assert impossible_sizes(hub) == []  # no config.json to read: the GPU or CPU preflight decides
+

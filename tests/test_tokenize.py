@@ -349,8 +349,9 @@ def test_streamed_output_is_deterministic_and_equals_the_in_memory_tokenization(
     assert train["trainable_tokens"] == sum(x != IGNORE_INDEX for lab in cols["labels"] for x in lab)
     # The bytes of the former in-memory way: Dataset.from_dict(...).save_to_disk, fingerprinted
     # by a hash of all rows.
-    fingerprint = hashlib.sha256(json.dumps([rows, p.tokenize.model_dump(), p.model.task, p.model.labels,
-                                             tok.name_or_path], sort_keys=True).encode()).hexdigest()[:16]
+    fingerprint = hashlib.sha256(json.dumps([rows, p.tokenize.model_dump(exclude=tokenize.REPORT_ONLY),
+                                             p.model.task, p.model.labels, tok.name_or_path],
+                                            sort_keys=True).encode()).hexdigest()[:16]
     datasets.Dataset.from_dict(cols).select_columns(list(cols), new_fingerprint=fingerprint) \
         .save_to_disk(str(tmp_path / "in-memory"))
     assert {k.removeprefix("train/"): v for k, v in runs[1].items() if k.startswith("train/")} \
@@ -358,6 +359,28 @@ def test_streamed_output_is_deterministic_and_equals_the_in_memory_tokenization(
     previews = [label_preview(tok, {"input_ids": cols["input_ids"][i], "labels": cols["labels"][i]}, p)
                 for i in range(3)]
     assert Path("reports/label_preview.txt").read_text().endswith("\n\n-----\n\n".join(previews) + "\n")
+
+
+def test_report_only_params_leave_the_tokenized_data_alone(tmp_path, monkeypatch, tiny_model):
+    """tokenize.preview_rows shapes reports/label_preview.txt only: data/tokenized keeps its
+    bytes (its state.json fingerprint too), so DVC does not rerun train; max_length, which
+    shapes the data, changes them."""
+    from tasks.io import sha256_path
+
+    rows = [{"id": f"r{i}", "prompt": "word " * (2 + 40 * (i % 2)), "completion": " end"} for i in range(6)]
+    hashes, previews = {}, {}
+    for name, tok_cfg in {"preview_1": {"max_length": 32, "preview_rows": 1},
+                          "preview_4": {"max_length": 32, "preview_rows": 4},
+                          "max_length_48": {"max_length": 48, "preview_rows": 1}}.items():
+        ws = tmp_path / name
+        ws.mkdir()
+        monkeypatch.chdir(ws)
+        _stage(ws, tiny_model, rows, **tok_cfg)
+        hashes[name] = sha256_path(ws / "data/tokenized")
+        previews[name] = (ws / "reports/label_preview.txt").read_text()
+    assert hashes["preview_1"] == hashes["preview_4"]
+    assert previews["preview_1"] != previews["preview_4"]
+    assert hashes["max_length_48"] != hashes["preview_1"]
 
 
 def test_drop_policy_streams_the_kept_rows_in_order(tmp_path, monkeypatch, tiny_model):

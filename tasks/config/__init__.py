@@ -26,7 +26,8 @@ datasets or prefect: `finetune check` must stay fast and run without them.
 from tasks.config.base import (DATA_DIR, LM_EVAL_DIR, LOCAL_DATA_SUFFIXES, MODELS_DIR, SPLIT_NAMES, TAG, Files,
                                Section, data_suffix)
 from tasks.config.data import (DataConfig, DataPath, OptionalDataPath, PathShapes, PromptConfig, SourceConfig,
-                               SplitConfig, SplitFiles, _path_shape, reference_field)
+                               SplitConfig, SplitFiles, _path_shape, local_data_problem, path_kind,
+                               reference_field)
 from tasks.config.evaluation import EvaluateConfig, ExportConfig, PromoteConfig
 from tasks.config.loading import (SHORT, ParamsOverride, _allowed, _flatten, _key_path, _partial,
                                   apply_overrides, check_dvc_params, check_options, deep_merge, describe, load_params, lookup, parse_params, read_yaml)
@@ -43,5 +44,6 @@ __all__ = [
     "Params", "ParamsOverride", "PathShapes", "PeftMethodConfig", "PromoteConfig", "PromptConfig",
     "QuantConfig", "Section", "SourceConfig", "SplitConfig", "SplitFiles", "TokenizeConfig", "TrainConfig",
     "_allowed", "_flatten", "_key_path", "_partial", "_path_shape", "apply_overrides", "data_suffix",
-    "check_dvc_params", "check_options", "deep_merge", "describe", "load_params", "lookup", "parse_params", "read_yaml", "reference_field",
+    "check_dvc_params", "check_options", "deep_merge", "describe", "load_params", "local_data_problem", "lookup",
+    "parse_params", "path_kind", "read_yaml", "reference_field",
 ]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import glob
+import os
+import stat
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -168,7 +171,7 @@ class DataConfig(Section):
 
     @property
     def is_local(self) -> bool:
-        return self.path is not None and (not isinstance(self.path, str) or data_suffix(self.path) is not None)
+        return self.path is not None and (not isinstance(self.path, str) or is_local_path(self.path))
 
     def source(self, index: int) -> DataConfig:
         """data as source `index` of the mixture sees it (validated like data itself)."""
@@ -198,7 +201,10 @@ class DataConfig(Section):
             # Deferred: describe's suggestions for unknown keys walk Params, which holds this model.
             from tasks.config.loading import describe
 
-            problems = []
+            # Each source carries its own: data's would be ignored in silence.
+            problems = [f"{key}: {getattr(self, key)!r} is not read with data.sources, where each "
+                        f"source has its own (sources.N.{key}): move it there, and set {key}: null here"
+                        for key in HUB_ONLY_KEYS if getattr(self, key) is not None]
             for i, src in enumerate(self.sources):
                 try:
                     self.source(i)
@@ -218,13 +224,13 @@ class DataConfig(Section):
                 if not files:
                     raise ValueError(f"{key}: name at least one file")
                 for f in files:
-                    p = Path(f)
-                    if data_suffix(f) is None:
-                        raise ValueError(f"{key}: {f!r} is not a format prepare reads "
-                                         f"({', '.join(LOCAL_DATA_SUFFIXES)})")
-                    if p.is_absolute() or ".." in p.parts or p.parts[:2] != DATA_DIR.parts:
-                        raise ValueError(f"{key}: local data must be under {DATA_DIR}/ (dvc.yaml "
-                                         f"tracks that folder), got {f!r}")
+                    if (problem := local_data_problem(f)) is not None:
+                        raise ValueError(f"{key}: {problem}")
+            # prepare reads local files as they are: a Hub-only key would be ignored in silence.
+            for key, what in HUB_ONLY_KEYS.items():
+                if (value := getattr(self, key)) is not None:
+                    raise ValueError(f"{key}: {value!r} is {what}, but path names local files, which "
+                                     f"have none (nothing would read it): set {key}: null")
             if self.split.source_splits:
                 raise ValueError("split.source_splits needs a Hub dataset; for local files give "
                                  "path as {train: ..., validation: ..., test: ...}")
@@ -232,6 +238,48 @@ class DataConfig(Section):
             raise ValueError(f"{self.path!r} is read from the Hugging Face Hub: pin `revision` "
                              "(a tag or commit sha) so reruns read the same data")
         return self
+
+
+# The keys that mean something for a Hub dataset only: key -> what it is, in a message.
+HUB_ONLY_KEYS = {"name": "a Hub dataset configuration", "revision": "a Hub dataset tag or commit"}
+
+
+def is_local_path(path: str) -> bool:
+    """Whether data.path names local data rather than a Hub dataset id: a data file's
+    format, or anything a Hub id cannot be (absolute, '.', under data/raw/, or on disk)."""
+    p = Path(path)
+    return data_suffix(path) is not None or p.is_absolute() or path.startswith(".") \
+        or p.parts[:2] == DATA_DIR.parts or os.path.lexists(path)
+
+
+def path_kind(path: Path, follow: bool = True) -> str | None:
+    """What is at `path`, in words ("a folder", "a FIFO (named pipe)", ...); None when
+    nothing is. Only stats it: a FIFO is not opened, which would block."""
+    try:
+        mode = (path.stat() if follow else path.lstat()).st_mode
+    except FileNotFoundError:
+        return "a broken symlink" if follow and path.is_symlink() else None
+    except OSError:
+        return None  # unreadable: the reader reports it
+    kinds = ((stat.S_ISLNK, "a symlink"), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+             (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device file"), (stat.S_ISBLK, "a device file"))
+    return next((name for test, name in kinds if test(mode)), "a file")
+
+
+def local_data_problem(f: str) -> str | None:
+    """Why local data file (or glob) `f` cannot be read as data.path, or None. Only what is
+    under data/raw/ is read: DVC tracks that folder, and nothing is read through `datasets`
+    from a path elsewhere."""
+    p = Path(f)
+    if p.is_absolute() or ".." in p.parts or p.parts[:2] != DATA_DIR.parts:
+        what = path_kind(p, follow=False) or "a path"
+        return (f"local data must be under {DATA_DIR}/, and {f!r} is a local {what.removeprefix('a ')} "
+                f"outside it: copy the data into {DATA_DIR}/ (the folder DVC tracks) and name it there")
+    if not glob.has_magic(f) and p.is_dir():
+        return f"{f!r} is a folder: name its files, e.g. '{f.rstrip('/')}/*.jsonl'"
+    if data_suffix(f) is None:
+        return f"{f!r} is not a format prepare reads ({', '.join(LOCAL_DATA_SUFFIXES)})"
+    return None
 
 
 class PromptConfig(Section):

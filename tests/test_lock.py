@@ -1,0 +1,93 @@
+"""The committed dvc.lock is what this commit computes.
+
+The quickstart (`dvc repro` on the shipped params.yaml, as `make run` does) runs in a copy of
+the repository's tracked files, and every stage's recorded dependencies, params and outputs
+must come out as dvc.lock says. A stale lock (code changed, lock not regenerated) or outputs
+that differ on this machine fail here, naming the stage and the file. Stage processes hold
+the CPU math libraries to one instruction-set path (tasks/__init__.py), so the lock written
+on one x86-64 machine is what any other computes.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from .conftest import REPO, run
+
+FIX = ("if the change was intended, commit the dvc.lock that `make run` writes "
+       "(in a clean checkout of this commit)")
+
+
+def tracked_copy(dst: Path) -> Path:
+    """The repository's tracked files as they are in the working tree, in a fresh git repo."""
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True,
+                           check=True).stdout.split("\0")
+    for name in filter(None, files):
+        src = REPO / name
+        if src.is_file():
+            (dst / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / name)
+    run(["git", "init", "-q"], dst)
+    return dst
+
+
+def _entries(lock: dict[str, Any]) -> dict[tuple[str, str, str], Any]:
+    """(stage, kind, name) -> what dvc.lock records for it: a dependency's or output's hash,
+    or a params file's values."""
+    out: dict[tuple[str, str, str], Any] = {}
+    for stage, entry in (lock.get("stages") or {}).items():
+        for kind in ("deps", "outs"):
+            for item in entry.get(kind, []):
+                out[(stage, kind, item["path"])] = item.get("md5")
+        for params_file, values in (entry.get("params") or {}).items():
+            out[(stage, "params", params_file)] = values
+        out[(stage, "cmd", "")] = entry.get("cmd")
+    return out
+
+
+def lock_differences(committed: dict[str, Any], computed: dict[str, Any]) -> list[str]:
+    """One line per stage entry that differs between two dvc.lock files."""
+    old, new = _entries(committed), _entries(computed)
+    lines = []
+    for key in sorted(old.keys() | new.keys()):
+        if old.get(key) != new.get(key):
+            stage, kind, name = key
+            what = {"deps": f"dependency {name}", "outs": f"output {name}",
+                    "params": f"params of {name}", "cmd": "command"}[kind]
+            if kind in ("deps", "outs"):
+                change = f"{old.get(key)} in dvc.lock, {new.get(key)} computed"
+            else:
+                change = "differ"
+            lines.append(f"stage {stage}: {what}: {change}")
+    return lines
+
+
+def test_lock_differences_name_stage_and_file():
+    """The comparison itself, on a planted stale lock: a changed output and a changed code
+    dependency are each named with their stage."""
+    committed = yaml.safe_load((REPO / "dvc.lock").read_text())
+    stale = yaml.safe_load((REPO / "dvc.lock").read_text())
+    stale["stages"]["train"]["outs"][0]["md5"] = "0" * 32 + ".dir"
+    stale["stages"]["prepare"]["deps"][0]["md5"] = "f" * 32
+    out_path = stale["stages"]["train"]["outs"][0]["path"]
+    dep_path = stale["stages"]["prepare"]["deps"][0]["path"]
+    assert lock_differences(committed, committed) == []
+    found = lock_differences(stale, committed)
+    assert len(found) == 2
+    assert f"stage prepare: dependency {dep_path}: {'f' * 32} in dvc.lock" in found[0]
+    assert f"stage train: output {out_path}: {'0' * 32}.dir in dvc.lock" in found[1]
+
+
+@pytest.mark.e2e
+def test_committed_lock_is_what_the_quickstart_computes(tmp_path):
+    repo = tracked_copy(tmp_path / "clone")
+    committed = yaml.safe_load((repo / "dvc.lock").read_text())
+    run(["dvc", "repro"], repo)
+    found = lock_differences(committed, yaml.safe_load((repo / "dvc.lock").read_text()))
+    assert not found, "dvc.lock is not what this commit computes:\n  " + "\n  ".join(found) + f"\n{FIX}"
