@@ -1,6 +1,7 @@
 """The Prefect flow `finetune`: the stages of dvc.yaml, in DVC's order, one Prefect task each.
 
-DVC owns the graph, the cache and dvc.lock; each task runs `dvc repro --single-item STAGE`,
+DVC owns the graph, the cache and dvc.lock. A local run starts one `dvc repro --single-item
+STAGE ...` for its stages (SharedRepro) and each stage's task follows that stage's part of it,
 so a flow run and a `dvc repro` do the same work and write the same dvc.lock. Prefect adds
 schedules, retries, logs, the UI's artifacts (ROUGE table, sample predictions, the exported
 model) and work pools.
@@ -16,6 +17,7 @@ another checkout), and this run then restores train's result from the remote and
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import hashlib
 import itertools
@@ -53,13 +55,23 @@ DEFAULT_GPU_STAGES = ("train",)  # what a split run sends to the GPU pool by def
 # and promote the best one with `dvc exp apply NAME && dvc repro`.
 SWEEP_TARGET = "evaluate"
 PROGRESS_POLL_S = 3.0  # how often train's progress artifacts are refreshed while it runs
+LOCK_REREAD_S = 0.5  # a dvc.lock caught mid-write is read again after this
 CHECKOUT_VENV = Path(".venv")  # the environment `make setup` builds in a checkout
 
 
 class StageFailed(RuntimeError):
     def __init__(self, stage: str, user_error: bool, tail: str):
+        self.stage = stage
         self.user_error = user_error
         super().__init__(f"stage {stage!r} failed:\n{tail}")
+
+    def summary(self) -> str:
+        """One line: the stage and its own error line (`finetune <stage>: error: ...`), else
+        the last line it printed; the whole output is in the run's log above."""
+        lines = [line for line in str(self).splitlines()[1:] if line.strip()]
+        errors = [line for line in lines if ": error: " in line]
+        last = (errors or lines or ["no output"])[-1].strip()
+        return f"stage {self.stage!r} failed ({last}); its output is in the log above"
 
 
 def stage_version(stage: str, root: Path = Path(".")) -> str | None:
@@ -68,7 +80,12 @@ def stage_version(stage: str, root: Path = Path(".")) -> str | None:
     lock_file = root / "dvc.lock"
     if not lock_file.is_file():
         return None
-    entry = (yaml.safe_load(lock_file.read_text()) or {}).get("stages", {}).get(stage)
+    try:
+        lock = yaml.safe_load(lock_file.read_text()) or {}
+    except yaml.YAMLError:  # DVC rewriting it for the next stage (SharedRepro): read it again
+        time.sleep(LOCK_REREAD_S)
+        lock = yaml.safe_load(lock_file.read_text()) or {}
+    entry = lock.get("stages", {}).get(stage)
     if entry is None:
         return None
     entry = {k: v for k, v in entry.items() if k != "outs"}
@@ -143,8 +160,9 @@ class TrainProgress:
     knows nothing of Prefect) to a progress artifact (step / max_steps) and a table artifact
     (latest loss, learning rate, tokens/s, ETA) while the stage runs, and once more at the end."""
 
-    def __init__(self, ws: Workspace) -> None:
+    def __init__(self, ws: Workspace, fresh: bool = True) -> None:
         self.ws = ws
+        self.fresh = fresh
         self.artifact_id: Any = None
         self.seen: dict[str, Any] | None = None
         self.stop = threading.Event()
@@ -153,7 +171,8 @@ class TrainProgress:
                                        daemon=True)
 
     def __enter__(self) -> TrainProgress:
-        self.ws.progress.unlink(missing_ok=True)  # an earlier run's position is not this one's
+        if self.fresh:
+            self.ws.progress.unlink(missing_ok=True)  # an earlier run's position is not this one's
         self.thread.start()
         return self
 
@@ -188,16 +207,104 @@ class TrainProgress:
         create_table_artifact(key="train-status", table=[row], description="train: latest step")
 
 
+# DVC's first line about a stage in `dvc repro`'s output: it runs, or finds it up to date, or
+# restores it from the run cache.
+STAGE_LINE = re.compile(r"^(?:Running stage '([^']+)':|Stage '([^']+)' (?:didn't change, skipping"
+                        r"|is cached - skipping run))")
+
+
+class SharedRepro:
+    """One `dvc repro --single-item [--force] STAGE ...` process for the stages a local flow
+    run has still to run, in the flow's order: one DVC start-up and index load per run instead
+    of one per stage (0.7-0.8 s each, BENCHMARKS.md). DVC runs explicit targets in the order
+    given and stops at the first failure, as the flow does. Each stage's task follows the
+    output from DVC's first line about its stage to its first line about the next one; by then
+    DVC has written the stage's dvc.lock entry. A failed stage ends the process: its retry (or
+    the next flow run) starts a new one from that stage."""
+
+    def __init__(self, stages: list[str], force: bool, env: dict[str, str]) -> None:
+        self.cmd = ["dvc", "repro", "--single-item", *(["--force"] if force else []), *stages]
+        self.pending = list(stages)
+        self.carried: str | None = None  # the line that began the next stage's part
+        if "train" in stages:  # train's task may start after train did: clear the old position now
+            Workspace.from_env().progress.unlink(missing_ok=True)
+        # Own process group: cancelling the flow must stop the stage's process too, not only dvc.
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, env=env, start_new_session=True)
+
+    def next_stage(self) -> str | None:
+        return self.pending[0] if self.pending and (self.proc.poll() is None or self.carried) else None
+
+    def follow(self, stage: str) -> tuple[int, str, bool]:
+        """The exit code for `stage` (0 once DVC moved on to the next stage), its output's
+        tail and whether DVC skipped it; its lines go to the task's log."""
+        assert self.pending[:1] == [stage], (stage, self.pending)
+        self.pending.pop(0)
+        logger = get_run_logger()
+        tail: deque[str] = deque(maxlen=TAIL_LINES)
+        skipped = False
+        assert self.proc.stdout is not None
+        lines = itertools.chain([self.carried] if self.carried else [], self.proc.stdout)
+        self.carried = None
+        try:
+            for raw in lines:
+                line = raw.rstrip()
+                if (found := STAGE_LINE.match(line)) and (found.group(1) or found.group(2)) != stage:
+                    self.carried = raw
+                    return 0, "\n".join(tail), skipped
+                if line:
+                    logger.info(line)
+                    tail.append(line)
+                skipped |= bool(found and found.group(2))
+            return self.proc.wait(), "\n".join(tail), skipped
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait()
+
+
+# flow run id -> its SharedRepro (tasks of one local flow run follow the same process).
+_SHARED: dict[Any, SharedRepro] = {}
+
+
+def _shared_repro(stage: str, force: bool, env: dict[str, str]) -> tuple[Any, SharedRepro]:
+    from prefect.context import get_run_context
+
+    key = get_run_context().task_run.flow_run_id
+    shared = _SHARED.get(key)
+    if shared is None or shared.next_stage() != stage:
+        if shared is not None:
+            shared.stop()
+        names = list(STAGES)
+        shared = _SHARED[key] = SharedRepro(names[names.index(stage):], force, env)
+        get_run_logger().info("$ %s", " ".join(shared.cmd))
+    return key, shared
+
+
 @task(log_prints=True)
 def run_stage(stage: str, force: bool = False, remote: bool = False,
               restore_only: bool = False) -> dict[str, Any] | State:
-    """`dvc repro --single-item STAGE`, its output streamed to the task's log.
+    """The stage run by DVC, its output streamed to the task's log: locally, its part of the
+    run's one `dvc repro` process (SharedRepro); with `remote`, `dvc repro --single-item STAGE`.
 
     With `remote`, DVC's default remote is the artifact exchange between machines: the
     stage's inputs are first restored (`dvc repro --pull` of the stages it reads, from the
     run cache another worker pushed), and its outputs and run-cache entry are pushed after.
     `restore_only` takes the stage's result from the remote and refuses to compute it here."""
     env = _stage_env()
+    if not remote and not restore_only:
+        key, shared = _shared_repro(stage, force, env)
+        with TrainProgress(Workspace.from_env(), fresh=False) if stage == "train" else contextlib.nullcontext():
+            code, tail, skipped = shared.follow(stage)
+        if shared.next_stage() is None:
+            del _SHARED[key]  # done, or failed: a retry starts its own
+        if code != 0:
+            raise StageFailed(stage, f"exited with {USER_ERROR_EXIT}" in tail, tail)
+        return _stage_result(stage, skipped, restore_only)
     commands = []
     if remote and (inputs := upstream(stage)):
         commands.append((["dvc", "repro", "--pull", *inputs], env))
@@ -216,6 +323,10 @@ def run_stage(stage: str, force: bool = False, remote: bool = False,
         if code != 0:
             raise StageFailed(stage, f"exited with {USER_ERROR_EXIT}" in tail, tail)
         skipped |= cmd is repro and skipped_now
+    return _stage_result(stage, skipped, restore_only)
+
+
+def _stage_result(stage: str, skipped: bool, restore_only: bool) -> dict[str, Any] | State:
     result = {"stage": stage, "status": "skipped" if skipped else "ran",
               "version": stage_version(stage)}
     if skipped:
@@ -488,6 +599,9 @@ def server_start_failure(err: BaseException) -> str | None:
 def main() -> int:
     try:
         print(json.dumps(finetune(), indent=2))
+    except StageFailed as err:
+        print(f"python -m flows.finetune: error: {err.summary()}", file=sys.stderr)
+        return USER_ERROR_EXIT if err.user_error else 1
     except RuntimeError as err:
         if (message := server_start_failure(err)) is None:
             raise

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks import registry, templates
-from tasks.config import LOCAL_DATA_SUFFIXES, Params, data_suffix
+from tasks.config import LOCAL_DATA_SUFFIXES, Params, data_suffix, path_kind
 from tasks.errors import DataError, PipelineError, TemplateError
 from tasks.io import atomic_path, check_adapter, write_jsonl
 from tasks.workspace import Workspace
@@ -95,8 +95,11 @@ def read_inputs(params: Params, path: Path, references: str | None, tokenizer: A
     """{id, prompt[, references]} per record of `path`; a bad record stops with its line."""
     from tasks.records import BadRecord, label_name, prompt_values, read_file, reference_texts
 
-    if not path.is_file():
+    kind = path_kind(path)
+    if kind is None:
         raise DataError(f"--input: {path} does not exist")
+    if kind != "a file":  # a FIFO would block the read forever
+        raise DataError(f"--input: {path} is {kind}, not a data file: name a regular file")
     if data_suffix(str(path)) is None:
         raise DataError(f"--input: {path} is not a format prepare reads ({', '.join(LOCAL_DATA_SUFFIXES)})")
     chat = params.prompt.template == templates.CHAT

@@ -4,8 +4,11 @@ promotion gate, typed overrides, and a failing stage failing the run."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -152,7 +155,7 @@ def test_invalid_override_fails_before_any_stage(first_run, ws):
 
 
 def test_failed_stage_fails_the_run_then_resumes(first_run, ws):
-    from flows.finetune import finetune
+    from flows.finetune import finetune, main
 
     data = ws / "data/raw/dialogues.jsonl"
     original = data.read_text()
@@ -162,6 +165,15 @@ def test_failed_stage_fails_the_run_then_resumes(first_run, ws):
         assert state.is_failed()
         with pytest.raises(Exception, match=r"stage 'prepare' failed:(.|\n)*dialogues.jsonl line 1"):
             state.result()
+        # `python -m flows.finetune` ends in one line naming the stage and its error, exit 2
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            assert main() == 2
+        # the last line: Prefect's own log lines may reach the same stream before it
+        last = err.getvalue().splitlines()[-1]
+        assert re.fullmatch(r"python -m flows\.finetune: error: stage 'prepare' failed \(finetune "
+                            r"prepare: error: .*dialogues\.jsonl line 1.*\); its output is in the log "
+                            r"above", last), err.getvalue()
     finally:
         data.write_text(original)
     state = finetune(return_state=True)

@@ -190,3 +190,19 @@ def test_fifo_under_data_raw_is_warned_by_check_and_refused_by_prepare(ws):
     assert error_line(ws, "prepare") == (
         "finetune prepare: error: data.path: data/raw/pipe.jsonl is a FIFO (named pipe), not a data "
         "file: put the data in a regular file under data/raw/")
+
+
+def test_align_path_and_predict_input_are_held_to_the_same_rules(ws):
+    """align.path is read like data.path (only from data/raw/); predict's --input is never
+    opened when it is a FIFO, which would block it."""
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    params["align"]["path"] = "/etc/passwd"
+    (ws / "align.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    proc = finetune_in_process(ws, "check", "--params", "align.yaml")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.splitlines()[1] == f"  - align: path: {OUTSIDE.format(path='/etc/passwd', kind='file')}"
+    os.mkfifo(ws / "data/raw/pipe.jsonl")
+    assert error_line(ws, "predict", "--input", "data/raw/pipe.jsonl", "--model", str(MODEL),
+                      "--output", "out.jsonl") == (
+        "finetune predict: error: --input: data/raw/pipe.jsonl is a FIFO (named pipe), not a data file: "
+        "name a regular file")

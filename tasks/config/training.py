@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from tasks.config.base import Section
+from tasks.config.data import local_data_problem
 
 
 class TokenizeConfig(Section):
@@ -159,7 +159,8 @@ class AlignConfig(Section):
 
     @model_validator(mode="after")
     def _local(self) -> AlignConfig:
-        if not Path(self.path).as_posix().startswith("data/raw/"):
-            raise ValueError(f"path: {self.path} must be under data/raw/ (the folder dvc.yaml tracks)")
+        # Read as data.path's local files are: only from data/raw/, and never a folder.
+        if (problem := local_data_problem(self.path)) is not None:
+            raise ValueError(f"path: {problem}")
         return self
 
