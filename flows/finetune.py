@@ -55,7 +55,8 @@ DEFAULT_GPU_STAGES = ("train",)  # what a split run sends to the GPU pool by def
 # and promote the best one with `dvc exp apply NAME && dvc repro`.
 SWEEP_TARGET = "evaluate"
 PROGRESS_POLL_S = 3.0  # how often train's progress artifacts are refreshed while it runs
-LOCK_REREAD_S = 0.5  # a dvc.lock caught mid-write is read again after this
+LOCK_REREAD_S = 0.05  # dvc.lock is read twice this far apart (read_lock)
+LOCK_READS = 100  # reads before read_lock gives up (5 s)
 CHECKOUT_VENV = Path(".venv")  # the environment `make setup` builds in a checkout
 
 
@@ -74,18 +75,32 @@ class StageFailed(RuntimeError):
         return f"stage {self.stage!r} failed ({last}); its output is in the log above"
 
 
+def read_lock(root: Path = Path("."), need: tuple[str, ...] = ()) -> dict[str, Any]:
+    """dvc.lock's stages ({} before the first run). In a local run, DVC may be rewriting the
+    file for a later stage while a task reads it (it truncates, then writes: SharedRepro), so
+    a read counts once it parses, holds the `need`ed stages and a second read LOCK_REREAD_S
+    later gives the same text."""
+    path = root / "dvc.lock"
+    previous = None
+    for _ in range(LOCK_READS):
+        text = path.read_text() if path.is_file() else ""
+        if text == previous:
+            try:
+                stages = (yaml.safe_load(text) or {}).get("stages") or {}
+            except (yaml.YAMLError, AttributeError):
+                stages = None
+            if stages is not None and all(s in stages for s in need):
+                return stages
+        previous = text
+        time.sleep(LOCK_REREAD_S)
+    raise RuntimeError(f"{path}: no complete copy (with stages {', '.join(need) or 'any'}) in "
+                       f"{LOCK_READS} reads: is another `dvc repro` writing it?")
+
+
 def stage_version(stage: str, root: Path = Path(".")) -> str | None:
     """DVC's own version of a stage: a hash of its command, dependency hashes and params as
     recorded in dvc.lock."""
-    lock_file = root / "dvc.lock"
-    if not lock_file.is_file():
-        return None
-    try:
-        lock = yaml.safe_load(lock_file.read_text()) or {}
-    except yaml.YAMLError:  # DVC rewriting it for the next stage (SharedRepro): read it again
-        time.sleep(LOCK_REREAD_S)
-        lock = yaml.safe_load(lock_file.read_text()) or {}
-    entry = lock.get("stages", {}).get(stage)
+    entry = read_lock(root).get(stage)
     if entry is None:
         return None
     entry = {k: v for k, v in entry.items() if k != "outs"}
@@ -381,7 +396,7 @@ def publish(stage: str) -> dict[str, Any]:
                                   for name, row in capability.items()}
         return summary
     if stage == "export":
-        lock = yaml.safe_load(Path("dvc.lock").read_text())["stages"]
+        lock = read_lock(need=("train", "export"))
         md5 = {o["path"]: o["md5"] for s in ("train", "export") for o in lock[s]["outs"]}
         lines = ["| artifact | path | md5 (dvc.lock) |", "|---|---|---|",
                  f"| merged model | `{ws.merged}` | `{md5[str(ws.merged)]}` |",

@@ -179,3 +179,27 @@ def test_failed_stage_fails_the_run_then_resumes(first_run, ws):
     state = finetune(return_state=True)
     assert state.is_completed()
     assert {v["status"] for v in state.result()["stages"].values()} == {"skipped"}
+
+
+def test_lock_caught_mid_write_is_read_again(tmp_path):
+    """A local run's tasks read dvc.lock while the run's DVC process may be rewriting it for
+    the next stage (it truncates, then writes): read_lock waits for a complete, settled copy."""
+    import threading
+    import time
+
+    from flows.finetune import read_lock
+
+    lock = tmp_path / "dvc.lock"
+    whole = "schema: '2.0'\nstages:\n  train:\n    cmd: finetune train\n  export:\n    cmd: finetune export\n"
+    lock.write_text("")  # truncated: an empty file
+
+    def finish() -> None:
+        time.sleep(0.2)
+        lock.write_text(whole[:40])  # half written
+        time.sleep(0.2)
+        lock.write_text(whole)
+
+    writer = threading.Thread(target=finish)
+    writer.start()
+    assert set(read_lock(tmp_path, need=("train", "export"))) == {"train", "export"}
+    writer.join()
