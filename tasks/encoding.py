@@ -64,10 +64,11 @@ def encode_pair(prompt_ids: list[int], completion_ids: list[int], eos_id: int, b
             "trainable": len(completion) + (0 if cfg.completion_only_loss else len(prompt))}
 
 
-def encode_chat(ids: list[int], mask: list[int], eos_id: int, bos_id: int | None,
+def encode_chat(ids: list[int], mask: list[int], eos_id: int | list[int], bos_id: int | None,
                 cfg: TokenizeConfig) -> dict[str, Any]:
     """One conversation: input_ids, labels on the tokens `mask` marks (every assistant turn,
-    as the chat template's generation blocks end it), and what truncation cut."""
+    as the chat template's generation blocks end it), and what truncation cut. `eos_id`: the
+    token, or tokens, that end a turn (templates.end_of_turn_ids), for eos_in_labels."""
     labels = [t if m or not cfg.completion_only_loss else IGNORE_INDEX
               for t, m in zip(ids, mask, strict=True)]
     overflow = len(ids) - cfg.max_length
@@ -84,7 +85,8 @@ def encode_chat(ids: list[int], mask: list[int], eos_id: int, bos_id: int | None
     ids, labels = [ids[i] for i in kept], [labels[i] for i in kept]
     trained = [t for t in labels if t != IGNORE_INDEX]
     return {"input_ids": ids, "labels": labels, "prompt_cut": len(cut) - completion_cut,
-            "completion_cut": completion_cut, "eos_in_labels": eos_id in trained,
+            "completion_cut": completion_cut,
+            "eos_in_labels": any(t in trained for t in ([eos_id] if isinstance(eos_id, int) else eos_id)),
             "trainable": len(trained)}
 
 

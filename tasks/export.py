@@ -35,6 +35,7 @@ from tasks.errors import PipelineError
 from tasks.generation import attach_adapter, input_ids, model_batches, outputs, test_rows
 from tasks.io import atomic_path, normalize_adapter_config, save_tokenizer, sha256_path, write_json
 from tasks.scoring import HEADLINE, scores
+from tasks.templates import stop_token_ids
 from tasks.workspace import Workspace
 
 log = logging.getLogger("finetune.export")
@@ -285,7 +286,7 @@ def run(params: Params, ws: Workspace) -> dict[str, Any]:
     if params.model.task != "sequence_classification":
         merged.generation_config.update(
             max_new_tokens=params.evaluate.max_new_tokens, do_sample=False,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+            eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
     extra = None
     if cfg.gguf:
         def extra(folder: Path) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from typing import Any
 from tasks.config import Params
 from tasks.encoding import prompt_ids, source_ids
 from tasks.errors import PipelineError
+from tasks.templates import stop_token_ids
 from tasks.io import read_jsonl
 from tasks.workspace import Workspace
 
@@ -103,7 +104,7 @@ def generate(model, tokenizer, prompts: list[str], params: Params) -> list[str]:
                 generated = model.generate(
                     input_ids=ids, attention_mask=mask,
                     max_new_tokens=cfg.max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
-                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                    pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_token_ids(tokenizer))
             except torch.cuda.OutOfMemoryError:
                 raise PipelineError("CUDA out of memory while generating: lower "
                                     "evaluate.per_device_eval_batch_size or evaluate.max_new_tokens") from None

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from tasks.config import ModelConfig, Params
 from tasks.errors import PipelineError
 from tasks.io import read_json_state
+from tasks.templates import TEMPLATE_SOURCE
 
 if TYPE_CHECKING:
     import torch
@@ -210,17 +211,51 @@ def load_config(params: Params):
 
 
 def load_tokenizer(model: ModelConfig, path: str | None = None):
-    """The base model's tokenizer, or the pipeline's own copy at `path` (pad token fixed)."""
+    """The base model's tokenizer, with model.chat_template's file as its chat template when
+    set, or the pipeline's own copy at `path` (pad token fixed, and the chat template it was
+    trained with: tokenize saves the base's)."""
     from transformers import AutoTokenizer
 
     try:
         if path is not None:
             return AutoTokenizer.from_pretrained(path)
-        return AutoTokenizer.from_pretrained(model.name_or_path, **_source_kwargs(model))
+        tokenizer = AutoTokenizer.from_pretrained(model.name_or_path, **_source_kwargs(model))
     except (OSError, ValueError) as err:
         if path is not None:
             raise PipelineError(f"model.name_or_path: cannot load a tokenizer from {path!r}: {err}") from None
         raise _load_error(model, err, "a tokenizer from ") from None
+    if model.chat_template is not None:
+        set_chat_template(tokenizer, Path(model.chat_template))
+    return tokenizer
+
+
+def read_chat_template(path: Path) -> str:
+    """model.chat_template's text."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise PipelineError(f"model.chat_template: cannot read {path}: {err}") from None
+    if not text.strip():
+        raise PipelineError(f"model.chat_template: {path} is empty: it must hold a Jinja chat template")
+    return text
+
+
+def set_chat_template(tokenizer, path: Path) -> None:
+    """Replace the tokenizer's chat template with model.chat_template's file, once it compiles
+    (as transformers compiles it, {% generation %} included): a typo stops here, naming the
+    file and line, not at the first chat rendered."""
+    import jinja2
+
+    text = read_chat_template(path)
+    try:
+        tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], chat_template=text, tokenize=False)
+    except jinja2.TemplateSyntaxError as err:
+        raise PipelineError(f"model.chat_template: {path} line {err.lineno} is not a valid Jinja "
+                            f"template: {err.message}") from None
+    except (jinja2.TemplateError, ValueError, TypeError):
+        pass  # it compiled; a template may refuse this one-message probe (raise_exception)
+    tokenizer.chat_template = text
+    setattr(tokenizer, TEMPLATE_SOURCE, str(path))
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")

@@ -17,9 +17,14 @@ from pathlib import Path
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 
-# A minimal chat template so the `chat` prompt template works offline with the smoke model.
+# A minimal chat template so the `chat` prompt template works offline with the smoke model:
+# `<|role|>\ncontent\n` per message, an assistant's content ending with EOS, and it and its
+# EOS in {% generation %} so a multi-turn chat trains every assistant turn. The newline after
+# a block tag is written as {{ '\n' }}: transformers renders with trim_blocks, which would drop it.
 CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+    "{% for m in messages %}<|{{ m['role'] }}|>\n"
+    "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}" + SPECIAL_TOKENS["eos_token"]
+    + "{% endgeneration %}{% else %}{{ m['content'] }}{% endif %}{{ '\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 

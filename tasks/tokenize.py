@@ -51,6 +51,7 @@ def _encode_chunk(rows: list[dict[str, str]], tokenizer, params: Params) -> list
     eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
     if task == "causal_lm":
         marked = templates.marks_assistant_turns(tokenizer)
+        turn_ends = templates.end_of_turn_ids(tokenizer)  # EOS, or ChatML's <|im_end|> too
         chats = [trains_conversation(r, marked) for r in rows]
         pairs = [r for r, chat in zip(rows, chats, strict=True) if not chat]
         prompts = prompt_ids(tokenizer, [r["prompt"] for r in pairs])
@@ -60,7 +61,7 @@ def _encode_chunk(rows: list[dict[str, str]], tokenizer, params: Params) -> list
         for r, chat in zip(rows, chats, strict=True):
             if chat:
                 ids, mask = chat_ids(tokenizer, r["messages"], f"prepared row {r['id']!r}")
-                out.append({"id": r["id"], **encode_chat(ids, mask, eos, bos, cfg)})
+                out.append({"id": r["id"], **encode_chat(ids, mask, turn_ends, bos, cfg)})
             else:
                 out.append({"id": r["id"], **next(encoded)})
         return out

@@ -227,6 +227,18 @@ def finetune(ws: Path, *args: str,
     return subprocess.CompletedProcess(["finetune", *args], code, out.getvalue(), err.getvalue())
 
 
+def mask_spans(tok, ids: list[int], mask: list[Any]) -> list[str]:
+    """The decoded runs of tokens that `mask` trains (assistant turns, completions)."""
+    spans, run = [], []
+    for t, m in [*zip(ids, mask, strict=True), (None, 0)]:
+        if m:
+            run.append(t)
+        elif run:
+            spans.append(tok.decode(run))
+            run = []
+    return spans
+
+
 def copy_workspace(src: Path, dst: Path) -> Path:
     """A copy of a built workspace (git and DVC state included) to change freely."""
     shutil.copytree(src, dst, symlinks=True)

@@ -34,12 +34,18 @@ def conversations(n: int = 40) -> list[dict]:
     return out
 
 
-def workspace(root: Path, model: Path) -> list[dict]:
+def workspace(root: Path, model: Path, chat_template: str | None = None) -> list[dict]:
+    """A checkout with `model` and chats; `chat_template`: a template text given as
+    model.chat_template."""
     shutil.copytree(model, root / "models/tiny")
     (root / "data/raw").mkdir(parents=True)
     chats = conversations()
     (root / "data/raw/chats.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
-    (root / "params.yaml").write_text(yaml.safe_dump(CHAT_PARAMS, sort_keys=False))
+    params = CHAT_PARAMS
+    if chat_template is not None:
+        (root / "models/plain.jinja").write_text(chat_template)
+        params = merge(CHAT_PARAMS, {"model": {"chat_template": "models/plain.jinja"}})
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return chats
 
 
@@ -78,12 +84,14 @@ def test_every_assistant_turn_is_trained_end_to_end(tmp_path, monkeypatch, tiny_
 def test_multi_turn_chat_on_a_template_without_markers_exits_2_with_one_message(
         tmp_path, monkeypatch, capsys, tiny_model):
     monkeypatch.chdir(tmp_path)
-    workspace(tmp_path, tiny_model)
+    # A template without {% generation %} blocks that is not ChatML (the smoke model's has them).
+    workspace(tmp_path, tiny_model, "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+                                    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
     assert main(["prepare"]) == 0
     capsys.readouterr()
     assert main(["tokenize"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the log lines and progress bar
     assert err.startswith("finetune tokenize: error: prepared row ")
     assert "prompt.template: chat" in err and "{% generation %}" in err
-    assert "models/tiny" in err and "assistant turns" in err
+    assert "model.chat_template (models/plain.jinja)" in err and "assistant turns" in err
     assert not Path("data/tokenized").exists() and not Path("reports/label_preview.txt").exists()

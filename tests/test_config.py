@@ -230,9 +230,36 @@ def test_cli_check_refuses_params_dvc_yaml_lists_but_the_file_lacks(tmp_path, ca
     path.write_text(yaml.safe_dump(raw))
     assert main(["check", "--params", str(path)]) == 2
     err = capsys.readouterr().err
-    assert ("  - model.revision: not set, and dvc.yaml's prepare, tokenize stage(s) read it (DVC will not run them without it): add it; "
-            "`finetune check --explain model.revision` gives its default") in err, err
+    assert ("  - model.revision: not set, and dvc.yaml's prepare, tokenize stage(s) read it (DVC will not run them "
+            "without it): `finetune check --fill` writes it with its default (`finetune check --explain "
+            "model.revision` says what it is)") in err, err
     assert "  - quant: not set, and dvc.yaml's train, align, evaluate, export, promote stage(s)" in err
+
+
+def test_cli_check_fill_writes_what_dvc_yaml_reads_with_defaults_keeping_comments(tmp_path, capsys):
+    """--fill adds exactly the keys dvc.yaml names that the file lacks, as the schema's
+    defaults; the user's keys and comments stay; an invalid file gets nothing written."""
+    from tasks.config import QuantConfig, missing_dvc_params
+
+    path = tmp_path / "params.yaml"
+    path.write_text("# my run\ntrain:\n  max_steps: 5  # short\nmodel:\n  name_or_path: models/smoke-llama\n"
+                    "data:\n  path: data/raw/dialogues.jsonl\n")
+    assert main(["check", "--fill", "--params", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{path}: wrote ") and "model.revision" in out and "quant" in out
+    text = path.read_text()
+    assert text.startswith("# my run\ntrain:\n  max_steps: 5  # short\n")
+    raw = yaml.safe_load(text)
+    assert missing_dvc_params(raw) == {}
+    assert raw["quant"] == QuantConfig().model_dump(mode="json") and raw["model"]["revision"] is None
+    assert "learning_rate" not in raw["train"]  # not named by dvc.yaml: left to the default
+    assert main(["check", "--fill", "--params", str(path)]) == 0
+    assert "wrote" not in capsys.readouterr().out and path.read_text() == text
+
+    bad = "data:\n  path: data/raw/dialogues.jsonl\ntrain:\n  max_steps: 0\n"
+    path.write_text(bad)
+    assert main(["check", "--fill", "--params", str(path)]) == 2
+    assert path.read_text() == bad
 
 
 @pytest.mark.parametrize("option, value, expected", [

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks import gguf
+from tasks import gguf, gguf_import
 from tasks.config import parse_params
 from tasks.errors import ConfigError, PipelineError
 
-from .conftest import TASK_PARAMS, TINY_PARAMS, copy_workspace, merge, shipped_params, stage
+from .conftest import TASK_PARAMS, TINY_PARAMS, copy_workspace, finetune, merge, shipped_params, stage
 
 pytestmark = pytest.mark.skipif(
     not (gguf.CONVERTER_DIR / gguf.CONVERTER).is_file(),
@@ -57,6 +57,23 @@ def test_export_writes_gguf_that_reads_back_with_the_same_tokens_logits_and_scor
     with torch.no_grad():
         diff = (reference(ids).logits - model(ids).logits).abs().max().item()
     assert diff < 1e-2  # f16 rounding of weights trained in fp32
+
+    # And back: `finetune import-gguf` makes the GGUF a model folder the pipeline trains.
+    out = Path("models/reimported")
+    assert finetune(ws, "import-gguf", str(merged / "model-f16.gguf"), "--out", str(out)).returncode == 0
+    provenance = json.loads((out / gguf_import.PROVENANCE).read_text())
+    assert provenance["gguf"]["sha256"] == gguf_import._sha256(merged / "model-f16.gguf")
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    imported = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert AutoTokenizer.from_pretrained(out)(text).input_ids == tok(text).input_ids
+    with torch.no_grad():
+        assert torch.equal(imported(ids).logits, model(ids).logits)
+    again = finetune(ws, "import-gguf", str(merged / "model-f16.gguf"), "--out", str(out))
+    assert again.stdout.strip().endswith("already there and intact")
+    (out / "tokenizer_config.json").write_text("{}")
+    assert gguf_import.problem(out) == f"{out / 'tokenizer_config.json'} differs from what was converted (sha256 changed)"
+    not_ours = finetune(ws, "import-gguf", str(merged / "model-f16.gguf"), "--out", "models")
+    assert not_ours.returncode != 0 and "not written by finetune import-gguf" in not_ours.stderr
 
 
 def test_a_tokenizer_llama_cpp_does_not_know_is_still_refused(tmp_path, tiny_model):

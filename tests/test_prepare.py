@@ -146,10 +146,11 @@ def test_multi_turn_chat_keeps_the_conversation_for_training_only(ws, tiny_model
                prompt={"template": "chat"}, model={"name_or_path": "models/tiny"})
     stage("prepare", p)
     train, test = read_split("train"), read_split("test")
-    # The last turn stays the pair evaluate generates; training rows carry every turn.
+    # The last turn stays the pair evaluate generates (an earlier answer ends with the smoke
+    # template's EOS, as training sees it); training rows carry every turn.
     i = int(test[0]["completion"].split()[1])
     assert test[0] == {"id": test[0]["id"], "completion": f"bye {i}",
-                       "prompt": f"<|user|>\nhi {i}\n<|assistant|>\nhello\n<|user|>\nbye\n<|assistant|>\n"}
+                       "prompt": f"<|user|>\nhi {i}\n<|assistant|>\nhello</s>\n<|user|>\nbye\n<|assistant|>\n"}
     assert all(r["messages"] == chats[int(r["completion"].split()[1])]["conversation"] for r in train)
     # Without an id column a row's split hashes its rendered pair, as before it kept its messages.
     key = json.dumps({"prompt": test[0]["prompt"], "completion": test[0]["completion"]}, sort_keys=True)

@@ -64,7 +64,9 @@ def test_chat_template_uses_tokenizer():
 
 def test_generation_markers_are_found_in_the_chat_template():
     tok = build_tokenizer(["hello there", "general kenobi"], vocab_size=300)
-    assert not templates.marks_assistant_turns(tok)  # the smoke model's template marks nothing
+    assert templates.marks_assistant_turns(tok)  # the smoke model's template marks its answers
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    assert not templates.marks_assistant_turns(tok)
     for tag in ("{% generation %}", "{%- generation -%}", "{%generation%}"):
         tok.chat_template = "{% for m in messages %}" + tag + "{{ m['content'] }}{% endgeneration %}{% endfor %}"
         assert templates.marks_assistant_turns(tok), tag

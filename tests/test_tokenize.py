@@ -13,7 +13,7 @@ from tasks.errors import DataError
 from tasks.encoding import IGNORE_INDEX, encode_pair, set_pad_token
 from tasks.tokenize import label_preview
 
-from .conftest import merge, shipped_params, stage
+from .conftest import mask_spans, merge, shipped_params, stage
 
 EOS, BOS = 2, 1
 
@@ -77,16 +77,20 @@ def test_label_preview_marks_trained_span(tok):
     assert label_preview(tok, e, parse_params(shipped_params(), "params.yaml")) == "Summary:[[ done</s>]]"
 
 
-def _stage(ws: Path, tiny_model: Path, rows: list[dict], **tok_cfg):
+def _stage(ws: Path, tiny_model: Path, rows: list[dict], chat_template: str | None = None, **tok_cfg):
+    """tokenize on `rows`; `chat_template`: a template text given as model.chat_template."""
     import shutil
 
     shutil.copytree(tiny_model, ws / "models/tiny")
     (ws / "data/prepared").mkdir(parents=True)
     for split in ("train", "validation"):
         (ws / f"data/prepared/{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    p = parse_params(merge(shipped_params(), {"model": {"name_or_path": "models/tiny"},
-                                              "tokenize": tok_cfg, "evaluate": {"max_new_tokens": 4}}),
-                     "params.yaml")
+    model = {"name_or_path": "models/tiny"}
+    if chat_template is not None:
+        (ws / "models/plain.jinja").write_text(chat_template)
+        model["chat_template"] = "models/plain.jinja"
+    p = parse_params(merge(shipped_params(), {"model": model, "tokenize": tok_cfg,
+                                              "evaluate": {"max_new_tokens": 4}}), "params.yaml")
     return stage("tokenize", p)
 
 
@@ -134,15 +138,10 @@ def chat_tok(tiny_chat_model):
 
 
 def trained_spans(tok, e) -> list[str]:
-    spans, run = [], []
-    for t, label in [*zip(e["input_ids"], e["labels"], strict=True), (None, IGNORE_INDEX)]:
-        if label != IGNORE_INDEX:
-            assert label == t
-            run.append(t)
-        elif run:
-            spans.append(tok.decode(run))
-            run = []
-    return spans
+    """The decoded runs of an encoded example's tokens that carry their own id as label."""
+    trained = [label != IGNORE_INDEX for label in e["labels"]]
+    assert all(label == t for t, label, on in zip(e["input_ids"], e["labels"], trained) if on)
+    return mask_spans(tok, e["input_ids"], trained)
 
 
 def test_every_assistant_turn_is_trained_and_the_rest_masked(chat_tok):
@@ -184,15 +183,21 @@ def _chat_rows(turns: int, n: int = 4) -> list[dict]:
     return rows
 
 
+# A chat template with no {% generation %} blocks that is not ChatML (the smoke model's before
+# it had them): nothing can mark its assistant turns.
+UNMARKED_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+                     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
 def test_multi_turn_chat_without_generation_markers_is_refused(tmp_path, monkeypatch, tiny_model):
     from tasks.errors import TemplateError
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(TemplateError) as err:
-        _stage(tmp_path, tiny_model, _chat_rows(turns=2))
+        _stage(tmp_path, tiny_model, _chat_rows(turns=2), chat_template=UNMARKED_TEMPLATE)
     message = str(err.value)
-    for needle in ("prompt.template: chat", "models/tiny", "2 assistant turns", "{% generation %}",
-                   "one assistant turn per conversation"):
+    for needle in ("prompt.template: chat", "model.chat_template (models/plain.jinja)", "2 assistant turns",
+                   "{% generation %}", "one assistant turn per conversation"):
         assert needle in message
     assert not Path("data/tokenized").exists()
 
@@ -204,10 +209,29 @@ def test_one_turn_chat_without_markers_trains_its_pair(tmp_path, monkeypatch, ti
     rows = _chat_rows(turns=1)
     for r in rows:
         r["prompt"] = f"<|user|>\n{r['messages'][0]['content']}\n<|assistant|>\n"
-    _stage(tmp_path, tiny_model, rows)
+    _stage(tmp_path, tiny_model, rows, chat_template=UNMARKED_TEMPLATE)
     saved = datasets.load_from_disk("data/tokenized")["train"]
     tok = AutoTokenizer.from_pretrained("data/tokenized/tokenizer")
+    assert tok.chat_template == UNMARKED_TEMPLATE  # model.chat_template, in the copy train reads
     assert trained_spans(tok, saved[0]) == [f"{rows[0]['completion']}</s>"]
+    assert saved[0]["input_ids"] == [*encoding.prompt_ids(tok, [rows[0]["prompt"]])[0],
+                                     *tok.encode(rows[0]["completion"], add_special_tokens=False),
+                                     tok.eos_token_id]
+
+
+def test_multi_turn_chat_on_the_smoke_template_trains_every_turn(tmp_path, monkeypatch, tiny_model):
+    import datasets
+
+    monkeypatch.chdir(tmp_path)
+    rows = _chat_rows(turns=3)
+    stats = _stage(tmp_path, tiny_model, rows)
+    assert stats["train"]["rows_without_eos_label"] == 0
+    saved = datasets.load_from_disk("data/tokenized")["train"]
+    tok = AutoTokenizer.from_pretrained("data/tokenized/tokenizer")
+    by_id = {r["id"]: r for r in rows}
+    for row in saved:
+        answers = [m["content"] for m in by_id[row["id"]]["messages"] if m["role"] == "assistant"]
+        assert trained_spans(tok, row) == [f"{a}</s>" for a in answers]
 
 
 @pytest.mark.parametrize(("old", "new", "needle"), [

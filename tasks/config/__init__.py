@@ -30,7 +30,9 @@ from tasks.config.data import (DataConfig, DataPath, OptionalDataPath, PathShape
                                reference_field)
 from tasks.config.evaluation import EvaluateConfig, ExportConfig, PromoteConfig
 from tasks.config.loading import (SHORT, ParamsOverride, _allowed, _flatten, _key_path, _partial,
-                                  apply_overrides, check_dvc_params, check_options, deep_merge, describe, load_params, lookup, parse_params, read_yaml)
+                                  apply_overrides, check_dvc_params, check_options, deep_merge, describe,
+                                  fill_dvc_params, load_params, lookup, missing_dvc_params, parse_params,
+                                  read_yaml)
 from tasks.config.model import (PROMPT_LEARNING, TASKS, UNQUANTIZED_ONLY, Dtype, LoraConfig, ModelConfig,
                                 PeftMethodConfig, QuantConfig)
 from tasks.config.params import Params
@@ -44,6 +46,6 @@ __all__ = [
     "Params", "ParamsOverride", "PathShapes", "PeftMethodConfig", "PromoteConfig", "PromptConfig",
     "QuantConfig", "Section", "SourceConfig", "SplitConfig", "SplitFiles", "TokenizeConfig", "TrainConfig",
     "_allowed", "_flatten", "_key_path", "_partial", "_path_shape", "apply_overrides", "data_suffix",
-    "check_dvc_params", "check_options", "deep_merge", "describe", "load_params", "local_data_problem", "lookup",
-    "parse_params", "path_kind", "read_yaml", "reference_field",
+    "check_dvc_params", "check_options", "deep_merge", "describe", "fill_dvc_params", "load_params",
+    "local_data_problem", "lookup", "missing_dvc_params", "parse_params", "path_kind", "read_yaml", "reference_field",
 ]

@@ -199,19 +199,42 @@ def lookup(raw: Any, key: str) -> tuple[bool, Any]:
     return True, node
 
 
-def check_dvc_params(raw: dict[str, Any], source: str, dvc_file: Path = Path("dvc.yaml")) -> None:
-    """Every key dvc.yaml's stages list under `params:` is set in `raw` (the params file
-    `source`, as read). A default in the schema does not count: DVC refuses to run a stage
-    whose listed key is missing."""
+def missing_dvc_params(raw: dict[str, Any], dvc_file: Path = Path("dvc.yaml")) -> dict[str, list[str]]:
+    """Each key dvc.yaml's stages list under `params:` that `raw` (a params file as read)
+    does not set, with the stages that read it. A default in the schema does not count:
+    DVC refuses to run a stage whose listed key is missing."""
     if not dvc_file.is_file():
-        return
+        return {}
     readers: dict[str, list[str]] = {}
     for stage, spec in (yaml.safe_load(dvc_file.read_text(encoding="utf-8")) or {}).get("stages", {}).items():
         for key in spec.get("params") or []:
             if isinstance(key, str):  # {file: [keys]} entries read other files
                 readers.setdefault(key, []).append(stage)
+    return {key: stages for key, stages in readers.items() if not lookup(raw, key)[0]}
+
+
+def check_dvc_params(raw: dict[str, Any], source: str, dvc_file: Path = Path("dvc.yaml")) -> None:
+    """Every key dvc.yaml's stages list under `params:` is set in `raw` (the params file
+    `source`, as read)."""
     problems = [f"{key}: not set, and dvc.yaml's {', '.join(stages)} stage(s) read it (DVC will not run "
-                f"them without it): add it; `finetune check --explain {key}` gives its default"
-                for key, stages in readers.items() if not lookup(raw, key)[0]]
+                f"them without it): `finetune check --fill` writes it with its default "
+                f"(`finetune check --explain {key}` says what it is)"
+                for key, stages in missing_dvc_params(raw, dvc_file).items()]
     if problems:
         raise ConfigError(source, problems)
+
+
+def fill_dvc_params(path: Path, dvc_file: Path = Path("dvc.yaml")) -> list[str]:
+    """Write into the params file each key dvc.yaml names that it leaves out, with the
+    schema's default (what the stages would use anyway), keeping its comments; returns the
+    keys written. A file that is invalid otherwise is refused, and nothing is written."""
+    raw = read_yaml(path) or {}
+    defaults = parse_params(raw, str(path)).model_dump(mode="json")
+    fill: dict[str, Any] = {}
+    for key in missing_dvc_params(raw, dvc_file):
+        *parents, leaf = key.split(".")
+        node = fill
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = lookup(defaults, key)[1]
+    return sorted(apply_overrides(path, fill)) if fill else []

@@ -31,6 +31,12 @@ class ModelConfig(Section):
         "absolute, or starts with '.' or models/."))
     revision: str | None = Field(None, description=(
         "Hub tag or commit sha: required for Hub ids, so reruns use the same weights."))
+    chat_template: str | None = Field(None, description=(
+        "A Jinja file under models/ whose text replaces the tokenizer's chat template; null: the "
+        "tokenizer's own. The prepare and tokenize stages read it, and the tokenizer tokenize "
+        "saves carries it on to the adapter and the export. With prompt.template chat every "
+        "assistant turn is trained as the template's {% generation %} blocks mark it; a ChatML "
+        "template without them gets them added."))
     trust_remote_code: bool = Field(False, description=(
         "Run model code shipped with the checkpoint (config.json's auto_map): only if you have "
         "read it and trust it. A warning is logged when this is on."))
@@ -65,6 +71,21 @@ class ModelConfig(Section):
             raise ValueError(f"labels is for task sequence_classification only (task is {self.task}); "
                              "remove it")
         return self
+
+    @field_validator("chat_template")
+    @classmethod
+    def _chat_template_file(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        p = Path(value)
+        if p.is_absolute() or ".." in p.parts or not p.parts or p.parts[0] != MODELS_DIR.name:
+            raise ValueError(f"a chat template file must be under {MODELS_DIR}/ (dvc.yaml tracks that "
+                             f"folder), got {value!r}: copy it there")
+        if not p.is_file():
+            what = "is a folder, not a file" if p.is_dir() else "does not exist"
+            raise ValueError(f"{value} {what}: name a Jinja chat template file under {MODELS_DIR}/, e.g. "
+                             f"{MODELS_DIR}/NAME/chat_template.jinja")
+        return value
 
     @field_validator("labels", mode="before")
     @classmethod
