@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import struct
 import subprocess
 import sys
 import tempfile
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.errors import PipelineError
-from tasks.io import atomic_path, read_json_state, write_json
+from tasks.io import atomic_path, read_json_state, save_tokenizer, write_json
 
 PROVENANCE = "provenance.json"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -118,7 +119,8 @@ def convert(gguf: Path, out: Path, *, dtype: str = "float32",
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                      dtype=getattr(torch, dtype))
-    except (ValueError, KeyError, OSError, RuntimeError) as err:
+    except (ValueError, KeyError, IndexError, TypeError, OSError, RuntimeError, EOFError,
+            struct.error) as err:  # what the GGUF reader raises on a damaged or foreign file
         raise PipelineError(f"{gguf}: transformers cannot read this GGUF file: "
                             f"{str(err).splitlines()[0]}") from None
     # The weights are plain tensors now; the config must not send a later load back to the
@@ -128,8 +130,7 @@ def convert(gguf: Path, out: Path, *, dtype: str = "float32",
     model.hf_quantizer = None
     with atomic_path(out) as tmp:
         model.save_pretrained(tmp)
-        tokenizer.init_kwargs.pop("local_files_only", None)
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)
         provenance = {
             "source": source or {"file": str(gguf)},
             "gguf": {"file": gguf.name, "sha256": gguf_sha256},

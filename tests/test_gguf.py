@@ -97,3 +97,13 @@ def test_missing_converter_says_how_to_get_it(tmp_path, tiny_model):
 def test_gguf_is_refused_where_there_is_no_standalone_decoder(over):
     with pytest.raises(ConfigError, match="export.gguf needs model.task causal_lm"):
         parse_params(merge(merge(shipped_params(), over), {"export": {"gguf": "f32"}}), "params.yaml")
+
+
+@pytest.mark.parametrize("content", [b"not a gguf file at all", b"GGUF\x03\x00\x00\x00"])
+def test_import_gguf_refuses_a_file_that_is_not_one_in_a_line(tmp_path, content):
+    (tmp_path / "bad.gguf").write_bytes(content)
+    result = finetune(tmp_path, "import-gguf", "bad.gguf", "--out", "models/bad")
+    assert result.returncode == 2
+    assert result.stderr.startswith("finetune import-gguf: error: bad.gguf: transformers cannot read this "
+                                    "GGUF file: ") and result.stderr.count("\n") == 1, result.stderr
+    assert not (tmp_path / "models").exists()
