@@ -173,7 +173,8 @@ def _stream(cmd: list[str], env: dict[str, str], stage: str) -> tuple[int, str, 
 class TrainProgress:
     """Relays the train stage's reports/progress.json (rewritten by its own process, which
     knows nothing of Prefect) to a progress artifact (step / max_steps) and a table artifact
-    (latest loss, learning rate, tokens/s, ETA) while the stage runs, and once more at the end."""
+    (latest loss, learning rate, validation loss, tokens/s, ETA) while the stage runs, and once
+    more at the end."""
 
     def __init__(self, ws: Workspace, fresh: bool = True) -> None:
         self.ws = ws
@@ -218,6 +219,7 @@ class TrainProgress:
         row = {"step": progress["step"], "max_steps": progress["max_steps"],
                "loss": progress.get("loss"), "learning_rate": progress.get("learning_rate"),
                "tokens_per_second": progress.get("tokens_per_second"),
+               "eval_loss": progress.get("eval_loss"),  # the latest validation loss (train.eval_steps)
                "eta": str(timedelta(seconds=round(eta))) if eta is not None else None}
         create_table_artifact(key="train-status", table=[row], description="train: latest step")
 

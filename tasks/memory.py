@@ -199,7 +199,10 @@ MEMINFO = Path("/proc/meminfo")
 
 def checkpoint_disk(params: Params, counts: Shape) -> int:
     """Bytes train writes under artifacts/: its checkpoints at their peak, and the adapter."""
-    checkpoints = params.train.save_total_limit + EXTRA_CHECKPOINTS_AT_PEAK
+    kept = params.train.save_total_limit
+    if params.train.eval_steps is not None:  # the best is kept besides the latest, even at a limit of 1
+        kept = max(kept, 2)
+    checkpoints = kept + EXTRA_CHECKPOINTS_AT_PEAK
     return counts.adapter * (checkpoints * CHECKPOINT_BYTES_PER_PARAM + ADAPTER_FILE_BYTES_PER_PARAM)
 
 

@@ -7,11 +7,18 @@ Checkpoints go to artifacts/checkpoints every `train.save_steps`; rerunning afte
 from the last one when params and data are unchanged, and the checkpoints are removed once
 the adapter is saved.
 
+With `train.eval_steps` the validation loss is computed every that many steps, the adapter
+written is the best evaluated checkpoint's, and `train.early_stopping_patience` stops a run
+that stopped improving; a resumed run keeps the best so far and the patience count (both are
+in the checkpoint's trainer_state.json).
+
 Reads data/tokenized/; writes artifacts/adapter/ (PEFT, safetensors, with the tokenizer),
-metrics/train.json and metrics/train_log.tsv (loss, learning rate, tokens seen per step).
-While it runs, reports/progress.json says where it is (step of max_steps, latest loss and
-learning rate, tokens/s, ETA), rewritten every few seconds; train.report_to's trackers
-write under logs/ (or to MLflow's store).
+metrics/train.json, metrics/train_log.tsv (loss, learning rate, tokens seen per step, and
+the validation loss at the steps it was computed) and metrics/eval_log.tsv (those validation
+losses alone, for dvc plots: an empty cell would be drawn as 0). While it runs, reports/progress.json says
+where it is (step of max_steps, latest loss, learning rate and validation loss, tokens/s,
+ETA), rewritten every few seconds; train.report_to's trackers write under logs/ (or to
+MLflow's store).
 
     finetune train
 """
@@ -73,10 +80,15 @@ def _resume_checkpoint(params: Params, ws: Workspace) -> str | None:
         # A kill while a checkpoint was being written leaves it without trainer_state.json,
         # which the Trainer writes last: drop such partial checkpoints.
         while (last := get_last_checkpoint(str(ws.checkpoints))) is not None:
-            if (Path(last) / "trainer_state.json").is_file():
+            if not (Path(last) / "trainer_state.json").is_file():
+                log.warning("removing incomplete checkpoint %s", last)
+            elif _stopped_early(Path(last), params.train.early_stopping_patience):
+                # The Trainer would train on from it (a new train() call forgets that it was
+                # told to stop): the checkpoint before it retraces the same steps to the same stop.
+                log.info("removing %s, saved as early stopping ended its run", last)
+            else:
                 log.info("resuming from %s", last)
                 return last
-            log.warning("removing incomplete checkpoint %s", last)
             shutil.rmtree(last)
     elif ws.checkpoints.exists():
         log.info("discarding checkpoints of a run with other params or data")
@@ -84,6 +96,19 @@ def _resume_checkpoint(params: Params, ws: Workspace) -> str | None:
     ws.checkpoints.mkdir(parents=True, exist_ok=True)
     marker.write_text(fingerprint)
     return None
+
+
+def _stopped_early(checkpoint: Path, patience: int | None) -> bool:
+    """Whether `checkpoint` was saved at the evaluation that made EarlyStoppingCallback stop
+    the run (its patience count, in trainer_state.json, had run out)."""
+    if patience is None:
+        return False
+    try:
+        saved = json.loads((checkpoint / "trainer_state.json").read_text())["stateful_callbacks"]
+        count = saved["EarlyStoppingCallback"]["attributes"]["early_stopping_patience_counter"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False  # a damaged state is reported when its loss log is read (_logged_before)
+    return isinstance(count, int) and count >= patience
 
 
 def _trainer_wrote(path: Path) -> bool:
@@ -120,13 +145,22 @@ def clear_checkpoints(folder: Path, keep_folder: bool = False) -> None:
         folder.rmdir()
 
 
-def _history_callback(history: list[dict[str, Any]]):
+def _history_callback(history: list[dict[str, Any]], evals: list[dict[str, Any]] | None = None):
     from transformers import TrainerCallback
 
     class History(TrainerCallback):
-        """Keeps the loss curve for dvc plots and stops on a non-finite loss."""
+        """Keeps the loss curve (and the validation losses computed while training, in
+        `evals`) for dvc plots and stops on a non-finite loss."""
+
+        def __init__(self) -> None:
+            self.ended = False
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.ended = True  # an evaluation after this one scores the loaded best, not a step
 
         def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "eval_loss" in logs and evals is not None and not self.ended:
+                evals.append({"step": state.global_step, "eval_loss": logs["eval_loss"]})
             if not logs or "loss" not in logs:
                 return
             if not math.isfinite(logs["loss"]):
@@ -139,12 +173,12 @@ def _history_callback(history: list[dict[str, Any]]):
     return History()
 
 
-def _logged_before(checkpoint: str | None) -> tuple[list[dict[str, Any]], int]:
-    """The loss rows an interrupted run logged up to `checkpoint` (its trainer_state.json
-    keeps them), in the History callback's shape, and the checkpoint's step (0 for none):
-    a resumed run's log still starts at its first step."""
+def _logged_before(checkpoint: str | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
+    """The loss rows and validation losses an interrupted run logged up to `checkpoint` (its
+    trainer_state.json keeps them), in the History callback's shapes, and the checkpoint's step
+    (0 for none): a resumed run's log still starts at its first step."""
     if checkpoint is None:
-        return [], 0
+        return [], [], 0
     path = Path(checkpoint) / "trainer_state.json"
     recover = (f"delete {path.parent} to resume from the checkpoint before it, or "
                "artifacts/checkpoints to start over")
@@ -152,10 +186,12 @@ def _logged_before(checkpoint: str | None) -> tuple[list[dict[str, Any]], int]:
     try:
         rows = [{"step": e["step"], "loss": e["loss"], "learning_rate": e.get("learning_rate"),
                  "tokens_seen": e.get("num_input_tokens_seen")} for e in state["log_history"] if "loss" in e]
+        evals = [{"step": e["step"], "eval_loss": e["eval_loss"]}
+                 for e in state["log_history"] if "eval_loss" in e]
     except (KeyError, TypeError) as err:
         raise damaged(path, f"not the trainer state the Trainer writes ({type(err).__name__}: {err})",
                       recover) from None
-    return rows, state["global_step"]
+    return rows, evals, state["global_step"]
 
 
 def _train_loss(history: list[dict[str, Any]], result, resumed_at: int) -> float:
@@ -179,6 +215,38 @@ def _train_loss(history: list[dict[str, Any]], result, resumed_at: int) -> float
     return total / counted if counted else result.training_loss
 
 
+def _log_table(history: list[dict[str, Any]], evals: list[dict[str, Any]]) -> str:
+    """metrics/train_log.tsv: a row per logged step, with the validation loss on the rows of
+    the steps it was computed at (empty elsewhere; a step evaluated but not logged gets a row
+    of its own)."""
+    at = {e["step"]: e["eval_loss"] for e in evals}
+    rows = [(h["step"], "\t".join(str(v) for v in (h["step"], h["loss"], h["learning_rate"],
+                                                    h["tokens_seen"], at.pop(h["step"], ""))))
+            for h in history]
+    rows += [(step, f"{step}\t\t\t\t{loss}") for step, loss in at.items()]
+    return "\n".join(["step\tloss\tlearning_rate\ttokens_seen\teval_loss",
+                      *(row for _, row in sorted(rows, key=lambda r: r[0]))]) + "\n"
+
+
+def _save_best_callback():
+    from transformers import TrainerCallback
+
+    class SaveBest(TrainerCallback):
+        """Saves a checkpoint at each evaluation that beats the best so far, also between
+        save_steps: the Trainer loads the best model at the end only from a checkpoint, so
+        without this the best of evaluations between two saves would be lost."""
+
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            name = args.metric_for_best_model
+            value = (metrics or {}).get(name if name.startswith("eval_") else f"eval_{name}")
+            # Called before the Trainer updates state.best_metric with this evaluation.
+            if value is not None and (state.best_metric is None or (
+                    value > state.best_metric if args.greater_is_better else value < state.best_metric)):
+                control.should_save = True
+
+    return SaveBest()
+
+
 def _progress_callback(ws: Workspace):
     from transformers import TrainerCallback
 
@@ -190,6 +258,8 @@ def _progress_callback(ws: Workspace):
             self.started = self.written = 0.0
             self.first_step = self.first_tokens = 0
             self.last: dict[str, Any] = {}
+            self.evaluated: dict[str, Any] = {}
+            self.ended = False
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.started = time.monotonic()
@@ -199,10 +269,13 @@ def _progress_callback(ws: Workspace):
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
                 self.last = {"loss": logs["loss"], "learning_rate": logs.get("learning_rate")}
+            if logs and "eval_loss" in logs and not self.ended:
+                self.evaluated = {"eval_loss": logs["eval_loss"], "eval_step": state.global_step}
             self._write(state)
 
         def on_train_end(self, args, state, control, **kwargs):
             self._write(state, force=True)
+            self.ended = True
 
         def _write(self, state, force: bool = False) -> None:
             now = time.monotonic()
@@ -214,7 +287,7 @@ def _progress_callback(ws: Workspace):
             write_json(ws.progress, {
                 "step": state.global_step, "max_steps": state.max_steps,
                 "percent": round(100 * state.global_step / max(state.max_steps, 1), 1),
-                **self.last,
+                **self.last, **self.evaluated,
                 "tokens_per_second": round((state.num_input_tokens_seen - self.first_tokens) / elapsed, 1)
                 if elapsed > 0 else None,
                 "elapsed_seconds": round(elapsed, 1),
@@ -257,7 +330,9 @@ def training_arguments(params: Params, output_dir: str, report_to: list[str] | N
                             "environment: unset it, or set train.torch_compile: false")
     precision = resolve_precision(t.precision)
     fields = t.model_dump(exclude={"precision", "optim", "gradient_checkpointing", "tf32",
-                                   "padding_free", "num_processes", "report_to"})
+                                   "padding_free", "num_processes", "report_to", "metric_for_best_model",
+                                   "early_stopping_patience", "early_stopping_threshold"})
+    evaluated = t.eval_steps is not None
     if t.use_liger_kernel:
         import importlib.util
 
@@ -271,6 +346,12 @@ def training_arguments(params: Params, output_dir: str, report_to: list[str] | N
         gradient_checkpointing_kwargs={"use_reentrant": False},
         full_determinism=device() == "cpu",  # CUDA kernels would pay for it in speed
         data_seed=t.seed, save_strategy="steps", logging_strategy="steps",
+        # With eval_steps the adapter is the best evaluated checkpoint (lower is better for a
+        # loss: the Trainer derives greater_is_better from the name) ...
+        eval_strategy="steps" if evaluated else "no", load_best_model_at_end=evaluated,
+        metric_for_best_model=t.metric_for_best_model if evaluated else None,
+        # ... and a resumed run gets back EarlyStoppingCallback's patience count.
+        restore_callback_states_from_checkpoint=t.early_stopping_patience is not None,
         include_num_input_tokens_seen="non_padding", remove_unused_columns=False,
         label_names=["labels"],  # a PeftModel's forward hides the argument the Trainer looks for
         use_cpu=device() == "cpu", report_to=report_to or "none", run_name=run_name,
@@ -361,18 +442,28 @@ def load_tokenized(ws: Workspace):
         raise damaged(ws.tokenized, f"a data file cannot be read ({err})", recover) from None
 
 
-def build_trainer(params: Params, ws: Workspace, history: list[dict[str, Any]]):
+def build_trainer(params: Params, ws: Workspace, history: list[dict[str, Any]],
+                  evals: list[dict[str, Any]] | None = None):
     """The model, data and Trainer of the train stage (also what bench/ measures)."""
-    from transformers import Trainer, set_seed
+    from transformers import EarlyStoppingCallback, Trainer, set_seed
 
     params = with_checkpointing(params)  # run() passes it resolved; bench/ callers may not
     name = run_name("train")
     report_to, callbacks = trackers(params, name, ws)  # first: a missing package fails before loading
     set_seed(params.train.seed)
     data = load_tokenized(ws).remove_columns("id")
+    t = params.train
+    if t.eval_steps is not None and len(data.get("validation") or []) == 0:
+        raise PipelineError(f"train.eval_steps is {t.eval_steps} but the data has no validation rows: "
+                            "set data.split.validation_size above 0 (or give validation files), "
+                            "or train.eval_steps: null")
     tokenizer = load_tokenizer(params.model, str(ws.tokenizer))
     model = _model(params, tokenizer)
-    callbacks += [_history_callback(history), _progress_callback(ws)]
+    callbacks += [_history_callback(history, evals), _progress_callback(ws)]
+    if t.eval_steps is not None:
+        callbacks.append(_save_best_callback())
+    if t.early_stopping_patience is not None:
+        callbacks.append(EarlyStoppingCallback(t.early_stopping_patience, t.early_stopping_threshold))
     if params.peft.method == "adalora":
         callbacks.append(adalora_callback())
     return Trainer(
@@ -425,12 +516,14 @@ def run(params: Params, ws: Workspace) -> dict[str, Any]:
     resolved = with_checkpointing(params)  # params itself stays the checkpoints' fingerprint
     estimate = preflight(resolved, config, dtype, device(), ws.checkpoints)
     history: list[dict[str, Any]] = []
-    trainer = build_trainer(resolved, ws, history)
+    evals: list[dict[str, Any]] = []
+    trainer = build_trainer(resolved, ws, history, evals)
     _check_world(params, trainer.args)
     with trainer.args.main_process_first(desc="checkpoint check"), writing(ws.checkpoints):
         resume = _resume_checkpoint(params, ws)
-    logged, resumed_at = _logged_before(resume)
+    logged, evaluated, resumed_at = _logged_before(resume)
     history.extend(logged)
+    evals.extend(evaluated)
     model, tokenizer = trainer.model, trainer.processing_class
     trainable, total = model.get_nb_trainable_parameters()
     log.info("trainable parameters: %d of %d (%.2f%%)", trainable, total, 100 * trainable / total)
@@ -455,15 +548,23 @@ def run(params: Params, ws: Workspace) -> dict[str, Any]:
         model.save_pretrained(tmp)
         normalize_adapter_config(tmp)
         save_tokenizer(tokenizer, tmp)
+    t, state = params.train, trainer.state
+    if t.eval_steps is None and eval_loss is not None:
+        evals.append({"step": result.global_step, "eval_loss": eval_loss})  # the last step's model
+    # The checkpoint the Trainer loaded at the end: the adapter saved above holds its weights.
+    best = Path(state.best_model_checkpoint) if t.eval_steps is not None and state.best_model_checkpoint else None
     metrics = {"train_loss": _train_loss(history, result, resumed_at), "final_loss": history[-1]["loss"] if history else None,
                "eval_loss": eval_loss, "steps": result.global_step,
+               "best_step": int(best.name.rsplit("-", 1)[1]) if best else None,
+               "best_metric": state.best_metric if best else None,
+               "stopped_early": t.early_stopping_patience is not None and result.global_step < state.max_steps,
                "tokens_seen": trainer.state.num_input_tokens_seen,
                "trainable_params": trainable, "total_params": total,
                "estimated_peak_memory_gib": estimate["total"]}
     with atomic_path(ws.train_log) as tmp:
-        rows = ["step\tloss\tlearning_rate\ttokens_seen"]
-        rows += [f"{h['step']}\t{h['loss']}\t{h['learning_rate']}\t{h['tokens_seen']}" for h in history]
-        tmp.write_text("\n".join(rows) + "\n")
+        tmp.write_text(_log_table(history, evals))
+    with atomic_path(ws.eval_log) as tmp:
+        tmp.write_text("".join(["step\teval_loss\n", *(f"{e['step']}\t{e['eval_loss']}\n" for e in evals)]))
     write_json(ws.metrics("train"), metrics)
     try:
         clear_checkpoints(ws.checkpoints)

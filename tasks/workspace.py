@@ -116,6 +116,10 @@ class Workspace:
         return self.root / "metrics/train_log.tsv"
 
     @property
+    def eval_log(self) -> Path:  # the validation losses alone: what dvc plots draws them from
+        return self.root / "metrics/eval_log.tsv"
+
+    @property
     def progress(self) -> Path:  # train's live position, for the Prefect flow; not a DVC output
         return self.root / "reports/progress.json"
 

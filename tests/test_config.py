@@ -136,6 +136,14 @@ BROKEN: dict[Callable[[Params], list[str]], tuple[dict[str, dict[str, Any]], str
     cross.adalora_target_below_r: (
         {"peft": {"method": "adalora", "adalora_target_r": 16}},
         r"peft\.adalora_target_r \(16\) must be below lora\.r \(16\), the rank AdaLoRA starts from"),
+    cross.early_stopping_needs_eval_steps: (
+        {"train": {"early_stopping_patience": 3}},
+        r"train\.early_stopping_patience counts evaluations, and train\.eval_steps is null: set "
+        r"eval_steps .*, or early_stopping_patience: null$"),
+    cross.save_steps_on_eval_steps: (
+        {"train": {"eval_steps": 30}},
+        r"train\.save_steps \(50\) must be a multiple of train\.eval_steps \(30\), .*e\.g\. "
+        r"save_steps: 60$"),
 }
 
 

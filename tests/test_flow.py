@@ -116,6 +116,7 @@ def test_train_progress_is_relayed_to_the_ui(first_run):
     assert row["step"] == row["max_steps"] == STEPS
     assert row["loss"] > 0 and row["learning_rate"] is not None and row["tokens_per_second"] > 0
     assert row["eta"] == "0:00:00"
+    assert row["eval_loss"] is None  # the latest validation loss, with train.eval_steps only
 
 
 def test_second_run_skips_every_stage(first_run):

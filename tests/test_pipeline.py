@@ -79,7 +79,7 @@ def test_each_stage_writes_exactly_its_outputs(ws):
         "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
         "tokenizer_config.json", "chat_template.jinja", "README.md", "manifest.json"}
     assert files(ws / "metrics") == {"prepare.json", "tokenize.json", "train.json", "train_log.tsv",
-                                     "align.json", "eval.json", "lm_eval.json", "export.json", "promote.json",
+                                     "eval_log.tsv", "align.json", "eval.json", "lm_eval.json", "export.json", "promote.json",
                                      ".gitignore"}
     assert files(ws / "artifacts/aligned") == {"README.md"}  # align.enabled is false by default
     # progress.json: train's live status for the Prefect flow (git-ignored, not a DVC output).
@@ -103,7 +103,7 @@ def test_metrics_contents(ws):
                                                              "base_score", "tuned_score"}
     train = json.loads((ws / "metrics/train.json").read_text())
     assert train["steps"] == 4 and train["tokens_seen"] > 0
-    assert (ws / "metrics/train_log.tsv").read_text().splitlines()[0] == "step\tloss\tlearning_rate\ttokens_seen"
+    assert (ws / "metrics/train_log.tsv").read_text().splitlines()[0] == "step\tloss\tlearning_rate\ttokens_seen\teval_loss"
     export = json.loads((ws / "metrics/export.json").read_text())
     assert export["merged"] is True and export["logits_max_abs_diff"] <= 1e-3
     manifest = json.loads((ws / "artifacts/merged/manifest.json").read_text())
@@ -114,7 +114,7 @@ def test_metrics_contents(ws):
     shown = run(["dvc", "metrics", "show", "--json"], ws).stdout
     assert "tuned" in shown and "rougeL" in shown
     plots = run(["dvc", "plots", "show", "--json"], ws).stdout
-    assert "metrics/train_log.tsv" in plots
+    assert "train_log.tsv::loss" in plots and "eval_log.tsv::eval_loss" in plots  # one plot, both curves
 
 
 def test_merged_model_loads_standalone(ws):

@@ -85,7 +85,8 @@ def uninterrupted(ws) -> dict[str, str]:
 
 
 def metric_files(ws: Path) -> dict[str, str]:
-    return {name: (ws / name).read_text() for name in ("metrics/train.json", "metrics/train_log.tsv")}
+    return {name: (ws / name).read_text()
+            for name in ("metrics/train.json", "metrics/train_log.tsv", "metrics/eval_log.tsv")}
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,8 @@ class SplitConfig(Section):
         "the row order."))
     validation_size: float = Field(0.1, ge=0, lt=1, description=(
         "Share of rows for the validation split, in [0, 1); 0: no validation split. The "
-        "validation loss is computed once after training (metrics/train.json)."))
+        "validation loss is computed after training (metrics/train.json), and every "
+        "train.eval_steps steps when that is set."))
     test_size: float = Field(0.1, gt=0, lt=1, description=(
         "Share of rows for the test split, in (0, 1): what evaluate, export and promote score."))
     source_splits: dict[Literal["train", "validation", "test"], str] | None = Field(None, description=(

@@ -1,4 +1,6 @@
-"""The rules that combine keys of several sections, which no single section can check.
+"""The rules that combine keys of several sections, which no single section can check, and
+the rules between train's checkpointing, validation and early-stopping keys, kept here so each
+message names its keys in full (train.save_steps, train.eval_steps) as the others do.
 
 Each rule takes the whole `Params` and returns its problems (empty when the params are fine),
 so a rule can be called, and tested, on its own. `Params` runs every rule in `RULES`, in that
@@ -134,6 +136,23 @@ def adalora_target_below_r(params: Params) -> list[str]:
     return []
 
 
+def early_stopping_needs_eval_steps(params: Params) -> list[str]:
+    if params.train.early_stopping_patience is not None and params.train.eval_steps is None:
+        return ["train.early_stopping_patience counts evaluations, and train.eval_steps is null: "
+                "set eval_steps (e.g. 50), or early_stopping_patience: null"]
+    return []
+
+
+def save_steps_on_eval_steps(params: Params) -> list[str]:
+    # The Trainer's own rule for load_best_model_at_end: the best checkpoint must be one it saved.
+    t = params.train
+    if t.eval_steps is not None and t.save_steps % t.eval_steps:
+        return [f"train.save_steps ({t.save_steps}) must be a multiple of train.eval_steps "
+                f"({t.eval_steps}), so that every checkpoint has its validation loss to pick the "
+                f"best one by: e.g. save_steps: {t.eval_steps * max(1, round(t.save_steps / t.eval_steps))}"]
+    return []
+
+
 # The order problems are reported in.
 RULES: tuple[Callable[[Params], list[str]], ...] = (
     max_new_tokens_fit,
@@ -151,4 +170,6 @@ RULES: tuple[Callable[[Params], list[str]], ...] = (
     max_regression_needs_lm_eval,
     adalora_needs_max_steps,
     adalora_target_below_r,
+    early_stopping_needs_eval_steps,
+    save_steps_on_eval_steps,
 )

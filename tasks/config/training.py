@@ -108,7 +108,23 @@ class TrainConfig(Section):
         "from the last one."))
     save_total_limit: int = Field(2, ge=1, description=(
         "Checkpoints kept; save_total_limit + 1 exist at the peak, which the disk preflight "
-        "counts."))
+        "counts. With eval_steps the best checkpoint is kept as well."))
+    eval_steps: int | None = Field(None, ge=1, description=(
+        "Validation loss every N steps, and the adapter is the best evaluated checkpoint's; "
+        "null: the validation loss once, after the last step, and the last step's adapter. "
+        "Each evaluation is an eval_loss in metrics/train_log.tsv, the trackers of report_to and "
+        "the progress file; metrics/train.json records best_step and best_metric. save_steps "
+        "must be a multiple of it."))
+    metric_for_best_model: Literal["eval_loss", "loss"] = Field("eval_loss", description=(
+        "The validation metric that picks the best checkpoint and drives early stopping (with "
+        "eval_steps); lower is better for a loss (loss names the same metric)."))
+    early_stopping_patience: int | None = Field(None, ge=1, description=(
+        "Stop once metric_for_best_model has not improved for this many evaluations in a row; "
+        "null: train for max_steps. Needs eval_steps (transformers' EarlyStoppingCallback); the "
+        "adapter is the best checkpoint's and metrics/train.json says stopped_early."))
+    early_stopping_threshold: float = Field(0.0, ge=0, description=(
+        "How much an evaluation must beat the best so far to reset the patience count "
+        "(absolute, in the metric's units)."))
     report_to: list[str] = Field([], json_schema_extra={"items": {"enum": list(TRACKERS)}}, description=(
         "Experiment trackers that get the run's params and loss curve; []: none (offline). A "
         "list such as [tensorboard, mlflow], used by train and align. They log through transformers' own "
