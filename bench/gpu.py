@@ -192,14 +192,20 @@ def main() -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from tasks.memory import estimate
+    from tasks.memory import estimate, with_checkpointing
 
     ws = workspace(args)
     os.chdir(ws)
     try:
         params = params_for(args)
         config = AutoConfig.from_pretrained("models/bench")
-        est = estimate(params, config, "bfloat16")["total"]
+        # The estimate of the run train makes: train.gradient_checkpointing auto resolved as
+        # train resolves it (the baseline always checkpoints, as the tutorials' script does).
+        ours_checkpointing = with_checkpointing(params).train.gradient_checkpointing
+        checkpointing = {"ours": ours_checkpointing, "baseline": True}
+        est = {name: estimate(params.model_copy(update={"train": params.train.model_copy(
+            update={"gradient_checkpointing": on})}), config, "bfloat16")["total"]
+            for name, on in checkpointing.items()}
         peak = measured_matmul_tflops()
         results = {}
         for name, fn in (("ours", ours), ("baseline", baseline)):
@@ -215,12 +221,13 @@ def main() -> None:
             print(json.dumps({"name": f"gpu-train-{name}", "model": args.model, "mode": args.mode,
                               "seq": args.seq, "batch": args.batch, "steps": args.steps,
                               "tokens_per_s": round(tps, 1), "peak_gib": r["peak_gib"],
-                              "estimate_gib": est, "peak_over_estimate": (round(r["peak_gib"] / est, 3)
+                              "estimate_gib": est[name], "peak_over_estimate": (round(r["peak_gib"] / est[name], 3)
                                                                           if r["peak_gib"] else None),
                               "mfu_vs_989": round(tps * flops_per_token / (H100_BF16_TFLOPS * 1e12), 4),
                               "mfu_vs_measured": round(tps * flops_per_token / (peak * 1e12), 4) if peak else None,
                               "measured_matmul_tflops": round(peak, 1) if peak else None,
                               "params": n, "attn": args.attn,
+                              "gradient_checkpointing": checkpointing[name],
                               "padding_free": args.padding_free}), flush=True)
         if len(results) == 2:
             print(json.dumps({"name": "gpu-train-ratio", "model": args.model, "attn": args.attn, "ratio": round(

@@ -58,15 +58,16 @@ WHEEL_DIR = REPO / ".whl"
 SITE = Path("/tmp/site")
 # The device tool carries at most this much (working tree + carried paths) per call.
 CARRY_LIMIT_MIB = 64
-# What the train, evaluate and export stages import (tasks/*.py); their dependencies follow
-# from the lock's "# via" lines.
+# What the quickstart's stages import (tasks/*.py); their dependencies follow from the lock's
+# "# via" lines. datasketch: prepare's leakage check (missing here, the first GPU run's
+# quickstart stopped at prepare).
 STAGE_ROOTS = ("transformers", "peft", "trl", "datasets", "bitsandbytes", "accelerate",
                "pydantic", "evaluate", "rouge-score", "ruamel-yaml", "pyyaml", "tokenizers",
-               "safetensors", "huggingface-hub", "tqdm", "packaging")
+               "safetensors", "huggingface-hub", "tqdm", "packaging", "datasketch")
 # Large binary packages the GPU image ships (KINDS.md, image 'cuda', 2026-11-17) that the
 # stages use only through stable APIs: taken from the image instead of carried (numpy 16 MB,
-# pyarrow 45 MB, pandas 12 MB would not fit beside the rest).
-FROM_IMAGE = {"torch", "numpy", "pyarrow", "pandas"}
+# pyarrow 45 MB, pandas 12 MB, scipy 35 MB would not fit beside the rest).
+FROM_IMAGE = {"torch", "numpy", "pyarrow", "pandas", "scipy"}
 # Published as a source archive only (pure Python): built into a wheel here.
 SDIST_ONLY = {"rouge-score"}
 # The GPU image's torch is built for CUDA 13.0: bitsandbytes loads libbitsandbytes_<backend>.so.
@@ -425,7 +426,7 @@ def markdown(lines: list[dict[str, Any]]) -> str:
                                       for k in ("bytes_identical", "max_abs_diff", "metric_diff")}})
         out.append(f"| {line.get('part', line['name'])} | {result} | {details} |")
     if bench:
-        cols = ("name", "model", "attn", "padding_free", "tokens_per_s", "ratio", "mfu_vs_989",
+        cols = ("name", "model", "attn", "padding_free", "gradient_checkpointing", "tokens_per_s", "ratio", "mfu_vs_989",
                 "mfu_vs_measured", "peak_gib", "estimate_gib", "peak_over_estimate")
         out += ["", "| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
         out += ["| " + " | ".join(_fmt(b.get(c)) for c in cols) + " |" for b in bench]

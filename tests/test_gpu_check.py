@@ -105,9 +105,9 @@ def test_report_table_shows_checks_failures_skips_and_benchmarks():
                         "False, max_abs_diff 1.5e-05, metric_diff 0 |")
     assert table[4] == "| bench-8b | FAILED | RuntimeError: CUDA out of memory |"
     assert table[5] == "| padding-free | skipped | flash_attn is not importable on this host |"
-    assert table[7].startswith("| name | model | attn | padding_free | tokens_per_s | ratio |")
-    assert table[9] == "| gpu-train-ours | llama-3.2-1b | sdpa |  | 1.235e+04 |  | 0.31 |  | 9.5 | 8 | 1.188 |"
-    assert table[10].startswith("| gpu-train-ratio | llama-3.2-1b | sdpa |  |  | 1.62 |")
+    assert table[7].startswith("| name | model | attn | padding_free | gradient_checkpointing | tokens_per_s | ratio |")
+    assert table[9] == "| gpu-train-ours | llama-3.2-1b | sdpa |  |  | 1.235e+04 |  | 0.31 |  | 9.5 | 8 | 1.188 |"
+    assert table[10].startswith("| gpu-train-ratio | llama-3.2-1b | sdpa |  |  |  | 1.62 |")
 
 
 def test_run_refuses_without_cuda_and_writes_results_with_allow_cpu(tmp_path, capsys):
