@@ -140,7 +140,14 @@ def ours(args, params) -> dict:
     from tasks import train
     from tasks.workspace import Workspace
 
-    return timed(train.build_trainer(params, Workspace(), []), args)
+    trainer = train.build_trainer(params, Workspace(), [])
+    if args.adapter_dtype == "bfloat16":  # what TRL's SFTTrainer does to the LoRA weights under QLoRA
+        import torch
+
+        for weight in trainer.model.parameters():
+            if weight.requires_grad:
+                weight.data = weight.data.to(torch.bfloat16)
+    return timed(trainer, args)
 
 
 def baseline(args, params) -> dict:
@@ -187,6 +194,8 @@ def main() -> None:
     parser.add_argument("--attn", default="sdpa", choices=("sdpa", "flash_attention_2", "eager"))
     parser.add_argument("--padding-free", default="auto", type=lambda v: v if v == "auto" else v == "true")
     parser.add_argument("--only", choices=("ours", "baseline"))
+    parser.add_argument("--adapter-dtype", choices=("as-trained", "bfloat16"), default="as-trained",
+                        help="bfloat16: cast ours' trainable weights to bf16 first, as TRL does under QLoRA")
     args = parser.parse_args()
 
     import torch
