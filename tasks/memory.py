@@ -35,6 +35,10 @@ ADAPTER_BYTES_PER_PARAM = 16  # fp32 weight + fp32 gradient + AdamW's two fp32 m
 # checkpointing (the layer inputs), and inside the one layer being recomputed.
 CHECKPOINTED_VALUES_PER_LAYER = 1
 LIVE_LAYER_VALUES = 16
+# Kept by every layer for the backward pass without checkpointing (QLoRA, bf16): measured on
+# an H200 (BENCHMARKS.md, "GPU check"), Llama-3.2-1B 4 x 2048 peaked at 30.45 GiB and
+# Llama-3.1-8B 2 x 2048 at 43.30 GiB; 34 puts both estimates within 1.15x of those.
+STORED_LAYER_VALUES = 34
 LOGITS_COPIES = 2  # the logits and their gradient (cross-entropy), in fp32
 
 
@@ -86,7 +90,7 @@ def estimate(params: Params, config: Any, compute_dtype: str, counts: Shape | No
         base = counts.total * act
     tokens = params.train.per_device_train_batch_size * params.tokenize.max_length
     hidden, layers = config.hidden_size, config.num_hidden_layers
-    kept = CHECKPOINTED_VALUES_PER_LAYER * layers if params.train.gradient_checkpointing else LIVE_LAYER_VALUES * layers
+    kept = (CHECKPOINTED_VALUES_PER_LAYER if params.train.gradient_checkpointing else STORED_LAYER_VALUES) * layers
     activations = tokens * hidden * act * (kept + LIVE_LAYER_VALUES)
     # A classification head's logits are a few numbers per row, not one per vocabulary entry.
     logits = tokens * config.vocab_size * 4 * LOGITS_COPIES if counts.has_head else 0

@@ -127,3 +127,16 @@ def test_impossible_sizes_need_a_local_model_shape():
                  train={"per_device_train_batch_size": 10**9})
     assert impossible_sizes(hub) == []  # no config.json to read: the GPU or CPU preflight decides
 
+
+
+LLAMA_1B = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                       num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True)
+
+
+@pytest.mark.parametrize("config, batch, measured_gib", [(LLAMA_1B, 4, 30.45), (LLAMA_8B, 2, 43.30)])
+def test_no_checkpointing_estimate_is_within_a_quarter_of_the_h200_peaks(config, batch, measured_gib):
+    """Peaks measured on an H200 by bench/gpu.py (BENCHMARKS.md, "GPU check"), QLoRA at 2048
+    tokens without gradient checkpointing: the estimate auto-checkpointing decides by."""
+    p = params(tokenize={"max_length": 2048},
+               train={"per_device_train_batch_size": batch, "gradient_checkpointing": False})
+    assert 0.8 < measured_gib / estimate(p, config, "bfloat16")["total"] < 1.25
