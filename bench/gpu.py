@@ -5,6 +5,7 @@ against the preflight estimate. No weights are downloaded: the config is built h
     python bench/gpu.py --model llama-3.2-1b --seq 2048 --batch 4 --steps 30
     python bench/gpu.py --model llama-3.2-1b --mode lora-bf16     # LoRA on a bf16 base
     python bench/gpu.py --model tiny --steps 8                    # a CPU check of this script
+    python bench/gpu.py --model llama-3.2-1b --profile 10:12      # + each side's top ops per step
 
 Rows have random lengths between seq/4 and seq (as real data has), all tokens trainable;
 tokens/s counts non-padding tokens after `--warmup` steps. "ours" is tasks.train.build_trainer
@@ -115,11 +116,55 @@ def timed(trainer, args) -> dict:
     out = Path(tempfile.mkstemp(suffix=".json")[1])
     os.environ["BENCH_OUT"] = str(out)
     trainer.add_callback(StepTimer(args.warmup))
+    ops: list[dict] = []
+    if args.profile:
+        trainer.add_callback(OpProfile(*args.profile, ops))
     _reset_peak()
     trainer.train()
     result = json.loads(out.read_text())
     result["peak_gib"] = _peak_gib()
+    if args.profile:
+        result["profile_top"] = ops
     return result
+
+
+PROFILE_TOP_OPS = 15
+
+
+class OpProfile:
+    """A TrainerCallback: torch.profiler over steps first..last-1, the ops with the most self
+    time (on the GPU where there is one) per profiled step, into `out`."""
+
+    def __new__(cls, first: int, last: int, out: list[dict]):
+        import torch
+        import torch.profiler as tp
+        from transformers import TrainerCallback
+
+        cuda = torch.cuda.is_available()
+        activities = [tp.ProfilerActivity.CPU] + ([tp.ProfilerActivity.CUDA] if cuda else [])
+
+        class _Profile(TrainerCallback):
+            profiler = None
+
+            def on_step_begin(self, args, state, control, **kwargs):
+                if state.global_step == first:
+                    self.profiler = tp.profile(activities=activities)
+                    self.profiler.__enter__()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                if self.profiler is None or state.global_step != last:
+                    return
+                if cuda:
+                    torch.cuda.synchronize()
+                self.profiler.__exit__(None, None, None)
+                key = "self_device_time_total" if cuda else "self_cpu_time_total"
+                events = sorted(self.profiler.key_averages(), key=lambda e: -getattr(e, key))
+                steps = last - first
+                out.extend({"op": e.key, "self_ms_per_step": round(getattr(e, key) / 1000 / steps, 3),
+                            "calls_per_step": e.count // steps} for e in events[:PROFILE_TOP_OPS])
+                self.profiler = None
+
+        return _Profile()
 
 
 def _reset_peak() -> None:
@@ -194,6 +239,8 @@ def main() -> None:
     parser.add_argument("--attn", default="sdpa", choices=("sdpa", "flash_attention_2", "eager"))
     parser.add_argument("--padding-free", default="auto", type=lambda v: v if v == "auto" else v == "true")
     parser.add_argument("--only", choices=("ours", "baseline"))
+    parser.add_argument("--profile", metavar="A:B", type=lambda v: tuple(int(x) for x in v.split(":")),
+                        help="torch.profiler over steps A..B-1: each line gets the top ops by self time")
     parser.add_argument("--adapter-dtype", choices=("as-trained", "bfloat16"), default="as-trained",
                         help="bfloat16: cast ours' trainable weights to bf16 first, as TRL does under QLoRA")
     args = parser.parse_args()
@@ -237,7 +284,8 @@ def main() -> None:
                               "measured_matmul_tflops": round(peak, 1) if peak else None,
                               "params": n, "attn": args.attn,
                               "gradient_checkpointing": checkpointing[name],
-                              "padding_free": args.padding_free}), flush=True)
+                              "padding_free": args.padding_free,
+                              **({"profile_top": r["profile_top"]} if args.profile else {})}), flush=True)
         if len(results) == 2:
             print(json.dumps({"name": "gpu-train-ratio", "model": args.model, "attn": args.attn, "ratio": round(
                 results["ours"]["tokens_per_s"] / results["baseline"]["tokens_per_s"], 3)}))

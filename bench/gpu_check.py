@@ -16,7 +16,9 @@ markdown table (results.md) for BENCHMARKS.md:
                and a forced rerun of train is byte-identical or within RERUN_METRIC_ATOL;
   bench-1b     bench/gpu.py on a Llama-3.2-1B-shaped model: the train stage's trainer
   bench-8b     against a plain TRL SFTTrainer script, tokens/s, MFU, peak memory vs estimate;
-  padding-free with flash-attn importable: padding_free true vs padded, on the 1B shape.
+  padding-free with flash-attn importable: padding_free true vs padded, on the 1B shape;
+  profile-1b   the 1B shape again with torch.profiler over steps 10-11: each side's top ops
+               by GPU self time per step (where ours loses to TRL).
 A part that fails is recorded with its error and the rest still run; the exit code is 1 then.
 
 The lent GPU machines have no network and a Python (3.12) with torch, transformers, peft and
@@ -47,7 +49,10 @@ sys.path.insert(0, str(REPO))
 
 from scripts.check_env import LOCK, PIN, canonical  # noqa: E402
 
-PARTS = ("env", "quickstart", "bench-1b", "bench-8b", "padding-free")
+PARTS = ("env", "quickstart", "bench-1b", "bench-8b", "padding-free", "profile-1b")
+# profile-1b: bench/gpu.py's torch.profiler window on the 1B shape, after its warm-up steps
+# (the first H200 run had ours at 0.89x TRL there, without a breakdown).
+PROFILE_ARGS = ["--profile", "10:12", "--steps", "14"]
 BENCH_MODELS = {"bench-1b": "llama-3.2-1b", "bench-8b": "llama-3.1-8b"}
 # bench/gpu.py settings per shape: 2048-token rows; the 8B's batch of 2 leaves room on a
 # 40 GB card, and 20 steps keep its part inside one 10-minute device call.
@@ -346,6 +351,8 @@ def run_part(part: str, root: Path, args: argparse.Namespace) -> list[dict[str, 
         return part_quickstart(root, args.max_steps)
     if part in BENCH_MODELS:
         return part_bench(BENCH_MODELS[part], [], args.bench_steps)
+    if part == "profile-1b":
+        return part_bench(BENCH_MODELS["bench-1b"], PROFILE_ARGS, None)
     if part == "padding-free":
         if not flash_attn_available():
             return [{"name": "padding-free", "skipped": "flash_attn is not importable on this host"}]
@@ -430,6 +437,12 @@ def markdown(lines: list[dict[str, Any]]) -> str:
                 "mfu_vs_measured", "peak_gib", "estimate_gib", "peak_over_estimate")
         out += ["", "| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
         out += ["| " + " | ".join(_fmt(b.get(c)) for c in cols) + " |" for b in bench]
+    for b in bench:
+        if b.get("profile_top"):
+            out += ["", f"{b['name']} ({b.get('part')}), top ops per profiled step:", "",
+                    "| op | self ms/step | calls/step |", "| --- | --- | --- |"]
+            out += [f"| {op['op']} | {_fmt(op['self_ms_per_step'])} | {op['calls_per_step']} |"
+                    for op in b["profile_top"]]
     return "\n".join(out) + "\n"
 
 

@@ -125,12 +125,20 @@ def test_run_refuses_without_cuda_and_writes_results_with_allow_cpu(tmp_path, ca
 
 
 def test_gpu_bench_runs_ours_against_the_plain_trl_script():
-    """bench/gpu.py on its tiny shape (CPU): both trainers train and report tokens/s."""
+    """bench/gpu.py on its tiny shape (CPU): both trainers train and report tokens/s, and
+    the profiled step's top ops (CPU self time here; GPU self time on a GPU)."""
     proc = subprocess.run([sys.executable, "bench/gpu.py", "--model", "tiny", "--steps", "4", "--seq", "64",
-                           "--batch", "2", "--warmup", "2"], cwd=REPO, capture_output=True, text=True,
+                           "--batch", "2", "--warmup", "2", "--profile", "2:3"], cwd=REPO, capture_output=True,
+                          text=True,
                           env={**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = {d["name"]: d for d in map(json.loads, (x for x in proc.stdout.splitlines() if x.startswith('{"')))}
     assert lines.keys() == {"gpu-train-ours", "gpu-train-baseline", "gpu-train-ratio"}
     assert lines["gpu-train-ours"]["tokens_per_s"] > 0 and lines["gpu-train-baseline"]["tokens_per_s"] > 0
     assert lines["gpu-train-ratio"]["ratio"] > 0
+    for side in ("gpu-train-ours", "gpu-train-baseline"):
+        top = lines[side]["profile_top"]
+        assert top and all(op["self_ms_per_step"] >= 0 and op["calls_per_step"] >= 1 for op in top)
+        assert any(op["op"] == "aten::mm" for op in top)
+    table = gpu_check.markdown([{**lines["gpu-train-ours"], "part": "profile-1b"}])
+    assert "gpu-train-ours (profile-1b), top ops per profiled step:" in table
