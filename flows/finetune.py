@@ -376,7 +376,8 @@ def publish(stage: str) -> dict[str, Any]:
             return {}
         rows = [{"metric": k, "held_out": v} for k, v in alignment["held_out"].items()]
         create_table_artifact(key="preference-alignment", table=rows,
-                              description="DPO on held-out preference pairs (rewards vs the SFT model)")
+                              description=f"{alignment['method'].upper()} on held-out preference "
+                                          "records (its metrics from TRL)")
         return {"alignment": alignment["held_out"]}
     if stage == "evaluate":
         evaluation = json.loads(ws.metrics("eval").read_text())

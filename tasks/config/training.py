@@ -1,4 +1,4 @@
-"""How the model trains: tokenize.*, train.* (SFT) and align.* (DPO)."""
+"""How the model trains: tokenize.*, train.* (SFT) and align.* (DPO, KTO or ORPO)."""
 
 from __future__ import annotations
 
@@ -150,28 +150,44 @@ class TrainConfig(Section):
         return self
 
 
+# align.method's choices, each a TRL trainer (the name is the method's own, lower case).
+ALIGN_METHODS = ("dpo", "kto", "orpo")
+
+
 class AlignConfig(Section):
     enabled: bool = Field(False, description=(
-        "Run DPO (TRL) on preference pairs after SFT, starting from the SFT adapter; false: the "
-        "stage only records that it is off. Needs peft.method lora and a template other than "
-        "chat. When on, evaluate scores and export merges the aligned adapter."))
+        "Run preference tuning (align.method, with TRL) after SFT, starting from the SFT adapter; "
+        "false: the stage only records that it is off. Needs peft.method lora and a template "
+        "other than chat. When on, evaluate scores and export merges the aligned adapter."))
+    method: Literal[ALIGN_METHODS] = Field("dpo", description=(
+        "dpo: pairs, against the SFT model as reference; kto: desirable or undesirable "
+        "completions (unpaired, or pairs split in two), against the SFT model; orpo: pairs, "
+        "no reference model (an odds-ratio penalty on top of the chosen completion's loss)."))
     path: str = Field("data/raw/preferences.jsonl", description=(
         "Preference records under data/raw/: the template's input fields (data.columns "
-        "applies), chosen and rejected completions, and the id column. The id's split "
-        "(data.split) decides which pairs are held out for the reported reward accuracy and "
-        "margins."))
+        "applies), the id column, and chosen and rejected completions; for kto also (or instead) "
+        "rows with a completion and a boolean label. The id's split (data.split) decides which "
+        "records are held out for the reported metrics."))
     beta: float = Field(0.1, gt=0, description=(
-        "DPO's beta: how strongly the policy is held near the reference, the SFT model (the "
-        "implicit KL penalty)."))
-    max_steps: int = Field(30, ge=1, description="DPO optimizer steps.")
+        "dpo and kto: how strongly the policy is held near the reference, the SFT model (the "
+        "KL penalty); orpo: the weight of the odds-ratio term against the chosen completion's "
+        "loss (the paper's lambda)."))
+    desirable_weight: float = Field(1.0, gt=0, description=(
+        "kto only: weight of the desirable (label true) rows' loss; raise it when they are "
+        "fewer than the undesirable ones."))
+    undesirable_weight: float = Field(1.0, gt=0, description=(
+        "kto only: weight of the undesirable (label false) rows' loss."))
+    max_steps: int = Field(30, ge=1, description="Optimizer steps.")
     per_device_train_batch_size: int = Field(4, ge=1, description=(
-        "Preference pairs per batch in each process."))
+        "Examples per batch in each process: pairs for dpo and orpo, rows for kto (a pair is "
+        "two rows there). kto needs at least 2: it estimates its KL term by pairing each prompt "
+        "with another row's completion in the same batch."))
     per_device_eval_batch_size: int = Field(8, ge=1, description=(
-        "Batch for the held-out reward metrics."))
+        "Batch for the held-out metrics."))
     learning_rate: float = Field(5e-4, gt=0, description=(
-        "DPO's peak learning rate; the shipped 5e-4 is high for the random smoke model (about "
+        "Peak learning rate; the shipped 5e-4 is high for the random smoke model (about "
         "5e-6 to 5e-5 for real models)."))
-    seed: int = Field(0, description="Seeds DPO's data order and dropout.")
+    seed: int = Field(0, description="Seeds the data order and dropout.")
 
     @model_validator(mode="after")
     def _local(self) -> AlignConfig:
