@@ -1,5 +1,5 @@
-"""align: preference tuning of the SFT adapter with TRL, the material's RL step: DPO, KTO or
-ORPO (align.method).
+"""align: preference tuning of the SFT adapter with TRL, the material's RL step: DPO, KTO,
+ORPO or GRPO (align.method).
 
 Starts from artifacts/adapter on the same base the SFT stage trained on (4-bit with
 quant.load_in_4bit). DPO and KTO measure the policy against a reference, the SFT model itself:
@@ -9,9 +9,13 @@ that reference; KTO scores single completions, each desirable or not, against it
 reference (the chosen completion's loss plus an odds-ratio penalty, weighted by align.beta).
 Prompts are rendered with the same template as prepare; records whose id falls in the test or
 validation split (data.split) are held out, and the method's reward metrics on them are
-reported.
+reported. GRPO reads no preference records: it samples align.num_generations answers to each
+prompt of prepare's train split, scores them with align.rewards (tasks/rewards.py) against the
+row's references, and moves the policy towards the answers that beat their group's mean; the
+greedy answers of the SFT and the aligned model to the validation prompts are scored the same
+way.
 
-Reads artifacts/adapter/ and align.path; writes artifacts/aligned/ (the tuned adapter) and
+Reads artifacts/adapter/ and align.path (data/prepared/ for grpo); writes artifacts/aligned/ (the tuned adapter) and
 metrics/align.json. With align.enabled: false it only records that (artifacts/aligned/ holds a
 note) so the DAG is the same either way.
 
@@ -32,7 +36,7 @@ from typing import Any
 from tasks import templates
 from tasks.config import SPLIT_NAMES, Params
 from tasks.errors import DataError, PipelineError
-from tasks.io import atomic_path, check_adapter, normalize_adapter_config, save_tokenizer, write_json
+from tasks.io import atomic_path, check_adapter, normalize_adapter_config, read_jsonl, save_tokenizer, write_json
 from tasks.records import BadRecord, read_file, split_of, to_example
 from tasks.workspace import Workspace
 
@@ -45,7 +49,12 @@ DISABLED_NOTE = ("Preference tuning is off (align.enabled: false in params.yaml)
 # align.method: (module, config class, trainer class). ORPO is in trl.experimental in TRL 1.16.
 TRAINERS = {"dpo": ("trl", "DPOConfig", "DPOTrainer"),
             "kto": ("trl", "KTOConfig", "KTOTrainer"),
-            "orpo": ("trl.experimental.orpo", "ORPOConfig", "ORPOTrainer")}
+            "orpo": ("trl.experimental.orpo", "ORPOConfig", "ORPOTrainer"),
+            "grpo": ("trl", "GRPOConfig", "GRPOTrainer")}
+# What each method learns from, as metrics/align.json counts it.
+COUNTED = {"dpo": "pairs", "orpo": "pairs", "kto": "rows", "grpo": "prompts"}  # kto: a pair is two rows
+# GRPO's prompts: prepare's splits (the validation one scores SFT against aligned).
+PROMPT_SPLITS = {"train": "train.jsonl", "held_out": "validation.jsonl"}
 # The methods that train against the SFT model as reference (TRL's "ref" adapter).
 WITH_REFERENCE = ("dpo", "kto")
 # The held-out metrics each method's trainer logs (eval_ prefix removed) that align.json keeps.
@@ -142,6 +151,22 @@ def unpaired(params: Params) -> dict[str, list[Row]]:
     return out
 
 
+def prompts(params: Params, ws: Workspace) -> dict[str, list[Row]]:
+    """{"train": [...], "held_out": [...]} of {id, prompt, references} (grpo): prepare's train
+    and validation rows, each with its references (data.references) or its completion."""
+    out: dict[str, list[Row]] = {}
+    for split, name in PROMPT_SPLITS.items():
+        rows = read_jsonl(ws.prepared / name, required={"id": object, "prompt": str, "completion": str},
+                          recover="rerun `dvc repro prepare`")
+        if not rows:
+            raise DataError(f"{ws.prepared / name} has no rows: GRPO trains on the train split and "
+                            "scores the validation split (data.split.validation_size must be above 0)")
+        out[split] = [{"id": str(r["id"]), "prompt": r["prompt"],
+                       "references": [t.strip() for t in r.get("references") or [r["completion"]]]}
+                      for r in rows]
+    return out
+
+
 def _trainer(params: Params, ws: Workspace, data: dict[str, list[Row]], output_dir: str):
     import datasets
     from peft import PeftModel
@@ -160,11 +185,15 @@ def _trainer(params: Params, ws: Workspace, data: dict[str, list[Row]], output_d
     precision = resolve_precision(t.precision)
     name = run_name("align")
     report_to, callbacks = trackers(params, name, ws)
-    own = {"kto": {"desirable_weight": a.desirable_weight, "undesirable_weight": a.undesirable_weight}}
+    length = {"max_length": params.tokenize.max_length}
+    own = {"dpo": length, "orpo": length,
+           "kto": {**length, "desirable_weight": a.desirable_weight, "undesirable_weight": a.undesirable_weight},
+           "grpo": {"num_generations": a.num_generations, "max_completion_length": a.max_completion_length,
+                    "reward_weights": [r.weight for r in a.rewards]}}
     args = getattr(trl, config_class)(
         output_dir=output_dir, beta=a.beta, max_steps=a.max_steps, learning_rate=a.learning_rate,
         per_device_train_batch_size=a.per_device_train_batch_size,
-        per_device_eval_batch_size=a.per_device_eval_batch_size, max_length=params.tokenize.max_length,
+        per_device_eval_batch_size=a.per_device_eval_batch_size,
         seed=a.seed, data_seed=a.seed, optim=optim_name(t.optim), lr_scheduler_type=t.lr_scheduler_type,
         warmup_steps=t.warmup_steps, max_grad_norm=t.max_grad_norm,
         bf16=precision == "bf16", fp16=precision == "fp16",
@@ -172,12 +201,46 @@ def _trainer(params: Params, ws: Workspace, data: dict[str, list[Row]], output_d
         gradient_checkpointing_kwargs={"use_reentrant": False},
         full_determinism=device() == "cpu", use_cpu=device() == "cpu", save_strategy="no",
         logging_steps=t.logging_steps, report_to=report_to or "none", run_name=name,
-        **own.get(a.method, {}))
-    reference = {"ref_model": None} if a.method in WITH_REFERENCE else {}
+        **own[a.method])
+    if a.method == "grpo":
+        from tasks.rewards import reward_functions
+
+        # Held-out prompts are scored by generation (held_out_rewards), not by TRL's evaluation.
+        inputs = {"reward_funcs": reward_functions(params, ws.root)}
+    else:
+        inputs = {"eval_dataset": datasets.Dataset.from_list(data["held_out"])}
+        if a.method in WITH_REFERENCE:
+            inputs["ref_model"] = None
     return getattr(trl, trainer_class)(
         model=model, args=args, processing_class=tokenizer, callbacks=callbacks,
-        train_dataset=datasets.Dataset.from_list(data["train"]),
-        eval_dataset=datasets.Dataset.from_list(data["held_out"]), **reference)
+        train_dataset=datasets.Dataset.from_list(data["train"]), **inputs)
+
+
+def held_out_rewards(trainer, params: Params, rows: list[Row]) -> dict[str, float]:
+    """The mean weighted reward (and each reward's mean) of the policy's greedy answers to the
+    held-out prompts (grpo), answers up to align.max_completion_length tokens long."""
+    from tasks.generation import generate
+
+    a = params.align
+    answering = params.model_copy(update={"evaluate": params.evaluate.model_copy(update={
+        "max_new_tokens": a.max_completion_length, "per_device_eval_batch_size": a.per_device_eval_batch_size})})
+    asked = [r["prompt"] for r in rows]
+    references = [r["references"] for r in rows]
+    trainer.model.eval()  # no dropout in the greedy answers; trainer.train() switches back
+    answers = generate(trainer.model, trainer.processing_class, asked, answering)
+    scores = {f.__name__: f(prompts=asked, completions=answers, references=references)
+              for f in trainer.reward_funcs}
+    total = [sum(r.weight * s[i] for r, s in zip(a.rewards, scores.values(), strict=True))
+             for i in range(len(rows))]
+    return {"reward": _mean(total)} | {name: _mean(s) for name, s in scores.items()}
+
+
+def _mean(values: list[float]) -> float:
+    return round(sum(values) / len(values), 6)
+
+
+def _per_step(log_history: list[dict[str, Any]], key: str) -> list[float]:
+    return [round(entry[key], 6) for entry in log_history if key in entry]
 
 
 def losses(log_history: list[dict[str, Any]]) -> dict[str, float]:
@@ -197,15 +260,23 @@ def run(params: Params, ws: Workspace) -> dict[str, Any]:
         log.info("align.enabled is false: nothing to do")
         return metrics
     method = params.align.method
-    data = unpaired(params) if method == "kto" else pairs(params)
-    log.info("%s on %d rows, %d held out", method.upper(), len(data["train"]), len(data["held_out"]))
+    data = prompts(params, ws) if method == "grpo" else unpaired(params) if method == "kto" else pairs(params)
+    log.info("%s on %d %s, %d held out", method.upper(), len(data["train"]), COUNTED[method],
+             len(data["held_out"]))
     with tempfile.TemporaryDirectory() as scratch:
         trainer = _trainer(params, ws, data, scratch)
         from tasks.training import tracked
 
         with tracked(params, trainer.args):
-            result = trainer.train()
-            held_out = trainer.evaluate()
+            if method == "grpo":
+                before = held_out_rewards(trainer, params, data["held_out"])
+                result = trainer.train()
+                held_out = {"sft": before, "aligned": held_out_rewards(trainer, params, data["held_out"])}
+            else:
+                result = trainer.train()
+                kept = tuple(f"eval_{name}" for name in HELD_OUT[method])
+                held_out = {k.removeprefix("eval_"): round(v, 6) for k, v in trainer.evaluate().items()
+                            if k.startswith(kept)}
     loss = result.training_loss
     if math.isnan(loss):
         raise PipelineError(f"{method.upper()} loss is nan: lower align.learning_rate or align.beta")
@@ -213,13 +284,12 @@ def run(params: Params, ws: Workspace) -> dict[str, Any]:
         trainer.model.save_pretrained(tmp, selected_adapters=["default"])
         normalize_adapter_config(tmp)
         save_tokenizer(trainer.processing_class, tmp)
-    kept = tuple(f"eval_{name}" for name in HELD_OUT[method])
-    counted = "rows" if method == "kto" else "pairs"  # kto counts a pair as its two rows
+    history = trainer.state.log_history
     metrics = {"enabled": True, "method": method, "train_loss": loss, "steps": result.global_step,
-               "loss": losses(trainer.state.log_history),
-               counted: {k: len(v) for k, v in data.items()},
-               "held_out": {k.removeprefix("eval_"): round(v, 6) for k, v in held_out.items()
-                            if k.startswith(kept)}}
+               "loss": losses(history), COUNTED[method]: {k: len(v) for k, v in data.items()},
+               "held_out": held_out}
+    if method == "grpo":  # per logged step: the sampled answers' mean reward, and the KL
+        metrics |= {"reward": _per_step(history, "reward"), "kl": _per_step(history, "kl")}
     write_json(ws.metrics("align"), metrics)
     log.info("aligned adapter saved to %s: %s", ws.aligned, metrics)
     return metrics

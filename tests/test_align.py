@@ -110,6 +110,58 @@ def test_a_bad_kto_record_names_its_line_and_field(trained, monkeypatch, record,
         align.unpaired(params_with(trained, enabled=True, method="kto", path=str(bad)))
 
 
+# GRPO on a tiny verifiable task: every prompt's reference is the one-token answer ":", scored
+# by exact match. The SFT smoke model samples it about once in 100 answers, so some groups of
+# GRPO_RUN's 16 hold a hit to learn from. Measured here: the mean reward of the second half of
+# the steps 0.064 against 0.019 for the first half, held-out exact match 0.0 -> 1.0; the same
+# run with lr 1e-7 (no learning): 0.016 against 0.009, held-out 0.0 -> 0.0. Prompts are cut
+# to their last PROMPT_CHARS characters: short sequences keep a step under half a second on
+# 2 CPU cores.
+GRPO_TARGET = ":"
+PROMPT_CHARS = 30
+GRPO_RUN = {"enabled": True, "method": "grpo", "max_steps": 40, "learning_rate": 0.05,
+            "num_generations": 16, "per_device_train_batch_size": 32, "max_completion_length": 1,
+            "rewards": [{"name": "exact_match"}]}
+GAIN = 0.02  # the least rise of the mean sampled reward, second half of the steps over first
+
+
+@pytest.fixture(scope="module")
+def grpo(trained, tmp_path_factory) -> tuple[Path, dict]:
+    """(workspace, align's metrics) after GRPO_RUN on the GRPO_TARGET task."""
+    ws = copy_workspace(trained, tmp_path_factory.mktemp("grpo") / "ws")
+    for split in ("train", "validation"):
+        path = ws / f"data/prepared/{split}.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        path.write_text("".join(json.dumps({**r, "prompt": r["prompt"][-PROMPT_CHARS:],
+                                            "completion": f" {GRPO_TARGET}"}) + "\n" for r in rows))
+    raw = merge(yaml.safe_load((ws / "params.yaml").read_text()),
+                {"train": {"gradient_checkpointing": False}, "align": GRPO_RUN})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(ws)
+        return ws, stage("align", parse_params(raw, "params.yaml"))
+
+
+def test_grpo_exact_match_raises_the_reward_over_steps_and_held_out(grpo, monkeypatch):
+    from peft import PeftModel
+
+    from tasks.modeling import load_base
+
+    ws, metrics = grpo
+    steps = GRPO_RUN["max_steps"]
+    assert metrics["method"] == "grpo" and metrics["steps"] == steps
+    assert len(metrics["reward"]) == len(metrics["kl"]) == steps
+    half = steps // 2
+    first, second = metrics["reward"][:half], metrics["reward"][half:]
+    assert sum(second) / half > sum(first) / half + GAIN, metrics["reward"]
+    sft, aligned = metrics["held_out"]["sft"], metrics["held_out"]["aligned"]
+    assert set(sft) == {"reward", "exact_match"}
+    assert aligned["reward"] > sft["reward"], metrics["held_out"]
+    assert metrics["prompts"]["held_out"] > 0
+    monkeypatch.chdir(ws)
+    model = PeftModel.from_pretrained(load_base(params_with(ws), quantized=True), "artifacts/aligned")
+    assert list(model.peft_config) == ["default"]  # GRPO's "ref" copy is not saved
+
+
 def test_off_by_default_records_only_that(trained, tmp_path, monkeypatch):
     ws = copy_workspace(trained, tmp_path / "ws")  # leaves the module's aligned adapter alone
     monkeypatch.chdir(ws)

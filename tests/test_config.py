@@ -121,6 +121,14 @@ BROKEN: dict[Callable[[Params], list[str]], tuple[dict[str, dict[str, Any]], str
         {"align": {"enabled": True, "method": "kto", "per_device_train_batch_size": 1}},
         r"align\.method kto estimates its KL term by pairing each prompt with another row's "
         r"completion in the same batch: set align\.per_device_train_batch_size to 2 or more \(it is 1\)$"),
+    cross.grpo_whole_groups: (
+        {"align": {"enabled": True, "method": "grpo", "num_generations": 4, "per_device_train_batch_size": 6}},
+        r"align\.per_device_train_batch_size \(6\) counts GRPO's sampled answers and must hold whole "
+        r"groups of align\.num_generations \(4\): e\.g\. 4$"),
+    cross.grpo_completion_fits: (
+        {"align": {"enabled": True, "method": "grpo", "max_completion_length": 256}},
+        r"align\.max_completion_length \(256\) must be below tokenize\.max_length \(256\) to leave room "
+        r"for the prompt$"),
     cross.kto_weights_for_kto: (
         {"align": {"method": "orpo", "undesirable_weight": 2.0}},
         r"align\.undesirable_weight weights KTO's loss and align\.method is orpo: set align\.method: "

@@ -99,6 +99,23 @@ def kto_batch_of_two(params: Params) -> list[str]:
     return []
 
 
+def grpo_whole_groups(params: Params) -> list[str]:
+    a = params.align
+    if a.enabled and a.method == "grpo" and a.per_device_train_batch_size % a.num_generations:
+        return [f"align.per_device_train_batch_size ({a.per_device_train_batch_size}) counts GRPO's "
+                f"sampled answers and must hold whole groups of align.num_generations "
+                f"({a.num_generations}): e.g. {a.num_generations * max(1, a.per_device_train_batch_size // a.num_generations)}"]
+    return []
+
+
+def grpo_completion_fits(params: Params) -> list[str]:
+    a, length = params.align, params.tokenize.max_length
+    if a.enabled and a.method == "grpo" and a.max_completion_length >= length:
+        return [f"align.max_completion_length ({a.max_completion_length}) must be below "
+                f"tokenize.max_length ({length}) to leave room for the prompt"]
+    return []
+
+
 def kto_weights_for_kto(params: Params) -> list[str]:
     a = params.align
     weighted = [k for k in ("desirable_weight", "undesirable_weight") if getattr(a, k) != 1.0]
@@ -183,6 +200,8 @@ RULES: tuple[Callable[[Params], list[str]], ...] = (
     chat_template_causal_lm_only,
     align_causal_lm_only,
     kto_batch_of_two,
+    grpo_whole_groups,
+    grpo_completion_fits,
     kto_weights_for_kto,
     references_fill_one_field,
     gguf_needs_merged_causal_lm,
