@@ -374,9 +374,14 @@ def publish(stage: str) -> dict[str, Any]:
         alignment = json.loads(ws.metrics("align").read_text())
         if not alignment["enabled"]:
             return {}
-        rows = [{"metric": k, "held_out": v} for k, v in alignment["held_out"].items()]
+        held_out = alignment["held_out"]
+        if alignment["method"] == "grpo":  # the greedy answers' rewards, SFT model against aligned
+            rows = [{"metric": k, "sft": v, "aligned": held_out["aligned"][k]} for k, v in held_out["sft"].items()]
+        else:
+            rows = [{"metric": k, "held_out": v} for k, v in held_out.items()]
         create_table_artifact(key="preference-alignment", table=rows,
-                              description="DPO on held-out preference pairs (rewards vs the SFT model)")
+                              description=f"{alignment['method'].upper()}: the held-out metrics of "
+                                          "metrics/align.json")
         return {"alignment": alignment["held_out"]}
     if stage == "evaluate":
         evaluation = json.loads(ws.metrics("eval").read_text())

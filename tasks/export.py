@@ -126,7 +126,8 @@ def _method(p: Params) -> str:
         rank = "" if p.peft.method == "ia3" else f" r={p.lora.r}, lora_alpha={p.lora.lora_alpha},"
         method = f"{p.peft.method}{quant},{rank} target_modules={p.lora.target_modules}"
     if p.align.enabled:
-        method += f"; then DPO on `{p.align.path}` (beta {p.align.beta}, {p.align.max_steps} steps)"
+        method += (f"; then {p.align.method.upper()} on `{p.align.path}` (beta {p.align.beta}, "
+                   f"{p.align.max_steps} steps)")
     return method
 
 

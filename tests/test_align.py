@@ -1,5 +1,6 @@
-"""align (DPO): off by default, where it only records that; on, it runs TRL's DPO from the
-SFT adapter for a few steps, writes held-out reward metrics and an adapter that loads back."""
+"""align: off by default, where it only records that; on, it runs TRL's DPO (or KTO, ORPO:
+align.method) from the SFT adapter for a few steps, writes held-out reward metrics and an
+adapter that loads back."""
 
 from __future__ import annotations
 
@@ -42,6 +43,123 @@ def aligned(trained) -> dict:
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(trained)
         return stage("align", parse_params(raw, "params.yaml"))
+
+
+# Steps and learning rate at which KTO's and ORPO's loss falls on the tiny model from its first
+# logged step to its last (training is deterministic on the CPU: full_determinism).
+METHOD_RUN = {"max_steps": 6, "learning_rate": 5e-3, "per_device_train_batch_size": 4,
+              "per_device_eval_batch_size": 8}
+
+
+@pytest.fixture(scope="module", params=["kto", "orpo"])
+def by_method(request, trained, tmp_path_factory) -> tuple[str, Path, dict]:
+    """(method, its workspace, align's metrics) after a short KTO or ORPO run on a copy of the
+    SFT workspace, from the shipped preference pairs."""
+    method = request.param
+    ws = copy_workspace(trained, tmp_path_factory.mktemp(method) / "ws")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(ws)
+        return method, ws, stage("align", params_with(ws, enabled=True, method=method, **METHOD_RUN))
+
+
+def test_kto_and_orpo_train_and_lower_their_loss(by_method, monkeypatch):
+    from peft import PeftModel
+
+    from tasks.modeling import load_base
+
+    method, ws, metrics = by_method
+    assert metrics["method"] == method and metrics["steps"] == METHOD_RUN["max_steps"]
+    assert metrics["loss"]["last"] < metrics["loss"]["first"], metrics["loss"]
+    assert json.loads((ws / "metrics/align.json").read_text()) == json.loads(json.dumps(metrics))
+    own = {"kto": {"kl", "rewards/chosen", "rewards/rejected"},
+           "orpo": {"nll_loss", "log_odds_ratio", "rewards/accuracies", "rewards/margins"}}[method]
+    assert own <= set(metrics["held_out"]), metrics["held_out"]
+    monkeypatch.chdir(ws)
+    model = PeftModel.from_pretrained(load_base(params_with(ws), quantized=True), "artifacts/aligned")
+    assert list(model.peft_config) == ["default"]  # no reference copy saved (KTO's "ref")
+
+
+def test_kto_reads_unpaired_rows_and_splits_pairs(trained, monkeypatch):
+    monkeypatch.chdir(trained)
+    rows = Path("data/raw/kto.jsonl")
+    rows.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"id": "u1", "dialogue": "A: hi", "completion": "A greets.", "label": True},
+        {"id": "u2", "dialogue": "B: bye", "completion": "A greets.", "label": False},
+        {"id": "u3", "dialogue": "C: yes", "chosen": "C agrees.", "rejected": "C leaves."}]))
+    params = params_with(trained, enabled=True, method="kto", path=str(rows))
+    data = {}
+    for split, found in align._records(params, align._unpaired).items():
+        data |= {(r["id"], r["completion"].strip()): r["label"] for r in found}
+    assert data == {("u1", "A greets."): True, ("u2", "A greets."): False,
+                    ("u3", "C agrees."): True, ("u3", "C leaves."): False}
+
+
+@pytest.mark.parametrize(("record", "message"), [
+    ({"id": "x1", "dialogue": "A: hi", "label": True},
+     r"kto\.jsonl line 1: missing field 'completion' \(kto records need"),
+    ({"id": "x1", "dialogue": "A: hi", "completion": "A says hi.", "label": "yes"},
+     r"kto\.jsonl line 1: field 'label' must be true \(desirable\) or false \(undesirable\), not 'yes'"),
+    ({"id": "x1", "dialogue": "A: hi", "chosen": "A says hi."},
+     r"kto\.jsonl line 1: missing field 'rejected' \(preference records need"),
+])
+def test_a_bad_kto_record_names_its_line_and_field(trained, monkeypatch, record, message):
+    monkeypatch.chdir(trained)
+    bad = Path("data/raw/bad-kto.jsonl")
+    bad.write_text(json.dumps(record) + "\n")
+    with pytest.raises(DataError, match=message):
+        align.unpaired(params_with(trained, enabled=True, method="kto", path=str(bad)))
+
+
+# GRPO on a tiny verifiable task: every prompt's reference is the one-token answer ":", scored
+# by exact match. The SFT smoke model samples it about once in 100 answers, so some groups of
+# GRPO_RUN's 16 hold a hit to learn from. Measured here: the mean reward of the second half of
+# the steps 0.064 against 0.019 for the first half, held-out exact match 0.0 -> 1.0; the same
+# run with lr 1e-7 (no learning): 0.016 against 0.009, held-out 0.0 -> 0.0. Prompts are cut
+# to their last PROMPT_CHARS characters: short sequences keep a step under half a second on
+# 2 CPU cores.
+GRPO_TARGET = ":"
+PROMPT_CHARS = 30
+GRPO_RUN = {"enabled": True, "method": "grpo", "max_steps": 40, "learning_rate": 0.05,
+            "num_generations": 16, "per_device_train_batch_size": 32, "max_completion_length": 1,
+            "rewards": [{"name": "exact_match"}]}
+GAIN = 0.02  # the least rise of the mean sampled reward, second half of the steps over first
+
+
+@pytest.fixture(scope="module")
+def grpo(trained, tmp_path_factory) -> tuple[Path, dict]:
+    """(workspace, align's metrics) after GRPO_RUN on the GRPO_TARGET task."""
+    ws = copy_workspace(trained, tmp_path_factory.mktemp("grpo") / "ws")
+    for split in ("train", "validation"):
+        path = ws / f"data/prepared/{split}.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        path.write_text("".join(json.dumps({**r, "prompt": r["prompt"][-PROMPT_CHARS:],
+                                            "completion": f" {GRPO_TARGET}"}) + "\n" for r in rows))
+    raw = merge(yaml.safe_load((ws / "params.yaml").read_text()),
+                {"train": {"gradient_checkpointing": False}, "align": GRPO_RUN})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(ws)
+        return ws, stage("align", parse_params(raw, "params.yaml"))
+
+
+def test_grpo_exact_match_raises_the_reward_over_steps_and_held_out(grpo, monkeypatch):
+    from peft import PeftModel
+
+    from tasks.modeling import load_base
+
+    ws, metrics = grpo
+    steps = GRPO_RUN["max_steps"]
+    assert metrics["method"] == "grpo" and metrics["steps"] == steps
+    assert len(metrics["reward"]) == len(metrics["kl"]) == steps
+    half = steps // 2
+    first, second = metrics["reward"][:half], metrics["reward"][half:]
+    assert sum(second) / half > sum(first) / half + GAIN, metrics["reward"]
+    sft, aligned = metrics["held_out"]["sft"], metrics["held_out"]["aligned"]
+    assert set(sft) == {"reward", "exact_match"}
+    assert aligned["reward"] > sft["reward"], metrics["held_out"]
+    assert metrics["prompts"]["held_out"] > 0
+    monkeypatch.chdir(ws)
+    model = PeftModel.from_pretrained(load_base(params_with(ws), quantized=True), "artifacts/aligned")
+    assert list(model.peft_config) == ["default"]  # GRPO's "ref" copy is not saved
 
 
 def test_off_by_default_records_only_that(trained, tmp_path, monkeypatch):

@@ -115,8 +115,24 @@ BROKEN: dict[Callable[[Params], list[str]], tuple[dict[str, dict[str, Any]], str
         r"prompt\.template chat renders a causal LM's chat template; model\.task seq2seq needs a text"),
     cross.align_causal_lm_only: (
         {"model": {"task": "seq2seq"}, "align": {"enabled": True}},
-        r"align\.enabled needs model\.task causal_lm \(DPO scores completions of a causal LM; task is "
-        r"seq2seq\)"),
+        r"align\.enabled needs model\.task causal_lm \(align\.method scores completions of a causal "
+        r"LM; task is seq2seq\)"),
+    cross.kto_batch_of_two: (
+        {"align": {"enabled": True, "method": "kto", "per_device_train_batch_size": 1}},
+        r"align\.method kto estimates its KL term by pairing each prompt with another row's "
+        r"completion in the same batch: set align\.per_device_train_batch_size to 2 or more \(it is 1\)$"),
+    cross.grpo_whole_groups: (
+        {"align": {"enabled": True, "method": "grpo", "num_generations": 4, "per_device_train_batch_size": 6}},
+        r"align\.per_device_train_batch_size \(6\) counts GRPO's sampled answers and must hold whole "
+        r"groups of align\.num_generations \(4\): e\.g\. 4$"),
+    cross.grpo_completion_fits: (
+        {"align": {"enabled": True, "method": "grpo", "max_completion_length": 256}},
+        r"align\.max_completion_length \(256\) must be below tokenize\.max_length \(256\) to leave room "
+        r"for the prompt$"),
+    cross.kto_weights_for_kto: (
+        {"align": {"method": "orpo", "undesirable_weight": 2.0}},
+        r"align\.undesirable_weight weights KTO's loss and align\.method is orpo: set align\.method: "
+        r"kto, or leave the weight at 1\.0$"),
     cross.references_fill_one_field: (
         {"data": {"references": ["summary"]}, "prompt": {"template": "{dialogue}", "completion": " {a} {b}"}},
         r"data\.references needs a generative model\.task and a text template"),

@@ -37,14 +37,14 @@ from tasks.config.model import (PROMPT_LEARNING, TASKS, UNQUANTIZED_ONLY, Dtype,
                                 PeftMethodConfig, QuantConfig)
 from tasks.config.params import Params
 from tasks.config.rules import RULES
-from tasks.config.training import TRACKERS, AlignConfig, TokenizeConfig, TrainConfig
+from tasks.config.training import TRACKERS, AlignConfig, RewardConfig, TokenizeConfig, TrainConfig
 
 __all__ = [
     "DATA_DIR", "LM_EVAL_DIR", "LOCAL_DATA_SUFFIXES", "MODELS_DIR", "PROMPT_LEARNING", "RULES", "SHORT",
     "SPLIT_NAMES", "TAG", "TASKS", "TRACKERS", "UNQUANTIZED_ONLY", "AlignConfig", "DataConfig", "DataPath",
     "Dtype", "EvaluateConfig", "ExportConfig", "Files", "LoraConfig", "ModelConfig", "OptionalDataPath",
     "Params", "ParamsOverride", "PathShapes", "PeftMethodConfig", "PromoteConfig", "PromptConfig",
-    "QuantConfig", "Section", "SourceConfig", "SplitConfig", "SplitFiles", "TokenizeConfig", "TrainConfig",
+    "QuantConfig", "RewardConfig", "Section", "SourceConfig", "SplitConfig", "SplitFiles", "TokenizeConfig", "TrainConfig",
     "_allowed", "_flatten", "_key_path", "_partial", "_path_shape", "apply_overrides", "data_suffix",
     "check_dvc_params", "check_options", "deep_merge", "describe", "fill_dvc_params", "load_params",
     "local_data_problem", "lookup", "missing_dvc_params", "parse_params", "path_kind", "read_yaml", "reference_field",

@@ -31,7 +31,7 @@ class Params(Section):
     train: TrainConfig = Field(TrainConfig(), description=(
         "Supervised fine-tuning with the transformers Trainer."))
     align: AlignConfig = Field(AlignConfig(), description=(
-        "Optional preference tuning (DPO) after SFT."))
+        "Optional preference tuning after SFT: DPO, KTO, ORPO or GRPO (align.method)."))
     evaluate: EvaluateConfig = Field(EvaluateConfig(), description=(
         "Generation and scoring on the test split, base against tuned."))
     export: ExportConfig = Field(ExportConfig(), description=(

@@ -62,7 +62,7 @@ def prefix_tuning_without_checkpointing(params: Params) -> list[str]:
 def align_supported(params: Params) -> list[str]:
     if params.align.enabled and (params.prompt.template == "chat" or params.peft.method != "lora"):
         return ["align.enabled needs prompt.template other than chat and peft.method "
-                "lora (the DPO stage supports those so far)"]
+                "lora (align's methods support those so far)"]
     return []
 
 
@@ -85,8 +85,43 @@ def chat_template_causal_lm_only(params: Params) -> list[str]:
 def align_causal_lm_only(params: Params) -> list[str]:
     task = params.model.task
     if task != "causal_lm" and params.align.enabled:
-        return [f"align.enabled needs model.task causal_lm (DPO scores completions "
+        return [f"align.enabled needs model.task causal_lm (align.method scores completions "
                 f"of a causal LM; task is {task})"]
+    return []
+
+
+def kto_batch_of_two(params: Params) -> list[str]:
+    a = params.align
+    if a.enabled and a.method == "kto" and a.per_device_train_batch_size < 2:
+        return [f"align.method kto estimates its KL term by pairing each prompt with another "
+                f"row's completion in the same batch: set align.per_device_train_batch_size to 2 "
+                f"or more (it is {a.per_device_train_batch_size})"]
+    return []
+
+
+def grpo_whole_groups(params: Params) -> list[str]:
+    a = params.align
+    if a.enabled and a.method == "grpo" and a.per_device_train_batch_size % a.num_generations:
+        return [f"align.per_device_train_batch_size ({a.per_device_train_batch_size}) counts GRPO's "
+                f"sampled answers and must hold whole groups of align.num_generations "
+                f"({a.num_generations}): e.g. {a.num_generations * max(1, a.per_device_train_batch_size // a.num_generations)}"]
+    return []
+
+
+def grpo_completion_fits(params: Params) -> list[str]:
+    a, length = params.align, params.tokenize.max_length
+    if a.enabled and a.method == "grpo" and a.max_completion_length >= length:
+        return [f"align.max_completion_length ({a.max_completion_length}) must be below "
+                f"tokenize.max_length ({length}) to leave room for the prompt"]
+    return []
+
+
+def kto_weights_for_kto(params: Params) -> list[str]:
+    a = params.align
+    weighted = [k for k in ("desirable_weight", "undesirable_weight") if getattr(a, k) != 1.0]
+    if a.method != "kto" and weighted:
+        return [f"align.{weighted[0]} weights KTO's loss and align.method is {a.method}: set "
+                f"align.method: kto, or leave the weight at 1.0"]
     return []
 
 
@@ -164,6 +199,10 @@ RULES: tuple[Callable[[Params], list[str]], ...] = (
     padding_free_causal_lm_only,
     chat_template_causal_lm_only,
     align_causal_lm_only,
+    kto_batch_of_two,
+    grpo_whole_groups,
+    grpo_completion_fits,
+    kto_weights_for_kto,
     references_fill_one_field,
     gguf_needs_merged_causal_lm,
     lm_eval_needs_causal_lm,

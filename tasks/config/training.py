@@ -1,7 +1,8 @@
-"""How the model trains: tokenize.*, train.* (SFT) and align.* (DPO)."""
+"""How the model trains: tokenize.*, train.* (SFT) and align.* (DPO, KTO or ORPO)."""
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -150,28 +151,97 @@ class TrainConfig(Section):
         return self
 
 
+# align.method's choices, each a TRL trainer (the name is the method's own, lower case).
+ALIGN_METHODS = ("dpo", "kto", "orpo", "grpo")
+# GRPO's built-in rewards (tasks/rewards.py) and `function`, a user's own.
+REWARDS = ("rouge", "exact_match", "regex", "length", "function")
+# A user reward: a dotted module path inside the repository and a function name in it.
+FUNCTION_SPEC = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
+
+
+class RewardConfig(Section):
+    name: Literal[REWARDS] = Field(description=(
+        "rouge: ROUGE-L F against the best reference; exact_match: 1 if the answer equals a "
+        "reference (whitespace and case aside), else 0; regex: 1 if the answer matches pattern; "
+        "length: 1 at target words, falling linearly to 0 at 0 or twice target; function: a "
+        "function of yours."))
+    weight: float = Field(1.0, description="Weight of this reward in the sum GRPO optimizes.")
+    pattern: str | None = Field(None, description=(
+        "regex only: a Python regular expression searched for in the answer (anchor it with ^ "
+        "and $ to match the whole answer)."))
+    target: int | None = Field(None, ge=1, description="length only: the answer's ideal length in words.")
+    function: str | None = Field(None, description=(
+        "function only: module:function, the module a .py file inside the repository named by "
+        "its dotted path (rewards.mine:brevity is rewards/mine.py), outside models/ and data/. "
+        "It is called as function(completions=..., references=..., prompts=...) with lists of "
+        "equal length (references: each answer's list of reference texts) and returns a list "
+        "of floats."))
+
+    @model_validator(mode="after")
+    def _its_fields(self) -> RewardConfig:
+        needs = {"regex": "pattern", "length": "target", "function": "function"}
+        for name, field in needs.items():
+            given = getattr(self, field) is not None
+            if given != (self.name == name):
+                raise ValueError(f"{field} is for name: {name} only, and needed there"
+                                 f" (this reward is {self.name})")
+        if self.pattern is not None:
+            try:
+                re.compile(self.pattern)
+            except re.error as err:
+                raise ValueError(f"pattern {self.pattern!r} is not a regular expression: {err}") from None
+        if self.function is not None and not FUNCTION_SPEC.fullmatch(self.function):
+            raise ValueError(f"function {self.function!r} must read module:function, the module a "
+                             "dotted path inside the repository (e.g. rewards.mine:brevity)")
+        return self
+
+
 class AlignConfig(Section):
     enabled: bool = Field(False, description=(
-        "Run DPO (TRL) on preference pairs after SFT, starting from the SFT adapter; false: the "
-        "stage only records that it is off. Needs peft.method lora and a template other than "
-        "chat. When on, evaluate scores and export merges the aligned adapter."))
+        "Run preference tuning (align.method, with TRL) after SFT, starting from the SFT adapter; "
+        "false: the stage only records that it is off. Needs peft.method lora and a template "
+        "other than chat. When on, evaluate scores and export merges the aligned adapter."))
+    method: Literal[ALIGN_METHODS] = Field("dpo", description=(
+        "dpo: pairs, against the SFT model as reference; kto: desirable or undesirable "
+        "completions (unpaired, or pairs split in two), against the SFT model; orpo: pairs, "
+        "no reference model (an odds-ratio penalty on top of the chosen completion's loss); "
+        "grpo: samples num_generations answers to each prompt of data/prepared/ and learns from "
+        "their align.rewards, against the SFT model."))
     path: str = Field("data/raw/preferences.jsonl", description=(
         "Preference records under data/raw/: the template's input fields (data.columns "
-        "applies), chosen and rejected completions, and the id column. The id's split "
-        "(data.split) decides which pairs are held out for the reported reward accuracy and "
-        "margins."))
+        "applies), the id column, and chosen and rejected completions; for kto also (or instead) "
+        "rows with a completion and a boolean label. The id's split (data.split) decides which "
+        "records are held out for the reported metrics."))
     beta: float = Field(0.1, gt=0, description=(
-        "DPO's beta: how strongly the policy is held near the reference, the SFT model (the "
-        "implicit KL penalty)."))
-    max_steps: int = Field(30, ge=1, description="DPO optimizer steps.")
+        "dpo, kto and grpo: how strongly the policy is held near the reference, the SFT model "
+        "(the KL penalty); orpo: the weight of the odds-ratio term against the chosen completion's "
+        "loss (the paper's lambda)."))
+    desirable_weight: float = Field(1.0, gt=0, description=(
+        "kto only: weight of the desirable (label true) rows' loss; raise it when they are "
+        "fewer than the undesirable ones."))
+    undesirable_weight: float = Field(1.0, gt=0, description=(
+        "kto only: weight of the undesirable (label false) rows' loss."))
+    num_generations: int = Field(4, ge=2, description=(
+        "grpo only: answers sampled per prompt, the group whose rewards are compared with one "
+        "another (the group size)."))
+    max_completion_length: int = Field(48, ge=1, description=(
+        "grpo only: the longest sampled answer, in tokens; also the greedy answers scored on "
+        "held-out prompts."))
+    rewards: list[RewardConfig] = Field([RewardConfig(name="rouge")], min_length=1, description=(
+        "grpo only: the rewards summed, each with its weight, e.g. [{name: exact_match}, {name: "
+        "length, target: 20, weight: 0.2}]; references are the prepared completions (or "
+        "data.references)."))
+    max_steps: int = Field(30, ge=1, description="Optimizer steps.")
     per_device_train_batch_size: int = Field(4, ge=1, description=(
-        "Preference pairs per batch in each process."))
+        "Examples per batch in each process: pairs for dpo and orpo, rows for kto (a pair is "
+        "two rows there), sampled answers for grpo (a multiple of num_generations). kto needs at least 2: it estimates its KL term by pairing each prompt "
+        "with another row's completion in the same batch."))
     per_device_eval_batch_size: int = Field(8, ge=1, description=(
-        "Batch for the held-out reward metrics."))
+        "Batch for the held-out metrics."))
     learning_rate: float = Field(5e-4, gt=0, description=(
-        "DPO's peak learning rate; the shipped 5e-4 is high for the random smoke model (about "
+        "Peak learning rate; the shipped 5e-4 is high for the random smoke model (about "
         "5e-6 to 5e-5 for real models)."))
-    seed: int = Field(0, description="Seeds DPO's data order and dropout.")
+    seed: int = Field(0, description="Seeds the data order and dropout.")
 
     @model_validator(mode="after")
     def _local(self) -> AlignConfig:
