@@ -44,7 +44,7 @@ from tasks.config import PROMPT_LEARNING, Params
 from tasks.errors import PipelineError, environment_errno
 from tasks.io import (atomic_path, damaged, normalize_adapter_config, read_json_folder, read_json_state,
                       save_tokenizer, sha256_path, write_json, writing)
-from tasks.memory import with_checkpointing
+from tasks.memory import LOWER_FULL_FINETUNE_MEMORY, LOWER_TRAINING_MEMORY, with_checkpointing
 from tasks.encoding import IGNORE_INDEX
 from tasks.modeling import device, load_tokenizer, resolve_precision
 from tasks.training import optim_name, run_name, tracked, trackers, trainable_base
@@ -552,10 +552,8 @@ def run(params: Params, ws: Workspace) -> dict[str, Any]:
                 result = trainer.train(resume_from_checkpoint=resume)
             eval_loss = trainer.evaluate()["eval_loss"] if trainer.eval_dataset is not None else None
     except torch.cuda.OutOfMemoryError:
-        raise PipelineError("CUDA out of memory: lower train.per_device_train_batch_size (raise "
-                            "gradient_accumulation_steps to keep the effective batch), lower "
-                            "tokenize.max_length, keep train.gradient_checkpointing: true, or use "
-                            "quant.load_in_4bit: true") from None
+        lower = LOWER_FULL_FINETUNE_MEMORY if full_finetune(params) else LOWER_TRAINING_MEMORY
+        raise PipelineError(f"CUDA out of memory: {lower}") from None
     if not trainer.is_world_process_zero():
         return {}  # the first process writes the outputs
     with atomic_path(ws.adapter) as tmp:

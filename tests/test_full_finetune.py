@@ -1,5 +1,5 @@
-"""Full fine-tuning (`peft.method: none`): every weight of the tiny causal LM and of the tiny
-BERT classifier trains, train writes the whole model where the adapter goes, and evaluate,
+"""Full fine-tuning (`peft.method: none`): every weight of the tiny causal LM, T5 and BERT
+classifier trains, train writes the whole model where the adapter goes, and evaluate,
 export, promote and predict take it as the model it is; an interrupted run resumes to the
 same weights; export.gguf converts the saved model."""
 
@@ -22,9 +22,11 @@ from .conftest import TASK_PARAMS, TINY_PARAMS, merge, shipped_params, stage, to
 FULL = {"peft": {"method": "none"}, "quant": {"load_in_4bit": False},
         "export": {"merge_into": "original", "check_prompts": 2},
         "evaluate": {"max_samples": 4, "max_new_tokens": 4},
+        # As a GPU run would have it (auto leaves it off for these tiny models).
+        "train": {"gradient_checkpointing": True},
         # min_gain -1: promote whatever 4 steps give, so the registry holds the full fine-tune.
         "promote": {"min_gain": -1.0}}
-TINY_OF_TASK = {"causal_lm": "tiny_model", "sequence_classification": "tiny_bert"}
+TINY_OF_TASK = {"causal_lm": "tiny_model", "seq2seq": "tiny_t5", "sequence_classification": "tiny_bert"}
 
 
 def full_params(task: str) -> dict:
@@ -71,7 +73,7 @@ def test_every_weight_trains_and_the_whole_model_is_written(ws):
 
 def test_evaluate_export_promote_and_predict_take_the_whole_model(ws):
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
     from tasks import predict
     from tasks.workspace import Workspace
@@ -92,7 +94,8 @@ def test_evaluate_export_promote_and_predict_take_the_whole_model(ws):
     manifest = json.loads((merged / "manifest.json").read_text())
     assert manifest["merged"] is False and manifest["params"]["peft"]["method"] == "none"
     # The export is train's model itself: the same weights, as a plain transformers model.
-    cls = AutoModelForSequenceClassification if task == "sequence_classification" else AutoModelForCausalLM
+    cls = {"causal_lm": AutoModelForCausalLM, "seq2seq": AutoModelForSeq2SeqLM,
+           "sequence_classification": AutoModelForSequenceClassification}[task]
     trained_weights = load_file(root / "artifacts/adapter/model.safetensors")
     exported_weights = load_file(merged / "model.safetensors")
     assert all(torch.equal(trained_weights[k], exported_weights[k]) for k in trained_weights)
