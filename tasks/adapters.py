@@ -1,7 +1,10 @@
 """The PEFT method of params `peft.method`, built from the `lora` and `peft` sections.
 
 One place turns params into a PEFT config, so train, evaluate and export agree on what
-an adapter is and whether it can be merged into the base.
+an adapter is and whether it can be merged into the base. With `peft.method: none` (full
+fine-tuning) there is no adapter: train writes the whole model where the adapter goes
+(ws.adapter, a folder with config.json instead of adapter_config.json), and the later stages
+load it as a standalone model.
 """
 
 from __future__ import annotations
@@ -9,9 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tasks.config import PROMPT_LEARNING, Params
+from tasks.config import FULL_FINETUNE, PROMPT_LEARNING, Params
 from tasks.errors import PipelineError
-from tasks.io import check_adapter
+from tasks.io import check_adapter, read_json_folder
 from tasks.workspace import Workspace
 
 # PEFT's task type of each model.task. SEQ_CLS also trains the new classification head in
@@ -20,16 +23,30 @@ TASK_TYPES = {"causal_lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM",
               "sequence_classification": "SEQ_CLS"}
 
 
+def full_finetune(params: Params) -> bool:
+    """Whether every weight trains (peft.method none): train's output is a whole model."""
+    return params.peft.method == FULL_FINETUNE
+
+
 def tuned_adapter(params: Params, ws: Workspace) -> Path:
     """The adapter evaluate and export use: the DPO-aligned one when align is on, else SFT's;
-    its JSON files checked (check_adapter) before PEFT or the tokenizer reads them."""
+    its JSON files checked (check_adapter) before PEFT or the tokenizer reads them. With full
+    fine-tuning, train's whole model (its weights are checked when it loads, as a base's are)."""
     folder, stage = (ws.aligned, "align") if params.align.enabled else (ws.adapter, "train")
-    return check_adapter(folder, f"rerun `dvc repro {stage}`")
+    recover = f"rerun `dvc repro {stage}`"
+    if not full_finetune(params):
+        return check_adapter(folder, recover)
+    if (folder / "adapter_config.json").is_file():
+        raise PipelineError(f"{folder} holds a PEFT adapter, but peft.method is none (train writes the "
+                            f"whole model there): {recover}")
+    read_json_folder(folder, recover=recover, required={"config.json": {"model_type": str}})
+    return folder
 
 
 def mergeable(params: Params) -> bool:
-    """Soft prompts are extra inputs, not weight deltas: there is nothing to merge."""
-    return params.peft.method not in PROMPT_LEARNING
+    """Soft prompts are extra inputs, not weight deltas: there is nothing to merge; a full
+    fine-tune is the model itself."""
+    return params.peft.method not in (*PROMPT_LEARNING, FULL_FINETUNE)
 
 
 def peft_config(params: Params):

@@ -8,7 +8,9 @@ Both runs use one loaded base (quantized as in training): the base's outputs com
 then the adapter is attached to the same weights. (Not PEFT's disable_adapter: for soft
 prompts on a classifier it keeps the trained head, and it fails on encoders.) Reads artifacts/adapter/ and
 data/prepared/test.jsonl; writes metrics/eval.json (base, tuned, delta; each score with a
-bootstrap confidence interval), reports/predictions.jsonl and reports/eval_preview.md.
+bootstrap confidence interval), reports/predictions.jsonl and reports/eval_preview.md. With full
+fine-tuning (peft.method none) the tuned model is train's whole model, loaded in the base's
+place once the base has answered.
 
 With `evaluate.lm_eval_tasks` listed, both models are also run through EleutherAI's
 lm-evaluation-harness (tasks/harness.py, the general-capability check) and
@@ -24,9 +26,11 @@ import logging
 from typing import Any
 
 from tasks import harness
+from tasks.adapters import full_finetune, tuned_adapter
 from tasks.config import Params
 from tasks.generation import attach_adapter, load_base_and_tokenizer, outputs, test_rows
 from tasks.io import atomic_path, write_json, write_jsonl
+from tasks.modeling import load_standalone
 from tasks.scoring import HEADLINE, SCORE_FIELDS, headline_per_example, metric_names, scores
 from tasks.workspace import Workspace
 
@@ -55,7 +59,12 @@ def run(params: Params, ws: Workspace) -> dict[str, Any]:
     log.info("running %d test examples through the base model", len(rows))
     base = outputs(model, tokenizer, prompts, params)
     general = harness.score(model, tokenizer, params) if cfg.lm_eval_tasks else None
-    model = attach_adapter(model, params, ws)
+    if full_finetune(params):
+        dtype = model.dtype
+        del model  # the base's weights make way for the tuned model's
+        model = load_standalone(params, tuned_adapter(params, ws), dtype)[0]
+    else:
+        model = attach_adapter(model, params, ws)
     log.info("running %d test examples through the tuned model", len(rows))
     tuned = outputs(model, tokenizer, prompts, params)
     general_tuned = harness.score(model, tokenizer, params) if cfg.lm_eval_tasks else None

@@ -1,5 +1,6 @@
 """export: merge the adapter into a 16/32-bit base and save a standalone model (or, for soft
-prompts, which have no weights to merge, the adapter with a card saying so).
+prompts, which have no weights to merge, the adapter with a card saying so; with full
+fine-tuning, `peft.method: none`, the tuned model itself).
 
 Never merges into 4-bit weights. With `export.merge_into: dequantized` the base is the
 4-bit checkpoint the adapter was trained against, dequantized to `export.torch_dtype`, so the
@@ -7,7 +8,9 @@ merged model reproduces the tuned one; `original` reloads the full-precision che
 Before saving it checks that the merged logits equal base + adapter on a few test prompts
 (`export.logits_atol`) and that the merged model's headline metric on the test split (ROUGE-L;
 accuracy for sequence_classification) equals the adapter's (`export.metric_atol`); either
-failing stops the stage with nothing written.
+failing stops the stage with nothing written. A full fine-tune has nothing to merge: the model
+train wrote is loaded in `export.torch_dtype`, saved, loaded back from the saved files and
+checked against itself the same two ways.
 
 With `export.gguf` set it also writes the merged model as GGUF through llama.cpp's own
 converter (tasks/gguf.py), loads the file back with transformers, checks its tokenizer gives
@@ -29,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks import gguf
-from tasks.adapters import mergeable, tuned_adapter
+from tasks.adapters import full_finetune, mergeable, tuned_adapter
 from tasks.config import Params
 from tasks.errors import PipelineError
 from tasks.generation import attach_adapter, input_ids, model_batches, outputs, test_rows
@@ -120,7 +123,9 @@ def manifest(params: Params, ws: Workspace) -> dict[str, Any]:
 
 def _method(p: Params) -> str:
     quant = f", on the 4-bit {p.quant.bnb_4bit_quant_type} base" if p.quant.load_in_4bit else ""
-    if not mergeable(p):
+    if full_finetune(p):
+        method = "full fine-tuning (peft.method none): every weight trained, no adapter"
+    elif not mergeable(p):
         method = f"{p.peft.method}, {p.peft.num_virtual_tokens} virtual tokens{quant}"
     else:
         rank = "" if p.peft.method == "ia3" else f" r={p.lora.r}, lora_alpha={p.lora.lora_alpha},"
@@ -153,18 +158,24 @@ def _head_kwargs(params: Params) -> str:
 def model_card(params: Params, scores: dict[str, Any]) -> str:
     p = params
     metric = METRIC_TITLES[HEADLINE[p.model.task]]
-    if mergeable(p):
+    tuned = "base + adapter"
+    if full_finetune(p):
+        tuned = "fine-tuned, as train saved it"
+        what = (f"A standalone model: every weight of `{p.model.name_or_path}` (revision `{p.model.revision}`)\n"
+                f"fine-tuned by this pipeline (full fine-tuning, no adapter), saved in {p.export.torch_dtype}.")
+        last = "| this model, read back | {:.4f} |".format(scores["merged"])
+    elif mergeable(p):
         what = (f"A standalone model: the {p.peft.method} adapter trained by this pipeline, merged into\n"
                 f"`{p.model.name_or_path}` (revision `{p.model.revision}`), saved in {p.export.torch_dtype}.")
         last = "| merged (this model) | {:.4f} |".format(scores["merged"])
-        if "gguf" in scores:
-            last += f"\n| `{gguf.file_name(p.export.gguf or '')}` (GGUF, read back by transformers) | {scores['gguf']:.4f} |"
     else:
         what = (f"**Not a standalone model.** {p.peft.method} learns virtual tokens that are fed in front "
                 f"of every input;\nthere are no weights to merge. This folder is the adapter: load it "
                 f"on its base,\n`{p.model.name_or_path}` (revision `{p.model.revision}`), with\n"
                 f"`peft.{_peft_auto_class(p.model.task)}.from_pretrained(this_folder{_head_kwargs(p)})`.")
         last = ""
+    if "gguf" in scores:
+        last += f"\n| `{gguf.file_name(p.export.gguf or '')}` (GGUF, read back by transformers) | {scores['gguf']:.4f} |"
     if p.model.task == "sequence_classification":
         what += f"\n\nTask: sequence classification into {', '.join(p.model.labels or [])} (in head order)."
         scoring = "predicted class"
@@ -173,8 +184,8 @@ def model_card(params: Params, scores: dict[str, Any]) -> str:
         scoring = f"greedy, {p.evaluate.max_new_tokens} new tokens"
     return f"""---
 base_model: {p.model.name_or_path}
-library_name: {'transformers' if mergeable(p) else 'peft'}
-tags: [fine-tuned, {p.peft.method}{', qlora' if p.quant.load_in_4bit and p.peft.method == 'lora' else ''}]
+library_name: {'transformers' if mergeable(p) or full_finetune(p) else 'peft'}
+tags: [fine-tuned, {'full-fine-tuning' if full_finetune(p) else p.peft.method}{', qlora' if p.quant.load_in_4bit and p.peft.method == 'lora' else ''}]
 ---
 # Fine-tuned {p.model.name_or_path}
 
@@ -190,7 +201,7 @@ tags: [fine-tuned, {p.peft.method}{', qlora' if p.quant.load_in_4bit and p.peft.
 | model | {metric} |
 |---|---|
 | base | {scores['base']:.4f} |
-| base + adapter | {scores['adapter']:.4f} |
+| {tuned} | {scores['adapter']:.4f} |
 {last}
 
 Full metrics with confidence intervals are in the pipeline's `metrics/eval.json`;
@@ -235,7 +246,7 @@ def _save(model, tokenizer, params: Params, ws: Workspace, scores: dict[str, Any
     written: dict[str, Any] = {}
     with atomic_path(ws.merged) as tmp:
         model.save_pretrained(tmp)
-        if not mergeable(params):
+        if not (mergeable(params) or full_finetune(params)):  # a soft prompt's adapter
             normalize_adapter_config(tmp)
         save_tokenizer(tokenizer, tmp)
         if extra is not None:
@@ -246,11 +257,70 @@ def _save(model, tokenizer, params: Params, ws: Workspace, scores: dict[str, Any
     return written
 
 
-def run(params: Params, ws: Workspace) -> dict[str, Any]:
-    from tasks.modeling import load_tokenizer
+def _generation_defaults(model, tokenizer, params: Params) -> None:
+    """Greedy generation as evaluate scored it, for whoever loads the export."""
+    if params.model.task != "sequence_classification":
+        model.generation_config.update(
+            max_new_tokens=params.evaluate.max_new_tokens, do_sample=False,
+            eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
+
+
+def _same_model(before: list[Any], model, tokenizer, prompts: list[str], references: list[str],
+                params: Params, scores: dict[str, Any], words: tuple[str, str, str, str]) -> float:
+    """Checks that `model` (merged, or saved and read back) gives the logits `before` on the
+    first export.check_prompts prompts and the tuned model's headline metric (scores["adapter"]),
+    which it records as scores["merged"]; returns the largest logit difference. `words`: what
+    differs, what that means, and the two models' names in the metric message."""
+    cfg = params.export
+    differs, meaning, ours, theirs = words
+    after = _logits(model, tokenizer, prompts[:cfg.check_prompts], params)
+    diff = max(float((a - b).abs().max()) for a, b in zip(before, after, strict=True))
+    _check(diff, cfg.logits_atol, f"{differs} by {diff:.3g} (export.logits_atol = {cfg.logits_atol}): {meaning}")
+    scores["merged"] = _headline(model, tokenizer, prompts, references, params)
+    _check(abs(scores["merged"] - scores["adapter"]), cfg.metric_atol,
+           f"{ours} {scores['metric']} {scores['merged']} differs from {theirs} "
+           f"{scores['adapter']} by more than export.metric_atol = {cfg.metric_atol}")
+    return diff
+
+
+def _export_full(model, tokenizer, prompts: list[str], references: list[str], params: Params,
+                 ws: Workspace, scores: dict[str, Any]) -> dict[str, Any]:
+    """A full fine-tune has nothing to merge: `model` (train's, loaded in export.torch_dtype)
+    is saved, and what was saved, loaded back, must give its logits and its headline metric
+    (export.logits_atol, export.metric_atol) before the folder is moved into place."""
+    import torch
+
+    from tasks.modeling import load_standalone
 
     cfg = params.export
-    if mergeable(params):
+    before = _logits(model, tokenizer, prompts[:cfg.check_prompts], params)
+    _generation_defaults(model, tokenizer, params)
+    found: dict[str, Any] = {}
+
+    def read_back(folder: Path) -> dict[str, Any]:
+        saved = load_standalone(params, folder, getattr(torch, cfg.torch_dtype))[0]
+        found["logits_max_abs_diff"] = _same_model(
+            before, saved, tokenizer, prompts, references, params, scores,
+            ("the saved model's logits, read back, differ from the fine-tuned model's",
+             "saving lost something", "the saved model's", "the fine-tuned model's"))
+        return _gguf(folder, saved, tokenizer, prompts, references, params, scores) if cfg.gguf else {}
+
+    written = _save(model, tokenizer, params, ws, scores, read_back)
+    metrics = {"merged": False, "full_finetune": True, **found, "scores": scores}
+    if written:
+        metrics["gguf"] = written
+    write_json(ws.metrics("export"), metrics)
+    log.info("fine-tuned model saved to %s: %s", ws.merged, metrics)
+    return metrics
+
+
+def run(params: Params, ws: Workspace) -> dict[str, Any]:
+    import torch
+
+    from tasks.modeling import load_standalone, load_tokenizer
+
+    cfg = params.export
+    if mergeable(params) or full_finetune(params):
         from tasks.memory import export_preflight, shape
         from tasks.modeling import device, load_config
 
@@ -263,9 +333,16 @@ def run(params: Params, ws: Workspace) -> dict[str, Any]:
     base = _merge_base(params, tokenizer)
     base.eval()
     base_score = _headline(base, tokenizer, prompts, references, params)
-    model = attach_adapter(base, params, ws)
+    if full_finetune(params):
+        del base  # its weights make way for the tuned model's
+        model = load_standalone(params, adapter, getattr(torch, cfg.torch_dtype))[0]
+    else:
+        model = attach_adapter(base, params, ws)
+    # "adapter": the tuned model as train (or align) wrote it, by any method.
     scores = {"num_examples": len(rows), "metric": HEADLINE[params.model.task], "base": base_score,
               "adapter": _headline(model, tokenizer, prompts, references, params)}
+    if full_finetune(params):
+        return _export_full(model, tokenizer, prompts, references, params, ws, scores)
     if not mergeable(params):
         log.warning("peft.method %s cannot be merged (virtual tokens, not weights): exporting "
                     "the adapter, to be loaded on %s", params.peft.method, params.model.name_or_path)
@@ -273,21 +350,12 @@ def run(params: Params, ws: Workspace) -> dict[str, Any]:
         metrics = {"merged": False, "scores": scores}
         write_json(ws.metrics("export"), metrics)
         return metrics
-    check = prompts[:cfg.check_prompts]
-    before = _logits(model, tokenizer, check, params)
+    before = _logits(model, tokenizer, prompts[:cfg.check_prompts], params)
     merged = model.merge_and_unload()
-    after = _logits(merged, tokenizer, check, params)
-    diff = max(float((a - b).abs().max()) for a, b in zip(before, after, strict=True))
-    _check(diff, cfg.logits_atol, f"merged logits differ from base + adapter by {diff:.3g} "
-           f"(export.logits_atol = {cfg.logits_atol}): the merge is wrong")
-    scores["merged"] = _headline(merged, tokenizer, prompts, references, params)
-    _check(abs(scores["merged"] - scores["adapter"]), cfg.metric_atol,
-           f"merged {scores['metric']} {scores['merged']} differs from the adapter's "
-           f"{scores['adapter']} by more than export.metric_atol = {cfg.metric_atol}")
-    if params.model.task != "sequence_classification":
-        merged.generation_config.update(
-            max_new_tokens=params.evaluate.max_new_tokens, do_sample=False,
-            eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    diff = _same_model(before, merged, tokenizer, prompts, references, params, scores,
+                       ("merged logits differ from base + adapter", "the merge is wrong", "merged",
+                        "the adapter's"))
+    _generation_defaults(merged, tokenizer, params)
     extra = None
     if cfg.gguf:
         def extra(folder: Path) -> dict[str, Any]:

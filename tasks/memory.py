@@ -20,7 +20,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from tasks.config import Params
+from tasks.config import FULL_FINETUNE, Params
 from tasks.errors import PipelineError
 
 log = logging.getLogger("finetune.memory")
@@ -30,7 +30,9 @@ NF4_BYTES_PER_PARAM = 0.5  # 4 bits
 # Quantization constants: one fp32 absmax per 64-weight block, or with double quantization
 # 8 bits per block plus one fp32 per 256 blocks (the QLoRA paper's 0.127 bits/param).
 QUANT_CONSTANT_BYTES = {False: 4 / 64, True: (1 + 4 / 256) / 64}
-ADAPTER_BYTES_PER_PARAM = 16  # fp32 weight + fp32 gradient + AdamW's two fp32 moments
+# Per trained parameter (an adapter's, or every one with full fine-tuning, whose weights train
+# from float32 masters): fp32 weight + fp32 gradient + AdamW's two fp32 moments.
+TRAINABLE_BYTES_PER_PARAM = 16
 # Per token and per hidden unit, activations kept across layers under gradient
 # checkpointing (the layer inputs), and inside the one layer being recomputed.
 CHECKPOINTED_VALUES_PER_LAYER = 1
@@ -48,11 +50,12 @@ def _dtype_bytes(name: str) -> int:
 
 @dataclass(frozen=True)
 class Shape:
-    """Parameter counts of a model and of the adapter params ask for."""
+    """Parameter counts of a model and of what params train: the adapter's parameters, or
+    with full fine-tuning (peft.method none) every parameter."""
 
     linear: int  # in the linear layers 4-bit quantization applies to (all but the output head)
     other: int  # embeddings, norms, the output head
-    adapter: int
+    trainable: int
     has_head: bool  # an output head over the vocabulary (generative models)
 
     @property
@@ -70,12 +73,15 @@ def shape(params: Params, config: Any) -> Shape:
     head = model.get_output_embeddings()
     linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
     linear_params = sum(m.in_features * m.out_features for m in linear)
+    total = sum(p.numel() for p in model.parameters())
+    if params.peft.method == FULL_FINETUNE:
+        return Shape(linear=linear_params, other=total - linear_params, trainable=total, has_head=head is not None)
     targets = params.lora.target_modules
     adapted = [m for name, m in model.named_modules() if m in linear and (
         targets == "all-linear" or any(name.endswith(t) for t in ([targets] if isinstance(targets, str) else targets)))]
     return Shape(linear=linear_params,
-                 other=sum(p.numel() for p in model.parameters()) - linear_params,
-                 adapter=sum(params.lora.r * (m.in_features + m.out_features) for m in adapted),
+                 other=total - linear_params,
+                 trainable=sum(params.lora.r * (m.in_features + m.out_features) for m in adapted),
                  has_head=head is not None)
 
 
@@ -83,7 +89,9 @@ def estimate(params: Params, config: Any, compute_dtype: str, counts: Shape | No
     """Peak memory of training, in GiB, by component."""
     counts = counts or shape(params, config)
     act = _dtype_bytes(compute_dtype)
-    if params.quant.load_in_4bit:
+    if params.peft.method == FULL_FINETUNE:
+        base = 0  # nothing is frozen: every weight is counted with its optimizer state below
+    elif params.quant.load_in_4bit:
         per_param = NF4_BYTES_PER_PARAM + QUANT_CONSTANT_BYTES[params.quant.bnb_4bit_use_double_quant]
         base = counts.linear * per_param + counts.other * act
     else:
@@ -94,7 +102,7 @@ def estimate(params: Params, config: Any, compute_dtype: str, counts: Shape | No
     activations = tokens * hidden * act * (kept + LIVE_LAYER_VALUES)
     # A classification head's logits are a few numbers per row, not one per vocabulary entry.
     logits = tokens * config.vocab_size * 4 * LOGITS_COPIES if counts.has_head else 0
-    parts = {"base_weights": base, "adapter_and_optimizer": counts.adapter * ADAPTER_BYTES_PER_PARAM,
+    parts = {"base_weights": base, "trainable_and_optimizer": counts.trainable * TRAINABLE_BYTES_PER_PARAM,
              "activations": activations, "logits": logits}
     out = {k: round(v / GIB, 4) for k, v in parts.items()}
     out["total"] = round(sum(parts.values()) / GIB, 4)
@@ -106,6 +114,7 @@ def preflight(params: Params, config: Any, compute_dtype: str, device: str,
     """Log the estimate; on a GPU, refuse to start when it exceeds the free memory. Refuse
     too when the checkpoints would not fit on the disk of `checkpoints`."""
     counts = shape(params, config)
+    full = params.peft.method == FULL_FINETUNE
     train_preflight(params, counts, checkpoints)
     est = estimate(params, config, compute_dtype, counts)
     log.info("estimated peak training memory: %.3f GiB (%s)", est["total"],
@@ -114,27 +123,31 @@ def preflight(params: Params, config: Any, compute_dtype: str, device: str,
         import torch
 
         free, _ = torch.cuda.mem_get_info()
-        check_fits(est["total"], free / GIB)
+        check_fits(est["total"], free / GIB, full=full)
     elif (total := total_memory()) is not None:
         # On a CPU the processes share the host's memory; past MemTotal the run would only
         # swap until the kernel kills it.
         processes = params.train.num_processes
         check_fits(est["total"] * processes, total / GIB,
                    f"this host has {total / GIB:.1f} GiB of memory (MemTotal)"
-                   + (f" for its {processes} training processes" if processes > 1 else ""))
+                   + (f" for its {processes} training processes" if processes > 1 else ""), full)
     return est
 
 
-def check_fits(needed_gib: float, free_gib: float, has: str | None = None) -> None:
+def check_fits(needed_gib: float, free_gib: float, has: str | None = None, full: bool = False) -> None:
     if needed_gib > free_gib:
         has = has or f"the GPU has {free_gib:.1f} GiB free"
-        raise PipelineError(f"training needs about {needed_gib:.1f} GiB but {has}: {LOWER_TRAINING_MEMORY}")
+        lower = LOWER_FULL_FINETUNE_MEMORY if full else LOWER_TRAINING_MEMORY
+        raise PipelineError(f"training needs about {needed_gib:.1f} GiB but {has}: {lower}")
 
 
-LOWER_TRAINING_MEMORY = (
+LOWER_ACTIVATIONS = (
     "lower train.per_device_train_batch_size (raise gradient_accumulation_steps to keep the "
-    "effective batch) or tokenize.max_length, keep train.gradient_checkpointing: true, or "
-    "use quant.load_in_4bit: true")
+    "effective batch) or tokenize.max_length, keep train.gradient_checkpointing: true")
+LOWER_TRAINING_MEMORY = f"{LOWER_ACTIVATIONS}, or use quant.load_in_4bit: true"
+LOWER_FULL_FINETUNE_MEMORY = (f"{LOWER_ACTIVATIONS}, or train an adapter (peft.method lora, with "
+                              "quant.load_in_4bit: true): full fine-tuning (peft.method none) holds "
+                              "every weight with its gradient and optimizer state")
 # Per training process, no machine holds more: eight of the largest accelerators sold today
 # (H200, 141 GiB each), were one process to use them all. `finetune check` refuses sizes whose
 # estimate is past this and past the host's memory: they are typos, not plans.
@@ -175,7 +188,7 @@ def impossible_sizes(params: Params) -> list[str]:
     sizes = config_sizes(Path(params.model.name_or_path)) if params.model.is_local else None
     if sizes is None:
         return []
-    no_weights = Shape(linear=0, other=0, adapter=0, has_head=params.model.task != "sequence_classification")
+    no_weights = Shape(linear=0, other=0, trainable=0, has_head=params.model.task != "sequence_classification")
     need = estimate(params, sizes, "bfloat16", no_weights)["total"]
     host = (total_memory() or 0) / GIB
     if need <= max(ANY_MACHINE_GIB, host):
@@ -188,8 +201,9 @@ def impossible_sizes(params: Params) -> list[str]:
             "train.gradient_accumulation_steps to keep the effective batch)"]
 
 
-# Bytes per parameter on disk: an adapter's fp32 weights, and a checkpoint's fp32 weights plus
-# AdamW's two fp32 moments (8-bit optimizers write less: this is the upper bound).
+# Bytes per trained parameter on disk: the saved adapter's (or full fine-tune's) fp32 weights,
+# and a checkpoint's fp32 weights plus AdamW's two fp32 moments (8-bit optimizers write less:
+# this is the upper bound).
 ADAPTER_FILE_BYTES_PER_PARAM = 4
 CHECKPOINT_BYTES_PER_PARAM = 4 + 8
 # The Trainer deletes the oldest checkpoint only after writing a new one.
@@ -202,12 +216,13 @@ MEMINFO = Path("/proc/meminfo")
 
 
 def checkpoint_disk(params: Params, counts: Shape) -> int:
-    """Bytes train writes under artifacts/: its checkpoints at their peak, and the adapter."""
+    """Bytes train writes under artifacts/: its checkpoints at their peak, and the adapter (or
+    the whole model, with full fine-tuning)."""
     kept = params.train.save_total_limit
     if params.train.eval_steps is not None:  # the best is kept besides the latest, even at a limit of 1
         kept = max(kept, 2)
     checkpoints = kept + EXTRA_CHECKPOINTS_AT_PEAK
-    return counts.adapter * (checkpoints * CHECKPOINT_BYTES_PER_PARAM + ADAPTER_FILE_BYTES_PER_PARAM)
+    return counts.trainable * (checkpoints * CHECKPOINT_BYTES_PER_PARAM + ADAPTER_FILE_BYTES_PER_PARAM)
 
 
 def merged_disk(params: Params, counts: Shape) -> int:
@@ -267,10 +282,12 @@ def check_memory(stage: str, need: int, what: str, lower: str) -> None:
 
 def train_preflight(params: Params, counts: Shape, checkpoints: Path) -> None:
     limit = params.train.save_total_limit
+    full = params.peft.method == FULL_FINETUNE
+    smaller = "use peft.method lora (full fine-tuning checkpoints every weight)" if full else "use a smaller lora.r"
     check_disk("train", checkpoints, checkpoint_disk(params, counts),
-               f"{limit + EXTRA_CHECKPOINTS_AT_PEAK} checkpoints of {size(counts.adapter * CHECKPOINT_BYTES_PER_PARAM)} "
-               "at the peak, and the adapter",
-               f"lower train.save_total_limit (now {limit})" if limit > 1 else "use a smaller lora.r")
+               f"{limit + EXTRA_CHECKPOINTS_AT_PEAK} checkpoints of {size(counts.trainable * CHECKPOINT_BYTES_PER_PARAM)} "
+               f"at the peak, and the {'model' if full else 'adapter'}",
+               f"lower train.save_total_limit (now {limit})" if limit > 1 else smaller)
 
 
 def export_preflight(params: Params, counts: Shape, merged: Path, device: str) -> None:

@@ -332,6 +332,15 @@ def load_base(params: Params, *, quantized: bool, torch_dtype: torch.dtype | Non
     return model
 
 
+def load_standalone(params: Params, folder: Path, torch_dtype: torch.dtype):
+    """A saved whole model (an export, or a full fine-tune's artifacts/adapter) and its
+    tokenizer, loaded with the base's loader (same safety checks) in `torch_dtype`."""
+    saved = params.model.model_copy(update={"name_or_path": str(folder), "revision": None})
+    model = load_base(params.model_copy(update={"model": saved}), quantized=False, torch_dtype=torch_dtype)
+    model.eval()
+    return model, load_tokenizer(saved, str(folder))
+
+
 def _one_cpu_path(model) -> None:
     """Keeps 4-bit layers on bitsandbytes' fp32 dequantize-and-matmul path on every CPU.
 

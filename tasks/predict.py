@@ -4,7 +4,8 @@ is not a pipeline output).
 The input is read as prepare reads data (any format it takes, data.columns and data.delimiter
 apply) and each record is rendered with the run's prompt template; the completion's fields
 need not be there. The model is a PEFT adapter folder (loaded on the base as evaluate does),
-an exported merged model, or `registry/latest` (the promoted one). Prompts are batched as in
+an exported merged model, a full fine-tune's artifacts/adapter (a whole model: peft.method
+none), or `registry/latest` (the promoted one). Prompts are batched as in
 evaluate. Writes JSONL rows {id, prompt, prediction} ({id, prompt, class, probabilities} for
 sequence_classification), plus `references` with --references FIELD, which also scores them
 as evaluate does.
@@ -70,15 +71,11 @@ def load_model(params: Params, ws: Workspace, folder: Path, adapter: bool):
         return attach_adapter(base, params, ws, folder), tokenizer
     import torch
 
-    from tasks.modeling import load_base, load_tokenizer
+    from tasks.modeling import load_standalone
 
-    # An export is a standalone model: loaded with the base's loader (same safety checks),
-    # in the dtype it was saved in.
-    merged = params.model.model_copy(update={"name_or_path": str(folder), "revision": None})
-    model = load_base(params.model_copy(update={"model": merged}), quantized=False,
-                      torch_dtype=getattr(torch, params.export.torch_dtype))
-    model.eval()
-    return model, load_tokenizer(merged, str(folder))
+    # An export (or a full fine-tune's artifacts/adapter) is a standalone model, loaded in the
+    # dtype an export is saved in.
+    return load_standalone(params, folder, getattr(torch, params.export.torch_dtype))
 
 
 def _chat_prompt(messages: Any, tokenizer: Any, where: str) -> str:

@@ -1,5 +1,7 @@
 """train: QLoRA (4-bit NF4 base + LoRA adapters) or plain LoRA (or another `peft.method`)
-with PEFT and the transformers Trainer, for the model of `model.task`.
+with PEFT and the transformers Trainer, for the model of `model.task`; or, with `peft.method:
+none`, full fine-tuning: every weight trains (float32 master weights) and the whole model is
+written where the adapter goes.
 
 The data is already tokenized and label-masked, so the plain Trainer with a padding-free (or
 dynamic-padding) collator is all that is needed (TRL's SFTTrainer would re-derive the same).
@@ -12,7 +14,8 @@ written is the best evaluated checkpoint's, and `train.early_stopping_patience` 
 that stopped improving; a resumed run keeps the best so far and the patience count (both are
 in the checkpoint's trainer_state.json).
 
-Reads data/tokenized/; writes artifacts/adapter/ (PEFT, safetensors, with the tokenizer),
+Reads data/tokenized/; writes artifacts/adapter/ (PEFT, safetensors, with the tokenizer; the
+whole model, config.json and safetensors, with full fine-tuning),
 metrics/train.json, metrics/train_log.tsv (loss, learning rate, tokens seen per step, and
 the validation loss at the steps it was computed) and metrics/eval_log.tsv (those validation
 losses alone, for dvc plots: an empty cell would be drawn as 0). While it runs, reports/progress.json says
@@ -36,12 +39,12 @@ from pathlib import Path
 from typing import Any
 
 from tasks import COMPILE_SWITCH, allow_compile
-from tasks.adapters import adalora_callback
+from tasks.adapters import adalora_callback, full_finetune
 from tasks.config import PROMPT_LEARNING, Params
 from tasks.errors import PipelineError, environment_errno
 from tasks.io import (atomic_path, damaged, normalize_adapter_config, read_json_folder, read_json_state,
                       save_tokenizer, sha256_path, write_json, writing)
-from tasks.memory import with_checkpointing
+from tasks.memory import LOWER_FULL_FINETUNE_MEMORY, LOWER_TRAINING_MEMORY, with_checkpointing
 from tasks.encoding import IGNORE_INDEX
 from tasks.modeling import device, load_tokenizer, resolve_precision
 from tasks.training import optim_name, run_name, tracked, trackers, trainable_base
@@ -302,10 +305,21 @@ def _model(params: Params, tokenizer):
     from tasks.adapters import check_supported, peft_config, settle
 
     base = trainable_base(params, tokenizer)
+    if full_finetune(params):
+        return base  # every weight trains: nothing to wrap
     check_supported(params, base)
     model = get_peft_model(base, peft_config(params))
     settle(model)
     return model
+
+
+def _parameter_counts(model) -> tuple[int, int]:
+    """(trainable, total) parameters: PEFT's count for an adapter (it counts 4-bit weights by
+    the values they hold), else every parameter of the model, which all train."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return model.get_nb_trainable_parameters()
+    weights = list(model.parameters())
+    return sum(w.numel() for w in weights if w.requires_grad), sum(w.numel() for w in weights)
 
 
 def _tf32(setting: str | bool) -> bool | None:
@@ -525,7 +539,7 @@ def run(params: Params, ws: Workspace) -> dict[str, Any]:
     history.extend(logged)
     evals.extend(evaluated)
     model, tokenizer = trainer.model, trainer.processing_class
-    trainable, total = model.get_nb_trainable_parameters()
+    trainable, total = _parameter_counts(model)
     log.info("trainable parameters: %d of %d (%.2f%%)", trainable, total, 100 * trainable / total)
     if padding_free(params):
         rows = trainer.train_dataset.select(range(min(PACKING_CHECK_ROWS, len(trainer.train_dataset))))
@@ -538,15 +552,16 @@ def run(params: Params, ws: Workspace) -> dict[str, Any]:
                 result = trainer.train(resume_from_checkpoint=resume)
             eval_loss = trainer.evaluate()["eval_loss"] if trainer.eval_dataset is not None else None
     except torch.cuda.OutOfMemoryError:
-        raise PipelineError("CUDA out of memory: lower train.per_device_train_batch_size (raise "
-                            "gradient_accumulation_steps to keep the effective batch), lower "
-                            "tokenize.max_length, keep train.gradient_checkpointing: true, or use "
-                            "quant.load_in_4bit: true") from None
+        lower = LOWER_FULL_FINETUNE_MEMORY if full_finetune(params) else LOWER_TRAINING_MEMORY
+        raise PipelineError(f"CUDA out of memory: {lower}") from None
     if not trainer.is_world_process_zero():
         return {}  # the first process writes the outputs
     with atomic_path(ws.adapter) as tmp:
+        if full_finetune(params) and hasattr(config, "use_cache"):
+            model.config.use_cache = config.use_cache  # off only while training (trainable_base)
         model.save_pretrained(tmp)
-        normalize_adapter_config(tmp)
+        if not full_finetune(params):
+            normalize_adapter_config(tmp)
         save_tokenizer(tokenizer, tmp)
     t, state = params.train, trainer.state
     if t.eval_steps is None and eval_loss is not None:
@@ -570,5 +585,5 @@ def run(params: Params, ws: Workspace) -> dict[str, Any]:
         clear_checkpoints(ws.checkpoints)
     except OSError as err:  # the adapter is saved: what is left costs disk, not the run
         log.warning("could not remove the checkpoints in %s (%s): remove them by hand", ws.checkpoints, err)
-    log.info("adapter saved to %s: %s", ws.adapter, metrics)
+    log.info("%s saved to %s: %s", "model" if full_finetune(params) else "adapter", ws.adapter, metrics)
     return metrics

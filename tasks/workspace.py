@@ -88,7 +88,10 @@ class Workspace:
         return self.root / "reports/label_preview.txt"
 
     @property
-    def adapter(self) -> Path:  # PEFT adapter (safetensors) + tokenizer
+    def adapter(self) -> Path:
+        """train's output: the PEFT adapter (adapter_config.json, safetensors) + tokenizer; with
+        full fine-tuning (peft.method none) the whole tuned model (config.json, safetensors) +
+        tokenizer. Which of the two a folder holds is what its config file says."""
         return self.root / "artifacts/adapter"
 
     @property

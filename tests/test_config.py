@@ -98,6 +98,10 @@ BROKEN: dict[Callable[[Params], list[str]], tuple[dict[str, dict[str, Any]], str
     cross.method_has_4bit: (
         {"peft": {"method": "loha"}},
         r"peft\.method loha has no 4-bit \(bitsandbytes\) implementation in PEFT"),
+    cross.full_finetune_unquantized: (
+        {"peft": {"method": "none"}},
+        r"peft\.method none trains every weight, and 4-bit weights cannot be trained .* set "
+        r"quant\.load_in_4bit: false"),
     cross.prompt_learning_unpacked: (
         {"peft": {"method": "prompt_tuning"}, "train": {"padding_free": True}},
         r"peft\.method prompt_tuning puts virtual tokens .* set train\.padding_free: false$"),
@@ -107,6 +111,11 @@ BROKEN: dict[Callable[[Params], list[str]], tuple[dict[str, dict[str, Any]], str
     cross.align_supported: (
         {"align": {"enabled": True}, "peft": {"method": "dora"}},
         r"align\.enabled needs prompt\.template other than chat and peft\.method lora"),
+    cross.align_needs_adapter: (
+        {"align": {"enabled": True}, "peft": {"method": "none"}, "quant": {"load_in_4bit": False},
+         "export": {"merge_into": "original"}},
+        r"align\.enabled trains a DPO adapter on train's adapter, and peft\.method none writes a whole "
+        r"model instead: set align\.enabled: false$"),
     cross.padding_free_causal_lm_only: (
         {"model": {"task": "seq2seq"}, "train": {"padding_free": True}},
         r"train\.padding_free packs examples for causal LMs only \(model\.task is seq2seq\)"),

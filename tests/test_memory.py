@@ -37,7 +37,7 @@ def test_4bit_base_is_about_a_quarter_of_bf16():
 def test_rank_and_batch_move_the_right_parts():
     small = estimate(params(lora={"r": 8}), LLAMA_8B, "bfloat16")
     big = estimate(params(lora={"r": 64}, train={"per_device_train_batch_size": 16}), LLAMA_8B, "bfloat16")
-    assert big["adapter_and_optimizer"] == pytest.approx(8 * small["adapter_and_optimizer"], rel=1e-2)
+    assert big["trainable_and_optimizer"] == pytest.approx(8 * small["trainable_and_optimizer"], rel=1e-2)
     assert big["logits"] == pytest.approx(2 * small["logits"], rel=1e-3)
     assert big["base_weights"] == small["base_weights"]
 
@@ -140,3 +140,21 @@ def test_no_checkpointing_estimate_is_within_a_quarter_of_the_h200_peaks(config,
     p = params(tokenize={"max_length": 2048},
                train={"per_device_train_batch_size": batch, "gradient_checkpointing": False})
     assert 0.8 < measured_gib / estimate(p, config, "bfloat16")["total"] < 1.25
+
+
+def test_full_fine_tuning_counts_every_weight_with_its_optimizer_state():
+    full = params(peft={"method": "none"}, quant={"load_in_4bit": False}, export={"merge_into": "original"})
+    counts = shape(full, LLAMA_8B)
+    assert counts.trainable == counts.total
+    est = estimate(full, LLAMA_8B, "bfloat16", counts)
+    # 8.03B parameters x 16 bytes (fp32 weight, gradient, AdamW's two moments): ~120 GiB; no
+    # frozen base besides them.
+    assert est["base_weights"] == 0
+    assert 119 < est["trainable_and_optimizer"] < 121
+    lora = estimate(params(quant={"load_in_4bit": False}, export={"merge_into": "original"}), LLAMA_8B, "bfloat16")
+    assert est["activations"] == lora["activations"] and est["logits"] == lora["logits"]
+    # Each checkpoint holds every weight and both moments (12 bytes each), plus the saved model.
+    assert 8 * 12 * 3 < checkpoint_disk(full, counts) / GIB < 8 * 12 * 3 + 8 * 4 + 10
+    with pytest.raises(PipelineError, match=r"or train an adapter \(peft.method lora, with quant.load_in_4bit: "
+                                            r"true\): full fine-tuning \(peft.method none\) holds every weight"):
+        check_fits(9.0, 8.0, full=True)

@@ -33,14 +33,14 @@ from tasks.config.loading import (SHORT, ParamsOverride, _allowed, _flatten, _ke
                                   apply_overrides, check_dvc_params, check_options, deep_merge, describe,
                                   fill_dvc_params, load_params, lookup, missing_dvc_params, parse_params,
                                   read_yaml)
-from tasks.config.model import (PROMPT_LEARNING, TASKS, UNQUANTIZED_ONLY, Dtype, LoraConfig, ModelConfig,
+from tasks.config.model import (FULL_FINETUNE, PROMPT_LEARNING, TASKS, UNQUANTIZED_ONLY, Dtype, LoraConfig, ModelConfig,
                                 PeftMethodConfig, QuantConfig)
 from tasks.config.params import Params
 from tasks.config.rules import RULES
 from tasks.config.training import TRACKERS, AlignConfig, RewardConfig, TokenizeConfig, TrainConfig
 
 __all__ = [
-    "DATA_DIR", "LM_EVAL_DIR", "LOCAL_DATA_SUFFIXES", "MODELS_DIR", "PROMPT_LEARNING", "RULES", "SHORT",
+    "DATA_DIR", "FULL_FINETUNE", "LM_EVAL_DIR", "LOCAL_DATA_SUFFIXES", "MODELS_DIR", "PROMPT_LEARNING", "RULES", "SHORT",
     "SPLIT_NAMES", "TAG", "TASKS", "TRACKERS", "UNQUANTIZED_ONLY", "AlignConfig", "DataConfig", "DataPath",
     "Dtype", "EvaluateConfig", "ExportConfig", "Files", "LoraConfig", "ModelConfig", "OptionalDataPath",
     "Params", "ParamsOverride", "PathShapes", "PeftMethodConfig", "PromoteConfig", "PromptConfig",

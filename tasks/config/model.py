@@ -128,20 +128,25 @@ class LoraConfig(Section):
 
 PROMPT_LEARNING = ("prompt_tuning", "prefix_tuning", "p_tuning")
 UNQUANTIZED_ONLY = ("loha", "lokr")  # PEFT implements them for plain nn.Linear layers only
+# Full fine-tuning: no PEFT method, every weight trains, and train writes the whole model.
+FULL_FINETUNE = "none"
 
 
 class PeftMethodConfig(Section):
     # lora (QLoRA with quant.load_in_4bit), dora, adalora, loha, lokr and ia3 adapt the layers
     # in lora.target_modules (with lora.r / lora_alpha / lora_dropout where the method has
     # them) and can be merged into the base; prompt_tuning, prefix_tuning and p_tuning learn
-    # virtual tokens in front of the input and leave the base untouched (not mergeable).
-    method: Literal["lora", "dora", "adalora", "loha", "lokr", "ia3", *PROMPT_LEARNING] = Field(
+    # virtual tokens in front of the input and leave the base untouched (not mergeable);
+    # none trains every weight of the model itself (no adapter).
+    method: Literal["lora", "dora", "adalora", "loha", "lokr", "ia3", *PROMPT_LEARNING, FULL_FINETUNE] = Field(
         "lora", description=(
-            "The PEFT method; lora with quant.load_in_4bit is QLoRA. Layer methods (lora, dora, "
+            "The PEFT method; lora with quant.load_in_4bit is QLoRA; none: full fine-tuning. Layer methods (lora, dora, "
             "adalora, loha, lokr, ia3) adapt the layers in lora.target_modules and merge into the base; "
             "prompt_tuning, prefix_tuning and p_tuning learn virtual tokens in front of the "
-            "input and leave the base untouched (not mergeable). loha and lokr need "
-            "quant.load_in_4bit: false; prefix_tuning needs train.gradient_checkpointing: false."))
+            "input and leave the base untouched (not mergeable); none is full fine-tuning: every "
+            "weight trains and train writes the whole model (no adapter, nothing to merge). loha, "
+            "lokr and none need quant.load_in_4bit: false; prefix_tuning needs "
+            "train.gradient_checkpointing: false."))
     num_virtual_tokens: int = Field(16, ge=1, description=(
         "Soft-prompt length in tokens (prompt_tuning, prefix_tuning and p_tuning only)."))
     adalora_target_r: int = Field(4, ge=1, description=(

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from tasks import templates
 from tasks.config.data import reference_field
-from tasks.config.model import PROMPT_LEARNING, UNQUANTIZED_ONLY
+from tasks.config.model import FULL_FINETUNE, PROMPT_LEARNING, UNQUANTIZED_ONLY
 
 if TYPE_CHECKING:  # Params runs these rules, so it imports this module, not the other way round
     from tasks.config.params import Params
@@ -43,6 +43,14 @@ def method_has_4bit(params: Params) -> list[str]:
     return []
 
 
+def full_finetune_unquantized(params: Params) -> list[str]:
+    if params.peft.method == FULL_FINETUNE and params.quant.load_in_4bit:
+        return ["peft.method none trains every weight, and 4-bit weights cannot be trained "
+                "(QLoRA trains adapters on them): set quant.load_in_4bit: false (and "
+                "export.merge_into: original)"]
+    return []
+
+
 def prompt_learning_unpacked(params: Params) -> list[str]:
     method = params.peft.method
     if method in PROMPT_LEARNING and params.train.padding_free is True:
@@ -60,9 +68,17 @@ def prefix_tuning_without_checkpointing(params: Params) -> list[str]:
 
 
 def align_supported(params: Params) -> list[str]:
-    if params.align.enabled and (params.prompt.template == "chat" or params.peft.method != "lora"):
+    method = params.peft.method  # none: align_needs_adapter says why
+    if params.align.enabled and (params.prompt.template == "chat" or method not in ("lora", FULL_FINETUNE)):
         return ["align.enabled needs prompt.template other than chat and peft.method "
                 "lora (align's methods support those so far)"]
+    return []
+
+
+def align_needs_adapter(params: Params) -> list[str]:
+    if params.align.enabled and params.peft.method == FULL_FINETUNE:
+        return ["align.enabled trains a DPO adapter on train's adapter, and peft.method none "
+                "writes a whole model instead: set align.enabled: false"]
     return []
 
 
@@ -193,9 +209,11 @@ RULES: tuple[Callable[[Params], list[str]], ...] = (
     max_new_tokens_fit,
     dequantized_merge_needs_4bit,
     method_has_4bit,
+    full_finetune_unquantized,
     prompt_learning_unpacked,
     prefix_tuning_without_checkpointing,
     align_supported,
+    align_needs_adapter,
     padding_free_causal_lm_only,
     chat_template_causal_lm_only,
     align_causal_lm_only,
