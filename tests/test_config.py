@@ -114,7 +114,7 @@ BROKEN: dict[Callable[[Params], list[str]], tuple[dict[str, dict[str, Any]], str
     cross.align_needs_adapter: (
         {"align": {"enabled": True}, "peft": {"method": "none"}, "quant": {"load_in_4bit": False},
          "export": {"merge_into": "original"}},
-        r"align\.enabled trains a DPO adapter on train's adapter, and peft\.method none writes a whole "
+        r"align\.enabled goes on training train's adapter \(every align\.method\), and peft\.method none writes a whole "
         r"model instead: set align\.enabled: false$"),
     cross.padding_free_causal_lm_only: (
         {"model": {"task": "seq2seq"}, "train": {"padding_free": True}},

@@ -77,7 +77,7 @@ def align_supported(params: Params) -> list[str]:
 
 def align_needs_adapter(params: Params) -> list[str]:
     if params.align.enabled and params.peft.method == FULL_FINETUNE:
-        return ["align.enabled trains a DPO adapter on train's adapter, and peft.method none "
+        return ["align.enabled goes on training train's adapter (every align.method), and peft.method none "
                 "writes a whole model instead: set align.enabled: false"]
     return []
 
