@@ -240,3 +240,88 @@ def test_leakage_threshold_is_validated():
 
     with pytest.raises(ConfigError, match="data.leakage_threshold"):
         leakage_params(leakage_threshold=1.5)
+
+
+def lsh_oracle(splits: dict[str, list[dict]], threshold: float) -> list[tuple]:
+    """Leakage the in-memory way: every row's shingles and signature held, each held-out row
+    queried against a MinHashLSH of the rows before it (what prepare did before it streamed)."""
+    from datasketch import MinHashLSH
+
+    from tasks.leakage import NUM_PERM, _minhash, normalize, shingles
+
+    lsh, sets, exact, normal, leaks = MinHashLSH(threshold=threshold, num_perm=NUM_PERM), {}, {}, {}, []
+    for split, split_rows in splits.items():
+        for row in split_rows:
+            key, norm = f"{split}/{row['id']}", normalize(row["prompt"])
+            sets[key] = shingles(norm)
+            signature = _minhash(sets[key])
+            if split != "train":
+                scored = sorted((-len(sets[key] & sets[k]) / len(sets[key] | sets[k]), k) for k in lsh.query(signature))
+                if row["prompt"] in exact:
+                    leaks.append((split, row["id"], *exact[row["prompt"]], "exact", 1.0))
+                elif norm in normal:
+                    leaks.append((split, row["id"], *normal[norm], "normalized", 1.0))
+                elif scored and -scored[0][0] >= threshold:
+                    leaks.append((split, row["id"], *scored[0][1].split("/"), "near", round(-scored[0][0], 4)))
+            exact.setdefault(row["prompt"], (split, row["id"]))
+            normal.setdefault(norm, (split, row["id"]))
+            lsh.insert(key, signature)
+    return leaks
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.8])
+def test_streamed_leakage_finds_what_an_in_memory_index_finds(tmp_path, monkeypatch, threshold):
+    """Train streams past an index of the held-out rows, in chunks: the same leaks, twins
+    and similarities as an LSH of every row, held-out rows also matching earlier held-out
+    ones (exact, re-cased, one word changed, and unrelated rows)."""
+    import random
+
+    from tasks import leakage
+
+    monkeypatch.setattr(leakage, "TRAIN_CHUNK_ROWS", 7)  # many chunks: first twins across chunks
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(60)]
+    base = [" ".join(rng.choices(words, k=rng.randint(2, 25))) for _ in range(100)]
+    splits, files = {}, {}
+    for split, n in (("train", 400), ("validation", 100), ("test", 100)):
+        splits[split] = []
+        for i in range(n):
+            prompt, r = rng.choice(base), rng.random()
+            if r < 0.3:
+                changed = prompt.split()
+                changed[rng.randrange(len(changed))] = rng.choice(words)
+                prompt = " ".join(changed)
+            elif r < 0.4:
+                prompt = prompt.upper() + "!"
+            elif r < 0.7:
+                prompt = " ".join(rng.choices(words, k=20))
+            splits[split].append({"id": f"{split[0]}{i}", "prompt": prompt})
+        files[split] = write_jsonl(tmp_path / f"{split}.jsonl", splits[split])
+    found = [(x.split, x.id, x.other_split, x.other_id, x.kind, x.similarity)
+             for x in leakage.find(files, threshold)]
+    assert found == lsh_oracle(splits, threshold)
+    assert {kind for *_, kind, _ in found} == set(leakage.KINDS)
+    assert any(x[0] == "test" and x[2] == "validation" for x in found)
+    assert any(x[0] == x[2] for x in found)  # a held-out row twin of an earlier one of its split
+
+
+def test_mixture_keeps_each_source_rows_of_smallest_hash(ws):
+    """A row cap keeps the capped source's rows whose sha256(seed:mix:id) sort first, in
+    their split files' order; an uncapped source keeps every row."""
+    import hashlib
+
+    write_jsonl(ws / "data/raw/a.jsonl", rows(150))
+    write_jsonl(ws / "data/raw/b.jsonl", rows(80))
+    p = params(data={"path": None, "sources": [{"path": "data/raw/a.jsonl", "label": "a", "row_cap": 37},
+                                                {"path": "data/raw/b.jsonl", "label": "b"}]})
+    stats = stage("prepare", p)
+    out = {s: read_split(s) for s in ("train", "validation", "test")}
+    ids = {r["id"] for split_rows in out.values() for r in split_rows}
+    by_hash = sorted((f"a/r{i}" for i in range(150)),
+                     key=lambda i: hashlib.sha256(f"{p.data.split.seed}:mix:{i}".encode()).digest())
+    assert ids == set(by_hash[:37]) | {f"b/r{i}" for i in range(80)}
+    for split, split_rows in out.items():
+        assert [r["id"] for r in split_rows] == sorted((r["id"] for r in split_rows),
+                                                      key=lambda i: (i[0], int(i.split("/r")[1])))
+        assert stats["rows_per_source"]["a"][split] == sum(r["id"].startswith("a/") for r in split_rows)
+    assert not list(Path("data/prepared").glob("*.unmixed"))
