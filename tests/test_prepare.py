@@ -242,33 +242,6 @@ def test_leakage_threshold_is_validated():
         leakage_params(leakage_threshold=1.5)
 
 
-def lsh_oracle(splits: dict[str, list[dict]], threshold: float) -> list[tuple]:
-    """Leakage the in-memory way: every row's shingles and signature held, each held-out row
-    queried against a MinHashLSH of the rows before it (what prepare did before it streamed)."""
-    from datasketch import MinHashLSH
-
-    from tasks.leakage import NUM_PERM, _minhash, normalize, shingles
-
-    lsh, sets, exact, normal, leaks = MinHashLSH(threshold=threshold, num_perm=NUM_PERM), {}, {}, {}, []
-    for split, split_rows in splits.items():
-        for row in split_rows:
-            key, norm = f"{split}/{row['id']}", normalize(row["prompt"])
-            sets[key] = shingles(norm)
-            signature = _minhash(sets[key])
-            if split != "train":
-                scored = sorted((-len(sets[key] & sets[k]) / len(sets[key] | sets[k]), k) for k in lsh.query(signature))
-                if row["prompt"] in exact:
-                    leaks.append((split, row["id"], *exact[row["prompt"]], "exact", 1.0))
-                elif norm in normal:
-                    leaks.append((split, row["id"], *normal[norm], "normalized", 1.0))
-                elif scored and -scored[0][0] >= threshold:
-                    leaks.append((split, row["id"], *scored[0][1].split("/"), "near", round(-scored[0][0], 4)))
-            exact.setdefault(row["prompt"], (split, row["id"]))
-            normal.setdefault(norm, (split, row["id"]))
-            lsh.insert(key, signature)
-    return leaks
-
-
 @pytest.mark.parametrize("threshold", [0.5, 0.8])
 def test_streamed_leakage_finds_what_an_in_memory_index_finds(tmp_path, monkeypatch, threshold):
     """Train streams past an index of the held-out rows, in chunks: the same leaks, twins
@@ -276,6 +249,7 @@ def test_streamed_leakage_finds_what_an_in_memory_index_finds(tmp_path, monkeypa
     ones (exact, re-cased, one word changed, and unrelated rows)."""
     import random
 
+    from bench import plain_prepare
     from tasks import leakage
 
     monkeypatch.setattr(leakage, "TRAIN_CHUNK_ROWS", 7)  # many chunks: first twins across chunks
@@ -299,7 +273,7 @@ def test_streamed_leakage_finds_what_an_in_memory_index_finds(tmp_path, monkeypa
         files[split] = write_jsonl(tmp_path / f"{split}.jsonl", splits[split])
     found = [(x.split, x.id, x.other_split, x.other_id, x.kind, x.similarity)
              for x in leakage.find(files, threshold)]
-    assert found == lsh_oracle(splits, threshold)
+    assert found == plain_prepare.leaks(splits, threshold)  # an LSH of every row, in memory
     assert {kind for *_, kind, _ in found} == set(leakage.KINDS)
     assert any(x[0] == "test" and x[2] == "validation" for x in found)
     assert any(x[0] == x[2] for x in found)  # a held-out row twin of an earlier one of its split
