@@ -410,7 +410,8 @@ def bench_tokenize_scale(ws: Path, sizes: tuple[int, ...] = SCALE_ROWS) -> list[
         rates[n] = rate["ours"]
         results.append(report(
             "tokenize-scale", rate["ours"], rate.get("baseline"), "rows/s (wall, whole stage process)",
-            rows=n, **usage(runs), rows_per_cpu_s={k: round(n / r["cpu_s"]) for k, r in runs.items()},  # steadier on a shared host
+            rows=n, **usage(runs),
+            rows_per_cpu_s={k: round(n / r["cpu_s"]) for k, r in runs.items()},  # steadier on a shared host
             rows_per_s_vs_smallest=round(rate["ours"] / rates[sizes[0]], 3),
             mean_tokens=stats["train"]["mean_tokens"], max_tokens=stats["train"]["max_tokens"],
             baseline_is=("bench/plain_tokenize.py: every row in Python lists, "

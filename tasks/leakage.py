@@ -118,7 +118,9 @@ def _minhash(shingle_set: set[str]):
 DIGEST_BYTES = 16
 DIGEST = f"S{DIGEST_BYTES}"  # numpy's fixed-width bytes: sortable, searchable
 TRAIN_CHUNK_ROWS = 10_000  # train rows looked up in the held-out index per numpy call
-HELD_OUT_CACHE_ROWS = 4096  # held-out rows kept parsed while their near candidates are scored
+# Held-out rows kept parsed (id and shingles, about 25 kB for a 1 kB prompt) while their near
+# candidates are scored: candidates come in runs of the same few rows.
+HELD_OUT_CACHE_ROWS = 1024
 
 
 def _digest(data: bytes) -> bytes:
@@ -133,15 +135,13 @@ def _bands(threshold: float) -> list[tuple[int, int]]:
     return MinHashLSH(threshold=threshold, num_perm=NUM_PERM).hashranges
 
 
-class _Keys:
-    """A prompt's digests (exact, normalized, one per LSH band) and its word shingles."""
-
-    def __init__(self, prompt: str, bands: list[tuple[int, int]]):
-        norm = normalize(prompt)
-        self.shingles = shingles(norm)
-        values = _minhash(self.shingles).hashvalues
-        self.digests = [_digest(prompt.encode()), _digest(norm.encode()),
-                        *(_digest(values[start:end].tobytes()) for start, end in bands)]
+def _digests(prompt: str, bands: list[tuple[int, int]]) -> list[bytes]:
+    """A prompt's digests: exact, normalized, and one per LSH band. Its shingles are not
+    kept (a chunk's would take about 25 kB a row): the few rows with a candidate make them again."""
+    norm = normalize(prompt)
+    values = _minhash(shingles(norm)).hashvalues
+    return [_digest(prompt.encode()), _digest(norm.encode()),
+            *(_digest(values[start:end].tobytes()) for start, end in bands)]
 
 
 def _rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -166,7 +166,7 @@ class _Index:
         split_of, offsets = array("b"), array("q")
         for s, split in enumerate(self.splits):
             for offset, row in _rows(files[split]):
-                for column, digest in zip(columns, _Keys(row["prompt"], bands).digests, strict=True):
+                for column, digest in zip(columns, _digests(row["prompt"], bands), strict=True):
                     column += digest
                 split_of.append(s)
                 offsets.append(offset)
@@ -255,17 +255,18 @@ def find(files: dict[str, Path], threshold: float) -> list[Leak]:
     first_train: list[dict[int, str]] = [{}, {}]
     train_rows = _rows(files[order[0]])
     while chunk := list(itertools.islice(train_rows, TRAIN_CHUNK_ROWS)):
-        keys = [_Keys(row["prompt"], bands) for _, row in chunk]
+        keys = [_digests(row["prompt"], bands) for _, row in chunk]
         for column, seen in enumerate(first_train):
-            for i, group, rows in index.lookup(column, [k.digests[column] for k in keys]):
+            for i, group, rows in index.lookup(column, [k[column] for k in keys]):
                 seen.setdefault(group, chunk[i][1]["id"])
                 settled[rows] = True
         pairs: set[tuple[int, int]] = set()
         for column in range(2, len(index.keys)):
-            for i, _, rows in index.lookup(column, [k.digests[column] for k in keys]):
+            for i, _, rows in index.lookup(column, [k[column] for k in keys]):
                 pairs.update((int(p), i) for p in rows if not settled[p])
+        train_shingles = {i: shingles(normalize(chunk[i][1]["prompt"])) for i in {i for _, i in pairs}}
         for position, i in sorted(pairs):
-            near.add(position, index.row(position)[2], f"{order[0]}/{chunk[i][1]['id']}", keys[i].shingles)
+            near.add(position, index.row(position)[2], f"{order[0]}/{chunk[i][1]['id']}", train_shingles[i])
     # Held-out rows against the held-out rows before them.
     pairs = set()
     for column in range(2, len(index.keys)):
