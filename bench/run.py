@@ -40,9 +40,9 @@ TRL_REPEATS = 2  # train-trl: whole stage runs (params.yaml's 150 steps), altern
 TOKENIZE_COPIES = 10  # the 477 train rows, repeated, so one pass takes long enough to time
 EVAL_PROMPTS = 48
 ORCHESTRATION_REPEATS = 3
-SCALE_ROWS = (10_000, 100_000, 1_000_000)  # generated rows per tokenize-scale run (train + validation)
+SCALE_ROWS = (10_000, 100_000, 1_000_000)  # generated rows per tokenize-scale and prepare-scale run
 SCALE_SCENES = 4  # scenes per generated dialogue: about 950 bytes per prepared row
-SCALE_BASELINE_MAX_ROWS = 100_000  # the in-memory baseline holds every row: ~25 GB at 1M rows
+SCALE_BASELINE_MAX_ROWS = 100_000  # the in-memory baselines hold every row: ~25 GB (tokenize) at 1M rows
 SERVER_START_TIMEOUT = 120  # seconds
 
 

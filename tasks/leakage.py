@@ -171,11 +171,20 @@ class _Index:
                 split_of.append(s)
                 offsets.append(offset)
         self.files, self.size, self.split_of, self.offsets = files, len(offsets), split_of, offsets
-        self.keys = [np.frombuffer(c, dtype=DIGEST) for c in columns]
-        self.order = [np.argsort(k, kind="stable") for k in self.keys]
-        self.sorted = [k[o] for k, o in zip(self.keys, self.order, strict=True)]
-        # Each row's group: where its key starts in the sorted column (exact and normalized).
-        self.group = [np.searchsorted(self.sorted[c], self.keys[c], "left") for c in range(2)]
+        self.columns = len(columns)
+        # Per column the sorted keys and the rows in that order; each row's group (where its
+        # key starts in the sorted column) for exact and normalized. The unsorted keys go as
+        # each column is sorted: about 220 bytes a row stay.
+        self.order, self.sorted, self.group = [], [], []
+        for c in range(self.columns):
+            keys = np.frombuffer(columns[c], dtype=DIGEST)
+            order = np.argsort(keys, kind="stable")
+            self.sorted.append(keys[order])
+            self.order.append(order.astype(np.int32 if self.size < 2**31 else np.int64))
+            if c < 2:
+                self.group.append(np.searchsorted(self.sorted[c], keys, "left").astype(self.order[c].dtype))
+            del keys, order
+            columns[c] = bytearray()
         self._read = functools.lru_cache(maxsize=HELD_OUT_CACHE_ROWS)(self._row)
 
     def _row(self, position: int) -> tuple[str, str, set[str]]:
@@ -261,7 +270,7 @@ def find(files: dict[str, Path], threshold: float) -> list[Leak]:
                 seen.setdefault(group, chunk[i][1]["id"])
                 settled[rows] = True
         pairs: set[tuple[int, int]] = set()
-        for column in range(2, len(index.keys)):
+        for column in range(2, index.columns):
             for i, _, rows in index.lookup(column, [k[column] for k in keys]):
                 pairs.update((int(p), i) for p in rows if not settled[p])
         train_shingles = {i: shingles(normalize(chunk[i][1]["prompt"])) for i in {i for _, i in pairs}}
@@ -269,7 +278,7 @@ def find(files: dict[str, Path], threshold: float) -> list[Leak]:
             near.add(position, index.row(position)[2], f"{order[0]}/{chunk[i][1]['id']}", train_shingles[i])
     # Held-out rows against the held-out rows before them.
     pairs = set()
-    for column in range(2, len(index.keys)):
+    for column in range(2, index.columns):
         for group in index.groups(column):
             pairs.update((int(b), int(a)) for j, b in enumerate(group) if not settled[b] for a in group[:j])
     for position, other in sorted(pairs):

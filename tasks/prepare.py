@@ -130,6 +130,48 @@ class _Mixture:
         return per_split
 
 
+class _Ids:
+    """The ids seen so far, for the duplicate check. The latest RECENT_IDS are a set of
+    strings (about 90 bytes an id); older ones are a sorted numpy array of their 128-bit
+    digests, 16 bytes an id (two ids share a digest with odds of about 1e-25 at ten
+    million rows)."""
+
+    def __init__(self):
+        self.recent: set[str] = set()
+        self.older: Any = None
+
+    @staticmethod
+    def _digest(row_id: str) -> bytes:
+        return hashlib.blake2b(row_id.encode(), digest_size=ID_DIGEST_BYTES).digest()
+
+    def __contains__(self, row_id: str) -> bool:
+        if row_id in self.recent:
+            return True
+        if self.older is None:
+            return False
+        import numpy as np
+
+        digest = np.array(self._digest(row_id), dtype=self.older.dtype)
+        at = int(np.searchsorted(self.older, digest))
+        return at < len(self.older) and self.older[at] == digest
+
+    def add(self, row_id: str) -> None:
+        self.recent.add(row_id)
+        if len(self.recent) < RECENT_IDS:
+            return
+        import numpy as np
+
+        digests = np.array([self._digest(i) for i in self.recent], dtype=f"S{ID_DIGEST_BYTES}")
+        self.older = np.sort(digests if self.older is None else np.concatenate([self.older, digests]))
+        self.recent = set()
+
+
+# Ids kept as strings before they are folded into the sorted digests: each fold sorts every
+# id seen, so this trades memory (about 90 MB) for the count of sorts (one per million rows).
+RECENT_IDS = 1_000_000
+ID_DIGEST_BYTES = 16
+
+
 # A mixture's row ids are "<source label>/<id>": sources may reuse each other's ids.
 MIX_SEPARATOR = "/"
 # Shares are floored; this absorbs float error (0.3 * 10 / 0.3 is 9.999...).
@@ -138,7 +180,7 @@ MIX_ROUNDING = 1e-9
 
 def run(params: Params, ws: Workspace) -> dict[str, Any]:
     dropped: Counter[str] = Counter()
-    seen_ids: set[str] = set()
+    seen_ids = _Ids()
     rows_in = 0
     tokenizer = None
     parts = _parts(params)

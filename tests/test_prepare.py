@@ -299,3 +299,15 @@ def test_mixture_keeps_each_source_rows_of_smallest_hash(ws):
                                                       key=lambda i: (i[0], int(i.split("/r")[1])))
         assert stats["rows_per_source"]["a"][split] == sum(r["id"].startswith("a/") for r in split_rows)
     assert not list(Path("data/prepared").glob("*.unmixed"))
+
+
+def test_duplicate_id_found_among_older_ids(ws, monkeypatch):
+    """Ids past RECENT_IDS are kept as sorted digests: a repeat of one is still found, naming its line."""
+    from tasks import prepare
+
+    monkeypatch.setattr(prepare, "RECENT_IDS", 3)
+    write_jsonl(ws / "data/raw/dialogues.jsonl", rows(40) + rows(1, start=5) + rows(1, start=39))
+    with pytest.raises(DataError, match=r"dialogues.jsonl line 41: duplicate id 'r5'"):
+        stage("prepare", params())
+    stats = stage("prepare", params(data={"on_bad_record": "skip"}))
+    assert stats["dropped_by_reason"] == {"duplicate_id": 2} and stats["rows_out"] == 40
