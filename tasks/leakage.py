@@ -14,7 +14,7 @@ Called by prepare's run(); counts go to metrics/prepare.json under `leakage`.
 
 A held-out row is also compared with the held-out rows before it (a test row with a
 validation row, or with an earlier test row). It reads the split files prepare wrote and
-keeps only the held-out rows' digests in memory (about 180 bytes a row; their texts are read
+keeps only the held-out rows' digests in memory (about 240 bytes a row; their texts are read
 back from disk for the few rows a candidate or a leak names): train, the large split,
 streams past that index, so its size costs time, not memory.
 """
@@ -174,7 +174,7 @@ class _Index:
         self.columns = len(columns)
         # Per column the sorted keys and the rows in that order; each row's group (where its
         # key starts in the sorted column) for exact and normalized. The unsorted keys go as
-        # each column is sorted: about 220 bytes a row stay.
+        # each column is sorted: about 240 bytes a row stay.
         self.order, self.sorted, self.group = [], [], []
         for c in range(self.columns):
             keys = np.frombuffer(columns[c], dtype=DIGEST)
