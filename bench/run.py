@@ -8,6 +8,7 @@ temporary copy of the repository, prepared with the shipped params.yaml (the qui
     python bench/run.py train-trl               # the train stage against a plain TRL SFTTrainer script
     python bench/run.py train tokenize evaluate orchestration
     python bench/run.py tokenize-scale --scale-rows 10000 100000   # tokenize at 10k and 100k rows
+    python bench/run.py prepare-scale --scale-rows 10000 100000    # prepare (leakage check on) likewise
 """
 
 from __future__ import annotations
@@ -39,9 +40,9 @@ TRL_REPEATS = 2  # train-trl: whole stage runs (params.yaml's 150 steps), altern
 TOKENIZE_COPIES = 10  # the 477 train rows, repeated, so one pass takes long enough to time
 EVAL_PROMPTS = 48
 ORCHESTRATION_REPEATS = 3
-SCALE_ROWS = (10_000, 100_000, 1_000_000)  # generated rows per tokenize-scale run (train + validation)
+SCALE_ROWS = (10_000, 100_000, 1_000_000)  # generated rows per tokenize-scale and prepare-scale run
 SCALE_SCENES = 4  # scenes per generated dialogue: about 950 bytes per prepared row
-SCALE_BASELINE_MAX_ROWS = 100_000  # the in-memory baseline holds every row: ~25 GB at 1M rows
+SCALE_BASELINE_MAX_ROWS = 100_000  # the in-memory baselines hold every row: ~25 GB (tokenize) at 1M rows
 SERVER_START_TIMEOUT = 120  # seconds
 
 
@@ -298,21 +299,29 @@ def bench_tokenize(ws: Path) -> dict[str, Any]:
 
 # ---- tokenize at scale ----------------------------------------------------------------------
 
-def scale_rows(n: int, seed: int = 0, scenes: int = SCALE_SCENES) -> Iterator[dict[str, str]]:
-    """`n` prepared rows (prepare's output schema) of the sample data's kind, each dialogue
-    `scenes` scenes of scripts/make_sample_data.py long, rendered by the shipped template."""
+def scale_records(n: int, seed: int = 0, scenes: int = SCALE_SCENES) -> Iterator[dict[str, str]]:
+    """`n` raw records (the sample data's schema: id, dialogue, summary), each dialogue
+    `scenes` scenes of scripts/make_sample_data.py long."""
     import random
 
     from scripts.make_sample_data import NAMES, SCENES
-    from tasks.templates import render, resolve
 
-    template, rng = resolve("dialogue_summary", None), random.Random(seed)
+    rng = random.Random(seed)
     for i in range(n):
         a, b = rng.sample(NAMES, 2)
         parts = [rng.choice(SCENES)(rng, a, b) for _ in range(scenes)]
-        prompt, completion = render(template, {"dialogue": "\n".join(d for d, _ in parts),
-                                               "summary": " ".join(s for _, s in parts)}, f"row {i}")
-        yield {"id": f"s{i:07d}", "prompt": prompt, "completion": completion}
+        yield {"id": f"s{i:07d}", "dialogue": "\n".join(d for d, _ in parts),
+               "summary": " ".join(s for _, s in parts)}
+
+
+def scale_rows(n: int, seed: int = 0, scenes: int = SCALE_SCENES) -> Iterator[dict[str, str]]:
+    """`n` prepared rows (prepare's output schema): scale_records rendered by the shipped template."""
+    from tasks.templates import render, resolve
+
+    template = resolve("dialogue_summary", None)
+    for record in scale_records(n, seed, scenes):
+        prompt, completion = render(template, record, f"row {record['id']}")
+        yield {"id": record["id"], "prompt": prompt, "completion": completion}
 
 
 def scale_workspace(ws: Path, n: int) -> Path:
@@ -327,6 +336,25 @@ def scale_workspace(ws: Path, n: int) -> Path:
         with (prepared / "train.jsonl").open("w") as train, (prepared / "validation.jsonl").open("w") as val:
             for i, row in enumerate(scale_rows(n)):
                 (val if i % 10 == 9 else train).write(json.dumps(row) + "\n")
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    return out
+
+
+def prepare_workspace(ws: Path, n: int) -> Path:
+    """A folder prepare runs in: ws's params.yaml and `n` generated raw records in the file
+    it names (data/raw/dialogues.jsonl)."""
+    from tasks.config import load_params
+
+    out = Path(tempfile.mkdtemp(prefix=f"finetune-prepare-{n}-"))
+    try:
+        shutil.copy2(ws / "params.yaml", out / "params.yaml")
+        raw = out / str(load_params(ws / "params.yaml").data.path)
+        raw.parent.mkdir(parents=True)
+        with raw.open("w") as f:
+            for record in scale_records(n):
+                f.write(json.dumps(record) + "\n")
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise
@@ -350,6 +378,23 @@ def measured(cmd: list[str], cwd: Path, **extra_env: str) -> dict[str, float]:
             "peak_rss_mib": round(usage.ru_maxrss / 1024)}
 
 
+def scale_runs(folder: Path, stage: str, plain: list[str], n: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`finetune STAGE` and, up to SCALE_BASELINE_MAX_ROWS rows, the `plain` script, each
+    measured once in `folder` (removed after); with the stage's metrics."""
+    try:
+        runs = {"ours": measured(["finetune", stage], folder)}
+        stats = json.loads((folder / "metrics" / f"{stage}.json").read_text())
+        if n <= SCALE_BASELINE_MAX_ROWS:
+            runs["baseline"] = measured(plain, folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return runs, stats
+
+
+def usage(runs: dict[str, Any]) -> dict[str, dict[str, float]]:
+    return {key: {k: r[key] for k, r in runs.items()} for key in ("peak_rss_mib", "wall_s", "cpu_s")}
+
+
 def bench_tokenize_scale(ws: Path, sizes: tuple[int, ...] = SCALE_ROWS) -> list[dict[str, Any]]:
     """`finetune tokenize` (streaming) on generated rows against bench/plain_tokenize.py,
     the former in-memory way, each run once in its own process."""
@@ -360,26 +405,36 @@ def bench_tokenize_scale(ws: Path, sizes: tuple[int, ...] = SCALE_ROWS) -> list[
              "--max-length", str(params.tokenize.max_length)]
     results, rates = [], {}
     for n in sizes:
-        folder = scale_workspace(ws, n)
-        try:
-            runs = {"ours": measured(["finetune", "tokenize"], folder)}
-            if n <= SCALE_BASELINE_MAX_ROWS:
-                runs["baseline"] = measured(plain, folder)
-            stats = json.loads((folder / "metrics" / "tokenize.json").read_text())
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
+        runs, stats = scale_runs(scale_workspace(ws, n), "tokenize", plain, n)
         rate = {k: n / r["wall_s"] for k, r in runs.items()}
         rates[n] = rate["ours"]
         results.append(report(
             "tokenize-scale", rate["ours"], rate.get("baseline"), "rows/s (wall, whole stage process)",
-            rows=n, peak_rss_mib={k: r["peak_rss_mib"] for k, r in runs.items()},
-            wall_s={k: r["wall_s"] for k, r in runs.items()}, cpu_s={k: r["cpu_s"] for k, r in runs.items()},
+            rows=n, **usage(runs),
             rows_per_cpu_s={k: round(n / r["cpu_s"]) for k, r in runs.items()},  # steadier on a shared host
             rows_per_s_vs_smallest=round(rate["ours"] / rates[sizes[0]], 3),
             mean_tokens=stats["train"]["mean_tokens"], max_tokens=stats["train"]["max_tokens"],
             baseline_is=("bench/plain_tokenize.py: every row in Python lists, "
                          "Dataset.from_dict, save_to_disk" if "baseline" in runs
                          else f"not run above {SCALE_BASELINE_MAX_ROWS} rows (memory)")))
+    return results
+
+
+def bench_prepare_scale(ws: Path, sizes: tuple[int, ...] = SCALE_ROWS) -> list[dict[str, Any]]:
+    """`finetune prepare` (streaming; leakage check on) on generated raw records against
+    bench/plain_prepare.py, the former in-memory way, each run once in its own process."""
+    plain = [sys.executable, str(REPO / "bench" / "plain_prepare.py")]
+    results, rates = [], {}
+    for n in sizes:
+        runs, stats = scale_runs(prepare_workspace(ws, n), "prepare", plain, n)
+        rate = {k: n / r["cpu_s"] for k, r in runs.items()}
+        rates[n] = rate["ours"]
+        results.append(report(
+            "prepare-scale", rate["ours"], rate.get("baseline"), "rows per CPU second (whole stage process)",
+            rows=n, **usage(runs), rows_per_cpu_s_vs_smallest=round(rate["ours"] / rates[sizes[0]], 3),
+            rows_per_split=stats["rows_per_split"], leaked_rows=stats["leakage"]["rows"],
+            baseline_is=("bench/plain_prepare.py: every row and the leakage index in memory"
+                         if "baseline" in runs else f"not run above {SCALE_BASELINE_MAX_ROWS} rows (memory)")))
     return results
 
 
@@ -499,9 +554,13 @@ BENCHES = {
                                                     train_sampling_strategy="group_by_length"),
     "tokenize": bench_tokenize,
     "tokenize-scale": bench_tokenize_scale,  # 10k, 100k and 1M rows (--scale-rows): several minutes
+    "prepare-scale": bench_prepare_scale,  # the same sizes of raw records through prepare
     "evaluate": bench_evaluate,
     "orchestration": bench_orchestration,
 }
+
+
+SCALE_BENCHES = ("tokenize-scale", "prepare-scale")  # the ones --scale-rows sizes
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -511,7 +570,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("names", nargs="*", metavar="NAME",
                         help=f"benchmarks to run (default: all): {', '.join(BENCHES)}")
     parser.add_argument("--scale-rows", type=int, nargs="+", default=list(SCALE_ROWS), metavar="N",
-                        help="tokenize-scale: generated rows per run (default: %(default)s)")
+                        help="tokenize-scale, prepare-scale: generated rows per run (default: %(default)s)")
     args = parser.parse_args(argv)
     unknown = [n for n in args.names if n not in BENCHES]
     if unknown:
@@ -531,8 +590,8 @@ def main() -> None:
     ws = workspace()
     try:
         for name in args.names:
-            if name == "tokenize-scale":
-                bench_tokenize_scale(ws, tuple(args.scale_rows))
+            if name in SCALE_BENCHES:
+                BENCHES[name](ws, tuple(args.scale_rows))
             else:
                 BENCHES[name](ws)
     finally:

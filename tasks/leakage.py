@@ -11,14 +11,27 @@ train, each test row against train and validation. A held-out row leaks when its
 `data.on_leakage` says what prepare does with leaked rows: `warn` (log and count them), `drop`
 (remove them from validation/test; train is never touched) or `error` (stop, naming them).
 Called by prepare's run(); counts go to metrics/prepare.json under `leakage`.
+
+A held-out row is also compared with the held-out rows before it (a test row with a
+validation row, or with an earlier test row). It reads the split files prepare wrote and
+keeps only the held-out rows' digests in memory (about 240 bytes a row; their texts are read
+back from disk for the few rows a candidate or a leak names): train, the large split,
+streams past that index, so its size costs time, not memory.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import itertools
+import json
 import logging
 import re
 import unicodedata
+from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from tasks.config import DataConfig
@@ -54,10 +67,23 @@ class Leak:
         return f"{self.split}/{self.id} ~ {self.other_split}/{self.other_id} ({how})"
 
 
+class _Blanked(dict):
+    """str.translate's table for normalize: a punctuation or symbol character to a space,
+    any other to itself, each character's category looked up once (translate runs in C, a
+    loop over the characters in Python cost a fifth of prepare's time)."""
+
+    def __missing__(self, code: int) -> str:
+        char = chr(code)
+        self[code] = " " if unicodedata.category(char)[0] in "PS" else char
+        return self[code]
+
+
+_BLANKED = _Blanked()
+
+
 def normalize(text: str) -> str:
     """Lower case, punctuation and symbols removed, runs of whitespace made one space."""
-    kept = "".join(" " if unicodedata.category(c)[0] in "PS" else c for c in text.casefold())
-    return _SPACE.sub(" ", kept).strip()
+    return _SPACE.sub(" ", text.casefold().translate(_BLANKED)).strip()
 
 
 def shingles(normalized: str) -> set[str]:
@@ -67,67 +93,228 @@ def shingles(normalized: str) -> set[str]:
     return {" ".join(words[i:i + SHINGLE_WORDS]) for i in range(len(words) - SHINGLE_WORDS + 1)}
 
 
+@functools.cache
+def _permutations() -> tuple[str, Any]:
+    """MinHash's permutations for NUM_PERM and MINHASH_SEED, drawn once: MinHash draws them
+    anew for every instance, which cost a sixth of prepare's time."""
+    from datasketch import MinHash
+
+    first = MinHash(num_perm=NUM_PERM, seed=MINHASH_SEED)
+    return first.scheme, first.permutations
+
+
 def _minhash(shingle_set: set[str]):
     from datasketch import MinHash
 
-    m = MinHash(num_perm=NUM_PERM, seed=MINHASH_SEED)
+    scheme, permutations = _permutations()
+    m = MinHash(num_perm=NUM_PERM, seed=MINHASH_SEED, scheme=scheme, permutations=permutations)
     m.update_batch([s.encode("utf-8") for s in sorted(shingle_set)])
     return m
 
 
-def find(splits: dict[str, list[dict[str, str]]], threshold: float) -> list[Leak]:
-    """Every held-out row whose prompt leaks from an earlier split, strongest match first
-    per row (exact > normalized > near), in split then row order."""
+# Prompts, normalized prompts and LSH bands are compared by a 128-bit digest of their bytes:
+# two different ones share a digest with odds of about 1e-25 at ten million rows, and a
+# digest is 16 bytes where the text may be thousands.
+DIGEST_BYTES = 16
+DIGEST = f"S{DIGEST_BYTES}"  # numpy's fixed-width bytes: sortable, searchable
+TRAIN_CHUNK_ROWS = 10_000  # train rows looked up in the held-out index per numpy call
+# Held-out rows kept parsed (id and shingles, about 25 kB for a 1 kB prompt) while their near
+# candidates are scored: candidates come in runs of the same few rows.
+HELD_OUT_CACHE_ROWS = 1024
+
+
+def _digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=DIGEST_BYTES).digest()
+
+
+def _bands(threshold: float) -> list[tuple[int, int]]:
+    """The slices of a signature that MinHashLSH(threshold, NUM_PERM) bands: two prompts are
+    near candidates exactly when one band of their signatures is equal, as its query finds."""
     from datasketch import MinHashLSH
 
-    order = list(splits)
-    exact: dict[str, tuple[str, str]] = {}
-    normal: dict[str, tuple[str, str]] = {}
-    sets: dict[str, set[str]] = {}
-    lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM)
-    leaks: list[Leak] = []
-    for split in order:
-        for row in splits[split]:
-            key = f"{split}/{row['id']}"
-            norm = normalize(row["prompt"])
-            sets[key] = shingles(norm)
-            signature = _minhash(sets[key])
-            if split != order[0]:
-                leak = _match(split, row, norm, sets, signature, exact, normal, lsh, threshold)
-                if leak is not None:
-                    leaks.append(leak)
-            # Rows are indexed after the lookup: a split is compared with the earlier ones only.
-            exact.setdefault(row["prompt"], (split, row["id"]))
-            normal.setdefault(norm, (split, row["id"]))
-            lsh.insert(key, signature)
-    return leaks
+    return MinHashLSH(threshold=threshold, num_perm=NUM_PERM).hashranges
 
 
-def _match(split: str, row: dict[str, str], norm: str, sets: dict[str, set[str]], signature,
-           exact: dict[str, tuple[str, str]], normal: dict[str, tuple[str, str]], lsh,
-           threshold: float) -> Leak | None:
-    if row["prompt"] in exact:
-        return Leak(split, row["id"], *exact[row["prompt"]], "exact", 1.0)
-    if norm in normal:
-        return Leak(split, row["id"], *normal[norm], "normalized", 1.0)
-    mine = sets[f"{split}/{row['id']}"]
-    best: tuple[float, str] | None = None
-    for key in sorted(lsh.query(signature)):
-        other = sets[key]
+def _digests(prompt: str, bands: list[tuple[int, int]]) -> list[bytes]:
+    """A prompt's digests: exact, normalized, and one per LSH band. Its shingles are not
+    kept (a chunk's would take about 25 kB a row): the few rows with a candidate make them again."""
+    norm = normalize(prompt)
+    values = _minhash(shingles(norm)).hashvalues
+    return [_digest(prompt.encode()), _digest(norm.encode()),
+            *(_digest(values[start:end].tobytes()) for start, end in bands)]
+
+
+def _rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(byte offset, row) of each line of a split file prepare wrote."""
+    offset = 0
+    with path.open("rb") as f:
+        for line in f:
+            yield offset, json.loads(line)
+            offset += len(line)
+
+
+class _Index:
+    """The held-out rows' digests, one numpy column per kind of key (exact, normalized, each
+    band), each sorted once for lookups; rows are numbered in split then row order. The texts
+    stay on disk, read back by offset for the few rows a candidate or a leak names."""
+
+    def __init__(self, files: dict[str, Path], bands: list[tuple[int, int]]):
+        import numpy as np
+
+        self.splits = list(files)
+        columns: list[bytearray] = [bytearray() for _ in range(2 + len(bands))]
+        split_of, offsets = array("b"), array("q")
+        for s, split in enumerate(self.splits):
+            for offset, row in _rows(files[split]):
+                for column, digest in zip(columns, _digests(row["prompt"], bands), strict=True):
+                    column += digest
+                split_of.append(s)
+                offsets.append(offset)
+        self.files, self.size, self.split_of, self.offsets = files, len(offsets), split_of, offsets
+        self.columns = len(columns)
+        # Per column the sorted keys and the rows in that order; each row's group (where its
+        # key starts in the sorted column) for exact and normalized. The unsorted keys go as
+        # each column is sorted: about 240 bytes a row stay.
+        self.order, self.sorted, self.group = [], [], []
+        for c in range(self.columns):
+            keys = np.frombuffer(columns[c], dtype=DIGEST)
+            order = np.argsort(keys, kind="stable")
+            self.sorted.append(keys[order])
+            self.order.append(order.astype(np.int32 if self.size < 2**31 else np.int64))
+            if c < 2:
+                self.group.append(np.searchsorted(self.sorted[c], keys, "left").astype(self.order[c].dtype))
+            del keys, order
+            columns[c] = bytearray()
+        self._read = functools.lru_cache(maxsize=HELD_OUT_CACHE_ROWS)(self._row)
+
+    def _row(self, position: int) -> tuple[str, str, set[str]]:
+        """(split, id, shingles) of held-out row `position`."""
+        split = self.splits[self.split_of[position]]
+        with self.files[split].open("rb") as f:
+            f.seek(self.offsets[position])
+            row = json.loads(f.readline())
+        return split, row["id"], shingles(normalize(row["prompt"]))
+
+    def row(self, position: int) -> tuple[str, str, set[str]]:
+        return self._read(position)
+
+    def first_earlier(self, column: int) -> Any:
+        """For each held-out row, the first held-out row with its key, or -1 where that is
+        the row itself."""
+        import numpy as np
+
+        order, keys = self.order[column], self.sorted[column]
+        starts = np.r_[True, keys[1:] != keys[:-1]] if self.size else np.zeros(0, bool)
+        first = order[np.maximum.accumulate(np.where(starts, np.arange(self.size), 0))]
+        out = np.empty(self.size, dtype=np.int64)
+        out[order] = first
+        return np.where(out == np.arange(self.size), -1, out)
+
+    def groups(self, column: int) -> Iterator[Any]:
+        """The held-out rows sharing a key, in row order, each group of two or more."""
+        import numpy as np
+
+        order, keys = self.order[column], self.sorted[column]
+        cuts = np.flatnonzero(keys[1:] != keys[:-1]) + 1
+        for group in np.split(order, cuts):
+            if len(group) > 1:
+                yield np.sort(group)
+
+    def lookup(self, column: int, digests: list[bytes]) -> Iterator[tuple[int, int, Any]]:
+        """(index into `digests`, its group, the held-out rows with that key) for each digest
+        found."""
+        import numpy as np
+
+        wanted = np.array(digests, dtype=DIGEST)
+        lo = np.searchsorted(self.sorted[column], wanted, "left")
+        hi = np.searchsorted(self.sorted[column], wanted, "right")
+        for i in np.flatnonzero(hi > lo):
+            yield int(i), int(lo[i]), self.order[column][lo[i]:hi[i]]
+
+
+class _Near:
+    """Each held-out row's best near match so far: the highest similarity at or above the
+    threshold, ties going to the first key ("split/id") in sorted order."""
+
+    def __init__(self, threshold: float):
+        self.threshold, self.best = threshold, {}
+
+    def add(self, position: int, mine: set[str], other_key: str, other: set[str]) -> None:
         similarity = len(mine & other) / len(mine | other)
-        if similarity >= threshold and (best is None or similarity > best[0]):
-            best = (similarity, key)
-    if best is None:
+        if similarity < self.threshold:
+            return
+        best = self.best.get(position)
+        if best is None or similarity > best[0] or (similarity == best[0] and other_key < best[1]):
+            self.best[position] = (similarity, other_key)
+
+
+def find(files: dict[str, Path], threshold: float) -> list[Leak]:
+    """Every held-out row whose prompt leaks from an earlier split, strongest match first
+    per row (exact > normalized > near), in split then row order. `files` are the split
+    files in split order; the first one (train) streams past an index of the others."""
+    order = list(files)
+    bands = _bands(threshold)
+    index = _Index({s: files[s] for s in order[1:]}, bands)
+    near = _Near(threshold)
+    # A row with an exact or normalized twin needs no near match: its candidates are skipped
+    # (which spares the pairs of a prompt repeated many times over).
+    earlier = [index.first_earlier(column) for column in range(2)]
+    settled = (earlier[0] >= 0) | (earlier[1] >= 0)
+    # The id of the first train row with each held-out group's prompt (exact) and normalized prompt.
+    first_train: list[dict[int, str]] = [{}, {}]
+    train_rows = _rows(files[order[0]])
+    while chunk := list(itertools.islice(train_rows, TRAIN_CHUNK_ROWS)):
+        keys = [_digests(row["prompt"], bands) for _, row in chunk]
+        for column, seen in enumerate(first_train):
+            for i, group, rows in index.lookup(column, [k[column] for k in keys]):
+                seen.setdefault(group, chunk[i][1]["id"])
+                settled[rows] = True
+        pairs: set[tuple[int, int]] = set()
+        for column in range(2, index.columns):
+            for i, _, rows in index.lookup(column, [k[column] for k in keys]):
+                pairs.update((int(p), i) for p in rows if not settled[p])
+        train_shingles = {i: shingles(normalize(chunk[i][1]["prompt"])) for i in {i for _, i in pairs}}
+        for position, i in sorted(pairs):
+            near.add(position, index.row(position)[2], f"{order[0]}/{chunk[i][1]['id']}", train_shingles[i])
+    # Held-out rows against the held-out rows before them.
+    pairs = set()
+    for column in range(2, index.columns):
+        for group in index.groups(column):
+            pairs.update((int(b), int(a)) for j, b in enumerate(group) if not settled[b] for a in group[:j])
+    for position, other in sorted(pairs):
+        split, other_id, other_shingles = index.row(other)
+        near.add(position, index.row(position)[2], f"{split}/{other_id}", other_shingles)
+    return [leak for position in range(index.size)
+            if (leak := _leak(position, index, first_train, earlier, near, order[0])) is not None]
+
+
+def _leak(position: int, index: _Index, first_train: list[dict[int, str]], earlier: list[Any],
+          near: _Near, train: str) -> Leak | None:
+    """Held-out row `position`'s strongest match: the first row before it with the same
+    prompt (train rows come first), else with the same normalized prompt, else its best near one."""
+    for column, kind in enumerate(KINDS[:2]):
+        train_id = first_train[column].get(int(index.group[column][position]))
+        if train_id is not None:
+            split, row_id, _ = index.row(position)
+            return Leak(split, row_id, train, train_id, kind, 1.0)
+        if earlier[column][position] >= 0:
+            split, row_id, _ = index.row(position)
+            other_split, other_id, _ = index.row(int(earlier[column][position]))
+            return Leak(split, row_id, other_split, other_id, kind, 1.0)
+    if position not in near.best:
         return None
-    other_split, _, other_id = best[1].partition("/")
-    return Leak(split, row["id"], other_split, other_id, "near", round(best[0], 4))
+    similarity, key = near.best[position]
+    split, row_id, _ = index.row(position)
+    other_split, _, other_id = key.partition("/")
+    return Leak(split, row_id, other_split, other_id, "near", round(similarity, 4))
 
 
-def check(splits: dict[str, list[dict[str, str]]], data: DataConfig) -> dict[str, Any]:
-    """Finds leaked rows and applies `data.on_leakage` (removing rows from `splits` in place
-    for `drop`); returns the counts for metrics/prepare.json."""
-    leaks = find(splits, data.leakage_threshold)
-    counts = {kind: {s: 0 for s in list(splits)[1:]} for kind in KINDS}
+def check(files: dict[str, Path], data: DataConfig) -> tuple[dict[str, Any], list[Leak]]:
+    """Finds leaked rows in the split files (in split order) and applies `data.on_leakage`
+    (rewriting the held-out files without them for `drop`); returns the counts for
+    metrics/prepare.json and the rows dropped."""
+    leaks = find(files, data.leakage_threshold)
+    counts = {kind: {s: 0 for s in list(files)[1:]} for kind in KINDS}
     for leak in leaks:
         counts[leak.kind][leak.split] += 1
     if leaks and data.on_leakage == "error":
@@ -137,11 +324,13 @@ def check(splits: dict[str, list[dict[str, str]]], data: DataConfig) -> dict[str
                         f"earlier split: {named}{more} (remove them, or set data.on_leakage: drop)")
     for leak in leaks:
         log.warning("leakage: %s", leak)
-    dropped = 0
-    if data.on_leakage == "drop":
-        leaked = {(leak.split, leak.id) for leak in leaks}
-        for split, rows in splits.items():
-            kept = [r for r in rows if (split, r["id"]) not in leaked]
-            dropped += len(rows) - len(kept)
-            rows[:] = kept
-    return {**counts, "rows": len(leaks), "dropped": dropped, "threshold": data.leakage_threshold}
+    dropped = leaks if data.on_leakage == "drop" else []
+    for split in {leak.split for leak in dropped}:
+        leaked = {leak.id for leak in dropped if leak.split == split}
+        path = files[split]
+        kept = path.with_name(path.name + ".kept")
+        with path.open("rb") as rows, kept.open("wb") as out:
+            out.writelines(line for line in rows if json.loads(line)["id"] not in leaked)
+        kept.replace(path)
+    report = {**counts, "rows": len(leaks), "dropped": len(dropped), "threshold": data.leakage_threshold}
+    return report, dropped

@@ -13,17 +13,20 @@ metrics/prepare.json (rows in, out, dropped and why).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+from array import array
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from tasks import leakage, templates
 from tasks.config import Params, PromptConfig
 from tasks.errors import DataError
-from tasks.io import atomic_path, write_json, write_jsonl
+from tasks.io import atomic_path, write_json
 from tasks.records import BadRecord, Record, local_files, read_files, split_of, to_example
 from tasks.workspace import SPLITS, Workspace
 
@@ -70,31 +73,103 @@ def _parts(params: Params) -> list[tuple[str | None, Params]]:
     return parts
 
 
-def _mix(params: Params, splits: dict[str, list[dict[str, Any]]], labels: list[str]) -> dict[str, list[dict[str, Any]]]:
-    """The splits after each source's weight or row cap, which apply to the whole source (its
-    splits keep their proportions through the hash split). Rows are chosen by a hash of
-    (seed, id), so the same data and seed keep the same rows; kept rows keep their order."""
-    d = params.data
-    by_source: dict[str, list[str]] = {label: [] for label in labels}
-    for rows in splits.values():
-        for row in rows:
-            by_source[row["id"].split(MIX_SEPARATOR, 1)[0]].append(row["id"])
-    for ids in by_source.values():
-        ids.sort(key=lambda i: hashlib.sha256(f"{d.split.seed}:mix:{i}".encode()).digest())
-    sources = dict(zip(labels, d.sources or [], strict=True))
-    weighted = {label: src.weight for label, src in sources.items() if src.weight is not None}
-    total = sum(weighted.values())
-    # The largest mixture with these shares that takes no row twice.
-    size = min((len(by_source[label]) / (w / total) for label, w in weighted.items()), default=0.0)
-    keep: set[str] = set()
-    for label, src in sources.items():
-        n = len(by_source[label])
-        if src.weight is not None:
-            n = min(n, int(size * src.weight / total + MIX_ROUNDING))
-        elif src.row_cap is not None:
-            n = min(n, src.row_cap)
-        keep.update(by_source[label][:n])
-    return {split: [row for row in rows if row["id"] in keep] for split, rows in splits.items()}
+class _Mixture:
+    """The rows read so far, by split, source and mixture hash (35 bytes a row, the rows
+    themselves being on disk already), so that each source's weight or row cap can choose
+    its rows once every row is read. The cap applies to the whole source (its splits keep
+    their proportions through the hash split). Rows are chosen by a hash of (seed, id), so
+    the same data and seed keep the same rows; kept rows keep their order."""
+
+    def __init__(self, params: Params, labels: list[str]):
+        self.data, self.labels = params.data, labels
+        self.split, self.source, self.hashes = array("b"), array("H"), bytearray()
+
+    def add(self, split: str, source: int, row_id: str) -> None:
+        self.split.append(SPLITS.index(split))
+        self.source.append(source)
+        self.hashes += hashlib.sha256(f"{self.data.split.seed}:mix:{row_id}".encode()).digest()
+
+    def _keep(self) -> Any:
+        """Whether each row read is in the mixture: each source's rows of the smallest hashes."""
+        import numpy as np
+
+        hashes = np.frombuffer(self.hashes, dtype=f"S{hashlib.sha256().digest_size}")
+        source = np.frombuffer(self.source, dtype=np.uint16)
+        counts = np.bincount(source, minlength=len(self.labels)).tolist()
+        sources = list(zip(counts, self.data.sources or [], strict=True))
+        weighted = [(n, src.weight) for n, src in sources if src.weight is not None]
+        total = sum(w for _, w in weighted)
+        # The largest mixture with these shares that takes no row twice.
+        size = min((n / (w / total) for n, w in weighted), default=0.0)
+        keep = np.ones(len(source), dtype=bool)
+        for i, (n, src) in enumerate(sources):
+            limit = n
+            if src.weight is not None:
+                limit = min(n, int(size * src.weight / total + MIX_ROUNDING))
+            elif src.row_cap is not None:
+                limit = min(n, src.row_cap)
+            if limit < n:
+                mine = source == i
+                keep[mine] = False if limit == 0 else hashes[mine] <= np.sort(hashes[mine])[limit - 1]
+        return keep
+
+    def write(self, read: dict[str, Path], out: dict[str, Path]) -> dict[str, list[int]]:
+        """Copies the kept lines of each `read` split file to `out`'s, and removes `read`'s;
+        returns the rows kept per split, by source."""
+        import numpy as np
+
+        keep, source = self._keep(), np.frombuffer(self.source, dtype=np.uint16)
+        split = np.frombuffer(self.split, dtype=np.int8)
+        per_split = {}
+        for index, name in enumerate(SPLITS):
+            rows = np.flatnonzero(split == index)
+            with read[name].open("rb") as lines, out[name].open("wb") as kept:
+                kept.writelines(line for line, k in zip(lines, keep[rows].tolist(), strict=True) if k)
+            read[name].unlink()
+            per_split[name] = np.bincount(source[rows[keep[rows]]], minlength=len(self.labels)).tolist()
+        return per_split
+
+
+class _Ids:
+    """The ids seen so far, for the duplicate check. The latest RECENT_IDS are a set of
+    strings (about 90 bytes an id); older ones are a sorted numpy array of their 128-bit
+    digests, 16 bytes an id (two ids share a digest with odds of about 1e-25 at ten
+    million rows)."""
+
+    def __init__(self):
+        self.recent: set[str] = set()
+        self.older: Any = None
+
+    @staticmethod
+    def _digest(row_id: str) -> bytes:
+        return hashlib.blake2b(row_id.encode(), digest_size=ID_DIGEST_BYTES).digest()
+
+    def __contains__(self, row_id: str) -> bool:
+        if row_id in self.recent:
+            return True
+        if self.older is None:
+            return False
+        import numpy as np
+
+        digest = np.array(self._digest(row_id), dtype=self.older.dtype)
+        at = int(np.searchsorted(self.older, digest))
+        return at < len(self.older) and self.older[at] == digest
+
+    def add(self, row_id: str) -> None:
+        self.recent.add(row_id)
+        if len(self.recent) < RECENT_IDS:
+            return
+        import numpy as np
+
+        digests = np.array([self._digest(i) for i in self.recent], dtype=f"S{ID_DIGEST_BYTES}")
+        self.older = np.sort(digests if self.older is None else np.concatenate([self.older, digests]))
+        self.recent = set()
+
+
+# Ids kept as strings before they are folded into the sorted digests: each fold sorts every
+# id seen, so this trades memory (about 90 MB) for the count of sorts (one per million rows).
+RECENT_IDS = 1_000_000
+ID_DIGEST_BYTES = 16
 
 
 # A mixture's row ids are "<source label>/<id>": sources may reuse each other's ids.
@@ -104,83 +179,96 @@ MIX_ROUNDING = 1e-9
 
 
 def run(params: Params, ws: Workspace) -> dict[str, Any]:
-    splits: dict[str, list[dict[str, str]]] = {s: [] for s in SPLITS}
     dropped: Counter[str] = Counter()
-    seen_ids: set[str] = set()
+    seen_ids = _Ids()
     rows_in = 0
     tokenizer = None
     parts = _parts(params)
-    for label, part in parts:
-        d = part.data
-        tpl = None if part.prompt.template == templates.CHAT else \
-            templates.resolve(part.prompt.template, part.prompt.completion)
-        if tpl is None and tokenizer is None:
-            from tasks.modeling import load_tokenizer
-
-            tokenizer = load_tokenizer(params.model)
-        prefix = "" if label is None else f"{label}{MIX_SEPARATOR}"
-        for fixed_split, records in _sources(part):
-            for number, (where, record, bad) in enumerate(records):
-                if d.max_rows is not None and number >= d.max_rows:
-                    break
-                rows_in += 1
-                try:
-                    if bad is not None:
-                        reason, _, message = bad.partition(": ")
-                        raise BadRecord(reason, f"{where}: {message}")
-                    assert record is not None
-                    example = to_example(part, tpl, tokenizer, where, record)
-                    if d.id_column is None:
-                        row_id = f"{prefix}row{rows_in - 1}"
-                        # The rendered pair alone, as before chats kept their messages:
-                        # a row keeps the split it had.
-                        key = json.dumps({k: v for k, v in example.items() if k != "messages"},
-                                         sort_keys=True)
-                    else:
-                        if record.get(d.id_column) is None:
-                            raise BadRecord("missing_id", f"{where}: missing id column {d.id_column!r} "
-                                            "(set data.id_column: null if your data has none)")
-                        row_id = key = prefix + str(record[d.id_column])
-                        if row_id in seen_ids:
-                            raise BadRecord("duplicate_id", f"{where}: duplicate id {row_id!r}")
-                    seen_ids.add(row_id)
-                except BadRecord as err:
-                    if d.on_bad_record == "error":
-                        raise DataError(f"{err} (set data.on_bad_record: skip to drop such records)") from None
-                    dropped[err.reason] += 1
-                    log.warning("skipped %s", err)
-                    continue
-                split = fixed_split or split_of(key, part)
-                if split != "test":
-                    example.pop("references", None)  # only evaluate reads them
-                else:
-                    example.pop("messages", None)  # evaluate generates the last turn from the prompt
-                splits[split].append({"id": row_id, **example})
-    d = params.data
-    if rows_in == 0:
-        raise DataError(f"data.path: {d.path} has no records" if d.sources is None else
-                        "data.sources: no source has records")
     labels = [label for label, _ in parts if label is not None]
-    if labels:
-        splits = _mix(params, splits, labels)
-    leaked = leakage.check(splits, d)
-    if leaked["dropped"]:
-        dropped["leakage"] += leaked["dropped"]
-    for split, rows in splits.items():
-        if not rows and (split != "validation" or d.split.validation_size > 0):
-            raise DataError(f"the {split} split is empty ({rows_in} rows read, "
-                            f"{sum(dropped.values())} dropped): add data or change data.split")
+    mixture = _Mixture(params, labels) if labels else None
+    rows_per_split = dict.fromkeys(SPLITS, 0)
+    # Rows go to their split's file as they are read: memory holds one row, not the splits.
+    # A mixture writes every row first and keeps its chosen ones once all are read.
     with atomic_path(ws.prepared) as tmp:
         tmp.mkdir()
-        for split, rows in splits.items():
-            write_jsonl(tmp / f"{split}.jsonl", rows)
+        files = {s: tmp / f"{s}.jsonl" for s in SPLITS}
+        read = files if mixture is None else {s: tmp / f"{s}.jsonl.unmixed" for s in SPLITS}
+        with contextlib.ExitStack() as stack:
+            out = {s: stack.enter_context(path.open("w", encoding="utf-8")) for s, path in read.items()}
+            for source, (label, part) in enumerate(parts):
+                d = part.data
+                tpl = None if part.prompt.template == templates.CHAT else \
+                    templates.resolve(part.prompt.template, part.prompt.completion)
+                if tpl is None and tokenizer is None:
+                    from tasks.modeling import load_tokenizer
+
+                    tokenizer = load_tokenizer(params.model)
+                prefix = "" if label is None else f"{label}{MIX_SEPARATOR}"
+                for fixed_split, records in _sources(part):
+                    for number, (where, record, bad) in enumerate(records):
+                        if d.max_rows is not None and number >= d.max_rows:
+                            break
+                        rows_in += 1
+                        try:
+                            if bad is not None:
+                                reason, _, message = bad.partition(": ")
+                                raise BadRecord(reason, f"{where}: {message}")
+                            assert record is not None
+                            example = to_example(part, tpl, tokenizer, where, record)
+                            if d.id_column is None:
+                                row_id = f"{prefix}row{rows_in - 1}"
+                                # The rendered pair alone, as before chats kept their messages:
+                                # a row keeps the split it had.
+                                key = json.dumps({k: v for k, v in example.items() if k != "messages"},
+                                                 sort_keys=True)
+                            else:
+                                if record.get(d.id_column) is None:
+                                    raise BadRecord("missing_id", f"{where}: missing id column {d.id_column!r} "
+                                                    "(set data.id_column: null if your data has none)")
+                                row_id = key = prefix + str(record[d.id_column])
+                                if row_id in seen_ids:
+                                    raise BadRecord("duplicate_id", f"{where}: duplicate id {row_id!r}")
+                                # Only ids from a column can repeat (row<n> cannot): only they are kept.
+                                seen_ids.add(row_id)
+                        except BadRecord as err:
+                            if d.on_bad_record == "error":
+                                raise DataError(f"{err} (set data.on_bad_record: skip to drop such records)") from None
+                            dropped[err.reason] += 1
+                            log.warning("skipped %s", err)
+                            continue
+                        split = fixed_split or split_of(key, part)
+                        if split != "test":
+                            example.pop("references", None)  # only evaluate reads them
+                        else:
+                            example.pop("messages", None)  # evaluate generates the last turn from the prompt
+                        out[split].write(json.dumps({"id": row_id, **example}, ensure_ascii=False) + "\n")
+                        rows_per_split[split] += 1
+                        if mixture is not None:
+                            mixture.add(split, source, row_id)
+        d = params.data
+        if rows_in == 0:
+            raise DataError(f"data.path: {d.path} has no records" if d.sources is None else
+                            "data.sources: no source has records")
+        if mixture is not None:
+            per_source = mixture.write(read, files)
+            rows_per_split = {s: sum(n) for s, n in per_source.items()}
+        leaked, leaks = leakage.check(files, d)
+        if leaked["dropped"]:
+            dropped["leakage"] += leaked["dropped"]
+        for leak in leaks:
+            rows_per_split[leak.split] -= 1
+            if mixture is not None:
+                per_source[leak.split][labels.index(leak.id.split(MIX_SEPARATOR, 1)[0])] -= 1
+        for split, n in rows_per_split.items():
+            if not n and (split != "validation" or d.split.validation_size > 0):
+                raise DataError(f"the {split} split is empty ({rows_in} rows read, "
+                                f"{sum(dropped.values())} dropped): add data or change data.split")
     stats: dict[str, Any] = {
-        "rows_in": rows_in, "rows_out": sum(len(r) for r in splits.values()),
+        "rows_in": rows_in, "rows_out": sum(rows_per_split.values()),
         "rows_dropped": sum(dropped.values()), "dropped_by_reason": dict(sorted(dropped.items())),
-        "rows_per_split": {s: len(r) for s, r in splits.items()}, "leakage": leaked}
-    if labels:
-        stats["rows_per_source"] = {label: {s: sum(r["id"].startswith(label + MIX_SEPARATOR) for r in rows)
-                                            for s, rows in splits.items()} for label in labels}
+        "rows_per_split": rows_per_split, "leakage": leaked}
+    if mixture is not None:
+        stats["rows_per_source"] = {label: {s: per_source[s][i] for s in SPLITS} for i, label in enumerate(labels)}
     write_json(ws.metrics("prepare"), stats)
     log.info("prepared %s", stats)
     return stats

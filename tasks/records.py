@@ -115,14 +115,17 @@ def _csv(path: Path, delimiter: str) -> Iterator[Record]:
 
 
 def _parquet(path: Path) -> Iterator[Record]:
+    """The file's rows, a record batch at a time: memory holds one batch, not the table."""
     import pyarrow.parquet as pq
 
+    number = 0
     try:
-        table = pq.read_table(path)
+        for batch in pq.ParquetFile(path).iter_batches():
+            for record in batch.to_pylist():
+                yield f"{path} row {number}", record, None
+                number += 1
     except Exception as err:  # pyarrow raises several types for a corrupt file
         raise DataError(f"{path}: cannot read Parquet: {err}") from None
-    for number, record in enumerate(table.to_pylist()):
-        yield f"{path} row {number}", record, None
 
 
 # data.delimiter's default per format.

@@ -240,3 +240,74 @@ def test_leakage_threshold_is_validated():
 
     with pytest.raises(ConfigError, match="data.leakage_threshold"):
         leakage_params(leakage_threshold=1.5)
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.8])
+def test_streamed_leakage_finds_what_an_in_memory_index_finds(tmp_path, monkeypatch, threshold):
+    """Train streams past an index of the held-out rows, in chunks: the same leaks, twins
+    and similarities as an LSH of every row, held-out rows also matching earlier held-out
+    ones (exact, re-cased, one word changed, and unrelated rows)."""
+    import random
+
+    from bench import plain_prepare
+    from tasks import leakage
+
+    monkeypatch.setattr(leakage, "TRAIN_CHUNK_ROWS", 7)  # many chunks: first twins across chunks
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(60)]
+    base = [" ".join(rng.choices(words, k=rng.randint(2, 25))) for _ in range(100)]
+    splits, files = {}, {}
+    for split, n in (("train", 400), ("validation", 100), ("test", 100)):
+        splits[split] = []
+        for i in range(n):
+            prompt, r = rng.choice(base), rng.random()
+            if r < 0.3:
+                changed = prompt.split()
+                changed[rng.randrange(len(changed))] = rng.choice(words)
+                prompt = " ".join(changed)
+            elif r < 0.4:
+                prompt = prompt.upper() + "!"
+            elif r < 0.7:
+                prompt = " ".join(rng.choices(words, k=20))
+            splits[split].append({"id": f"{split[0]}{i}", "prompt": prompt})
+        files[split] = write_jsonl(tmp_path / f"{split}.jsonl", splits[split])
+    found = [(x.split, x.id, x.other_split, x.other_id, x.kind, x.similarity)
+             for x in leakage.find(files, threshold)]
+    assert found == plain_prepare.leaks(splits, threshold)  # an LSH of every row, in memory
+    assert {kind for *_, kind, _ in found} == set(leakage.KINDS)
+    assert any(x[0] == "test" and x[2] == "validation" for x in found)
+    assert any(x[0] == x[2] for x in found)  # a held-out row twin of an earlier one of its split
+
+
+def test_mixture_keeps_each_source_rows_of_smallest_hash(ws):
+    """A row cap keeps the capped source's rows whose sha256(seed:mix:id) sort first, in
+    their split files' order; an uncapped source keeps every row."""
+    import hashlib
+
+    write_jsonl(ws / "data/raw/a.jsonl", rows(150))
+    write_jsonl(ws / "data/raw/b.jsonl", rows(80))
+    p = params(data={"path": None, "sources": [{"path": "data/raw/a.jsonl", "label": "a", "row_cap": 37},
+                                                {"path": "data/raw/b.jsonl", "label": "b"}]})
+    stats = stage("prepare", p)
+    out = {s: read_split(s) for s in ("train", "validation", "test")}
+    ids = {r["id"] for split_rows in out.values() for r in split_rows}
+    by_hash = sorted((f"a/r{i}" for i in range(150)),
+                     key=lambda i: hashlib.sha256(f"{p.data.split.seed}:mix:{i}".encode()).digest())
+    assert ids == set(by_hash[:37]) | {f"b/r{i}" for i in range(80)}
+    for split, split_rows in out.items():
+        assert [r["id"] for r in split_rows] == sorted((r["id"] for r in split_rows),
+                                                      key=lambda i: (i[0], int(i.split("/r")[1])))
+        assert stats["rows_per_source"]["a"][split] == sum(r["id"].startswith("a/") for r in split_rows)
+    assert not list(Path("data/prepared").glob("*.unmixed"))
+
+
+def test_duplicate_id_found_among_older_ids(ws, monkeypatch):
+    """Ids past RECENT_IDS are kept as sorted digests: a repeat of one is still found, naming its line."""
+    from tasks import prepare
+
+    monkeypatch.setattr(prepare, "RECENT_IDS", 3)
+    write_jsonl(ws / "data/raw/dialogues.jsonl", rows(40) + rows(1, start=5) + rows(1, start=39))
+    with pytest.raises(DataError, match=r"dialogues.jsonl line 41: duplicate id 'r5'"):
+        stage("prepare", params())
+    stats = stage("prepare", params(data={"on_bad_record": "skip"}))
+    assert stats["dropped_by_reason"] == {"duplicate_id": 2} and stats["rows_out"] == 40
