@@ -23,18 +23,13 @@ TASK_TYPES = {"causal_lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM",
               "sequence_classification": "SEQ_CLS"}
 
 
-def full_finetune(params: Params) -> bool:
-    """Whether every weight trains (peft.method none): train's output is a whole model."""
-    return params.peft.method == FULL_FINETUNE
-
-
 def tuned_adapter(params: Params, ws: Workspace) -> Path:
     """The adapter evaluate and export use: the DPO-aligned one when align is on, else SFT's;
     its JSON files checked (check_adapter) before PEFT or the tokenizer reads them. With full
     fine-tuning, train's whole model (its weights are checked when it loads, as a base's are)."""
     folder, stage = (ws.aligned, "align") if params.align.enabled else (ws.adapter, "train")
     recover = f"rerun `dvc repro {stage}`"
-    if not full_finetune(params):
+    if not params.peft.full_finetune:
         return check_adapter(folder, recover)
     if (folder / "adapter_config.json").is_file():
         raise PipelineError(f"{folder} holds a PEFT adapter, but peft.method is none (train writes the "

@@ -26,7 +26,7 @@ import logging
 from typing import Any
 
 from tasks import harness
-from tasks.adapters import full_finetune, tuned_adapter
+from tasks.adapters import tuned_adapter
 from tasks.config import Params
 from tasks.generation import attach_adapter, load_base_and_tokenizer, outputs, test_rows
 from tasks.io import atomic_path, write_json, write_jsonl
@@ -59,7 +59,7 @@ def run(params: Params, ws: Workspace) -> dict[str, Any]:
     log.info("running %d test examples through the base model", len(rows))
     base = outputs(model, tokenizer, prompts, params)
     general = harness.score(model, tokenizer, params) if cfg.lm_eval_tasks else None
-    if full_finetune(params):
+    if params.peft.full_finetune:
         dtype = model.dtype
         del model  # the base's weights make way for the tuned model's
         model = load_standalone(params, tuned_adapter(params, ws), dtype)[0]

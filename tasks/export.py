@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks import gguf
-from tasks.adapters import full_finetune, mergeable, tuned_adapter
+from tasks.adapters import mergeable, tuned_adapter
 from tasks.config import Params
 from tasks.errors import PipelineError
 from tasks.generation import attach_adapter, input_ids, model_batches, outputs, test_rows
@@ -123,7 +123,7 @@ def manifest(params: Params, ws: Workspace) -> dict[str, Any]:
 
 def _method(p: Params) -> str:
     quant = f", on the 4-bit {p.quant.bnb_4bit_quant_type} base" if p.quant.load_in_4bit else ""
-    if full_finetune(p):
+    if p.peft.full_finetune:
         method = "full fine-tuning (peft.method none): every weight trained, no adapter"
     elif not mergeable(p):
         method = f"{p.peft.method}, {p.peft.num_virtual_tokens} virtual tokens{quant}"
@@ -159,7 +159,7 @@ def model_card(params: Params, scores: dict[str, Any]) -> str:
     p = params
     metric = METRIC_TITLES[HEADLINE[p.model.task]]
     tuned = "base + adapter"
-    if full_finetune(p):
+    if p.peft.full_finetune:
         tuned = "fine-tuned, as train saved it"
         what = (f"A standalone model: every weight of `{p.model.name_or_path}` (revision `{p.model.revision}`)\n"
                 f"fine-tuned by this pipeline (full fine-tuning, no adapter), saved in {p.export.torch_dtype}.")
@@ -184,8 +184,8 @@ def model_card(params: Params, scores: dict[str, Any]) -> str:
         scoring = f"greedy, {p.evaluate.max_new_tokens} new tokens"
     return f"""---
 base_model: {p.model.name_or_path}
-library_name: {'transformers' if mergeable(p) or full_finetune(p) else 'peft'}
-tags: [fine-tuned, {'full-fine-tuning' if full_finetune(p) else p.peft.method}{', qlora' if p.quant.load_in_4bit and p.peft.method == 'lora' else ''}]
+library_name: {'transformers' if mergeable(p) or p.peft.full_finetune else 'peft'}
+tags: [fine-tuned, {'full-fine-tuning' if p.peft.full_finetune else p.peft.method}{', qlora' if p.quant.load_in_4bit and p.peft.method == 'lora' else ''}]
 ---
 # Fine-tuned {p.model.name_or_path}
 
@@ -246,7 +246,7 @@ def _save(model, tokenizer, params: Params, ws: Workspace, scores: dict[str, Any
     written: dict[str, Any] = {}
     with atomic_path(ws.merged) as tmp:
         model.save_pretrained(tmp)
-        if not (mergeable(params) or full_finetune(params)):  # a soft prompt's adapter
+        if not (mergeable(params) or params.peft.full_finetune):  # a soft prompt's adapter
             normalize_adapter_config(tmp)
         save_tokenizer(tokenizer, tmp)
         if extra is not None:
@@ -320,7 +320,7 @@ def run(params: Params, ws: Workspace) -> dict[str, Any]:
     from tasks.modeling import load_standalone, load_tokenizer
 
     cfg = params.export
-    if mergeable(params) or full_finetune(params):
+    if mergeable(params) or params.peft.full_finetune:
         from tasks.memory import export_preflight, shape
         from tasks.modeling import device, load_config
 
@@ -333,7 +333,7 @@ def run(params: Params, ws: Workspace) -> dict[str, Any]:
     base = _merge_base(params, tokenizer)
     base.eval()
     base_score = _headline(base, tokenizer, prompts, references, params)
-    if full_finetune(params):
+    if params.peft.full_finetune:
         del base  # its weights make way for the tuned model's
         model = load_standalone(params, adapter, getattr(torch, cfg.torch_dtype))[0]
     else:
@@ -341,7 +341,7 @@ def run(params: Params, ws: Workspace) -> dict[str, Any]:
     # "adapter": the tuned model as train (or align) wrote it, by any method.
     scores = {"num_examples": len(rows), "metric": HEADLINE[params.model.task], "base": base_score,
               "adapter": _headline(model, tokenizer, prompts, references, params)}
-    if full_finetune(params):
+    if params.peft.full_finetune:
         return _export_full(model, tokenizer, prompts, references, params, ws, scores)
     if not mergeable(params):
         log.warning("peft.method %s cannot be merged (virtual tokens, not weights): exporting "

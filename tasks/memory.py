@@ -20,7 +20,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from tasks.config import FULL_FINETUNE, Params
+from tasks.config import Params
 from tasks.errors import PipelineError
 
 log = logging.getLogger("finetune.memory")
@@ -74,7 +74,7 @@ def shape(params: Params, config: Any) -> Shape:
     linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
     linear_params = sum(m.in_features * m.out_features for m in linear)
     total = sum(p.numel() for p in model.parameters())
-    if params.peft.method == FULL_FINETUNE:
+    if params.peft.full_finetune:
         return Shape(linear=linear_params, other=total - linear_params, trainable=total, has_head=head is not None)
     targets = params.lora.target_modules
     adapted = [m for name, m in model.named_modules() if m in linear and (
@@ -89,7 +89,7 @@ def estimate(params: Params, config: Any, compute_dtype: str, counts: Shape | No
     """Peak memory of training, in GiB, by component."""
     counts = counts or shape(params, config)
     act = _dtype_bytes(compute_dtype)
-    if params.peft.method == FULL_FINETUNE:
+    if params.peft.full_finetune:
         base = 0  # nothing is frozen: every weight is counted with its optimizer state below
     elif params.quant.load_in_4bit:
         per_param = NF4_BYTES_PER_PARAM + QUANT_CONSTANT_BYTES[params.quant.bnb_4bit_use_double_quant]
@@ -114,7 +114,7 @@ def preflight(params: Params, config: Any, compute_dtype: str, device: str,
     """Log the estimate; on a GPU, refuse to start when it exceeds the free memory. Refuse
     too when the checkpoints would not fit on the disk of `checkpoints`."""
     counts = shape(params, config)
-    full = params.peft.method == FULL_FINETUNE
+    full = params.peft.full_finetune
     train_preflight(params, counts, checkpoints)
     est = estimate(params, config, compute_dtype, counts)
     log.info("estimated peak training memory: %.3f GiB (%s)", est["total"],
@@ -137,8 +137,12 @@ def preflight(params: Params, config: Any, compute_dtype: str, device: str,
 def check_fits(needed_gib: float, free_gib: float, has: str | None = None, full: bool = False) -> None:
     if needed_gib > free_gib:
         has = has or f"the GPU has {free_gib:.1f} GiB free"
-        lower = LOWER_FULL_FINETUNE_MEMORY if full else LOWER_TRAINING_MEMORY
-        raise PipelineError(f"training needs about {needed_gib:.1f} GiB but {has}: {lower}")
+        raise PipelineError(f"training needs about {needed_gib:.1f} GiB but {has}: {lower_training_memory(full)}")
+
+
+def lower_training_memory(full: bool) -> str:
+    """What lowers train's memory, with full fine-tuning (`full`) or adapters."""
+    return LOWER_FULL_FINETUNE_MEMORY if full else LOWER_TRAINING_MEMORY
 
 
 LOWER_ACTIVATIONS = (
@@ -282,7 +286,7 @@ def check_memory(stage: str, need: int, what: str, lower: str) -> None:
 
 def train_preflight(params: Params, counts: Shape, checkpoints: Path) -> None:
     limit = params.train.save_total_limit
-    full = params.peft.method == FULL_FINETUNE
+    full = params.peft.full_finetune
     smaller = "use peft.method lora (full fine-tuning checkpoints every weight)" if full else "use a smaller lora.r"
     check_disk("train", checkpoints, checkpoint_disk(params, counts),
                f"{limit + EXTRA_CHECKPOINTS_AT_PEAK} checkpoints of {size(counts.trainable * CHECKPOINT_BYTES_PER_PARAM)} "

@@ -39,12 +39,12 @@ from pathlib import Path
 from typing import Any
 
 from tasks import COMPILE_SWITCH, allow_compile
-from tasks.adapters import adalora_callback, full_finetune
+from tasks.adapters import adalora_callback
 from tasks.config import PROMPT_LEARNING, Params
 from tasks.errors import PipelineError, environment_errno
 from tasks.io import (atomic_path, damaged, normalize_adapter_config, read_json_folder, read_json_state,
                       save_tokenizer, sha256_path, write_json, writing)
-from tasks.memory import LOWER_FULL_FINETUNE_MEMORY, LOWER_TRAINING_MEMORY, with_checkpointing
+from tasks.memory import lower_training_memory, with_checkpointing
 from tasks.encoding import IGNORE_INDEX
 from tasks.modeling import device, load_tokenizer, resolve_precision
 from tasks.training import optim_name, run_name, tracked, trackers, trainable_base
@@ -305,7 +305,7 @@ def _model(params: Params, tokenizer):
     from tasks.adapters import check_supported, peft_config, settle
 
     base = trainable_base(params, tokenizer)
-    if full_finetune(params):
+    if params.peft.full_finetune:
         return base  # every weight trains: nothing to wrap
     check_supported(params, base)
     model = get_peft_model(base, peft_config(params))
@@ -552,15 +552,14 @@ def run(params: Params, ws: Workspace) -> dict[str, Any]:
                 result = trainer.train(resume_from_checkpoint=resume)
             eval_loss = trainer.evaluate()["eval_loss"] if trainer.eval_dataset is not None else None
     except torch.cuda.OutOfMemoryError:
-        lower = LOWER_FULL_FINETUNE_MEMORY if full_finetune(params) else LOWER_TRAINING_MEMORY
-        raise PipelineError(f"CUDA out of memory: {lower}") from None
+        raise PipelineError(f"CUDA out of memory: {lower_training_memory(params.peft.full_finetune)}") from None
     if not trainer.is_world_process_zero():
         return {}  # the first process writes the outputs
     with atomic_path(ws.adapter) as tmp:
-        if full_finetune(params) and hasattr(config, "use_cache"):
+        if params.peft.full_finetune and hasattr(config, "use_cache"):
             model.config.use_cache = config.use_cache  # off only while training (trainable_base)
         model.save_pretrained(tmp)
-        if not full_finetune(params):
+        if not params.peft.full_finetune:
             normalize_adapter_config(tmp)
         save_tokenizer(tokenizer, tmp)
     t, state = params.train, trainer.state
@@ -585,5 +584,5 @@ def run(params: Params, ws: Workspace) -> dict[str, Any]:
         clear_checkpoints(ws.checkpoints)
     except OSError as err:  # the adapter is saved: what is left costs disk, not the run
         log.warning("could not remove the checkpoints in %s (%s): remove them by hand", ws.checkpoints, err)
-    log.info("%s saved to %s: %s", "model" if full_finetune(params) else "adapter", ws.adapter, metrics)
+    log.info("%s saved to %s: %s", "model" if params.peft.full_finetune else "adapter", ws.adapter, metrics)
     return metrics

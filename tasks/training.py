@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tasks.config import FULL_FINETUNE, Params
+from tasks.config import Params
 from tasks.errors import PipelineError
 from tasks.modeling import HEAD_MODULES, device, load_base, match_vocab
 from tasks.workspace import Workspace
@@ -102,7 +102,7 @@ def trainable_base(params: Params, tokenizer):
     # A full fine-tune's weights are float32 masters whatever train.precision: an optimizer
     # step is mostly far below bf16's resolution (8 bits of mantissa) and would be rounded
     # away; bf16/fp16 precision still runs the matmuls in half precision (autocast).
-    full = params.peft.method == FULL_FINETUNE
+    full = params.peft.full_finetune
     model = load_base(params, quantized=quantized, torch_dtype=torch.float32 if full else None)
     # Training never reuses a KV cache, and with one the attention mask ignores the restarting
     # position ids that keep padding-free examples apart.

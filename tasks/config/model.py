@@ -154,3 +154,7 @@ class PeftMethodConfig(Section):
         "reallocates ranks after every optimizer step over train.max_steps, which must be "
         "positive."))
 
+    @property
+    def full_finetune(self) -> bool:
+        """Whether every weight trains (method none): train's output is a whole model."""
+        return self.method == FULL_FINETUNE

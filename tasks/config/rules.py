@@ -44,7 +44,7 @@ def method_has_4bit(params: Params) -> list[str]:
 
 
 def full_finetune_unquantized(params: Params) -> list[str]:
-    if params.peft.method == FULL_FINETUNE and params.quant.load_in_4bit:
+    if params.peft.full_finetune and params.quant.load_in_4bit:
         return ["peft.method none trains every weight, and 4-bit weights cannot be trained "
                 "(QLoRA trains adapters on them): set quant.load_in_4bit: false (and "
                 "export.merge_into: original)"]
@@ -76,7 +76,7 @@ def align_supported(params: Params) -> list[str]:
 
 
 def align_needs_adapter(params: Params) -> list[str]:
-    if params.align.enabled and params.peft.method == FULL_FINETUNE:
+    if params.align.enabled and params.peft.full_finetune:
         return ["align.enabled goes on training train's adapter (every align.method), and peft.method none "
                 "writes a whole model instead: set align.enabled: false"]
     return []
