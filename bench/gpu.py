@@ -105,8 +105,9 @@ def params_for(args):
     raw["tokenize"]["max_length"] = args.seq
     raw["evaluate"]["max_new_tokens"] = 16
     raw["train"].update(max_steps=args.steps, per_device_train_batch_size=args.batch,
-                        save_steps=args.steps + 1, learning_rate=2e-4, logging_steps=1,
-                        padding_free=args.padding_free)
+                        save_steps=args.steps + 1, learning_rate=2e-4,
+                        logging_steps=args.logging_steps or raw["train"]["logging_steps"],
+                        padding_free=args.padding_free, gradient_checkpointing=args.checkpointing)
     return parse_params(raw, "bench params")
 
 
@@ -224,7 +225,7 @@ def baseline(args, params) -> dict:
                        gradient_checkpointing=True, bf16=cuda, report_to="none",
                        optim="paged_adamw_8bit" if cuda else "adamw_torch",
                        include_num_input_tokens_seen="non_padding", use_cpu=not cuda,
-                       logging_steps=args.steps, disable_tqdm=True))
+                       logging_steps=args.logging_steps or args.steps, disable_tqdm=True))
     return timed(trainer, args)
 
 
@@ -243,6 +244,10 @@ def main() -> None:
                         help="torch.profiler over steps A..B-1: each line gets the top ops by self time")
     parser.add_argument("--adapter-dtype", choices=("as-trained", "bfloat16"), default="as-trained",
                         help="bfloat16: cast ours' trainable weights to bf16 first, as TRL does under QLoRA")
+    parser.add_argument("--logging-steps", type=int,
+                        help="both sides' logging_steps (default: ours params.yaml's, the baseline's --steps)")
+    parser.add_argument("--checkpointing", default="auto", type=lambda v: v if v == "auto" else v == "true",
+                        help="ours' train.gradient_checkpointing: auto (default), true or false")
     args = parser.parse_args()
 
     import torch
@@ -285,6 +290,8 @@ def main() -> None:
                               "params": n, "attn": args.attn,
                               "gradient_checkpointing": checkpointing[name],
                               "padding_free": args.padding_free,
+                              "logging_steps": args.logging_steps or (params.train.logging_steps if name == "ours" else args.steps),
+                              "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
                               **({"profile_top": r["profile_top"]} if args.profile else {})}), flush=True)
         if len(results) == 2:
             print(json.dumps({"name": "gpu-train-ratio", "model": args.model, "attn": args.attn, "ratio": round(
