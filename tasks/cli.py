@@ -149,11 +149,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2, sort_keys=True))
         return 0
     if args.command == "predict":
-        from tasks import predict
+        from tasks import predict, use_cpu_math
         from tasks.config import load_params
         from tasks.io import setup_logging
 
         params = load_params(args.params)
+        use_cpu_math(params.model.cpu_math)
         setup_logging()
         print(json.dumps(predict.run(params, Workspace.from_env(), args.input, args.model, args.output,
                                      args.references), indent=2, sort_keys=True))

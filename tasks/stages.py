@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from tasks import use_cpu_math
 from tasks.config import Params
 from tasks.workspace import Workspace
 
@@ -97,6 +98,7 @@ def run_stage(name: str, params: Params, ws: Workspace) -> Result:
     """Runs one stage on `ws`, with the workspace root as the working directory (params'
     paths are relative to it)."""
     stage = STAGES[name]
+    use_cpu_math(params.model.cpu_math)
     with ws.entered():
         if stage.reads_local_inputs:
             check_local_inputs(params, ws)

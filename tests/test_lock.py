@@ -10,8 +10,10 @@ on one x86-64 machine is what any other computes.
 
 from __future__ import annotations
 
+import platform
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -91,3 +93,56 @@ def test_committed_lock_is_what_the_quickstart_computes(tmp_path):
     run(["dvc", "repro"], repo)
     found = lock_differences(committed, yaml.safe_load((repo / "dvc.lock").read_text()))
     assert not found, "dvc.lock is not what this commit computes:\n  " + "\n  ".join(found) + f"\n{FIX}"
+
+
+# mkl_cbwr_get's query for the branch in use, and two branches' values (mkl_cbwr.h).
+MKL_CBWR_BRANCH, MKL_CBWR_AUTO, MKL_CBWR_COMPATIBLE = 1, 2, 3
+X86 = platform.machine() in ("x86_64", "AMD64")
+MKL_BRANCH = """
+import ctypes, sys
+from pathlib import Path
+import tasks
+tasks.use_cpu_math(sys.argv[1])
+import torch
+torch.ones(2, 2) @ torch.ones(2, 2)  # MKL reads MKL_CBWR at its first call
+lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+print(getattr(lib, "mkl_serv_cbwr_get", lambda _: -1)(1), torch.backends.cpu.get_cpu_capability())
+"""
+
+
+def mkl_branch_and_capability(mode: str) -> tuple[int, str]:
+    """What MKL and ATen run in a fresh process under model.cpu_math `mode`, not what was
+    asked: MKL ignores a branch it does not honour on this CPU without a word (MKL_CBWR=AVX2
+    on an AMD CPU runs AUTO), which is how a lock written on an AMD EPYC came to differ on a
+    Xeon."""
+    out = subprocess.run([sys.executable, "-c", MKL_BRANCH, mode], cwd=REPO, capture_output=True,
+                         text=True, check=True).stdout.split()
+    if out[0] == "-1":
+        pytest.skip("this torch build does not use MKL")
+    return int(out[0]), out[1]
+
+
+@pytest.mark.skipif(not X86, reason="the pins name x86-64 code paths")
+def test_portable_cpu_math_runs_on_the_pinned_paths():
+    assert mkl_branch_and_capability("portable") == (MKL_CBWR_COMPATIBLE, "AVX2")
+
+
+@pytest.mark.skipif(not X86, reason="the pins name x86-64 code paths")
+def test_native_cpu_math_lets_each_library_pick():
+    branch, capability = mkl_branch_and_capability("native")
+    assert branch == MKL_CBWR_AUTO
+    assert capability in ("AVX2", "AVX512")
+
+
+def test_cpu_math_cannot_change_once_torch_is_loaded():
+    """In-process stage runs (the tests) keep the math torch loaded with; another mode there
+    is refused by name rather than silently ignored."""
+    import torch  # noqa: F401  (loaded, as in any in-process stage run)
+
+    import tasks
+    from tasks.errors import PipelineError
+
+    other = next(mode for mode in tasks.CPU_MATH if mode != tasks.DEFAULT_CPU_MATH)
+    with pytest.raises(PipelineError, match="model.cpu_math is 'native'.*own process"):
+        tasks.use_cpu_math(other)
+    tasks.use_cpu_math(tasks.DEFAULT_CPU_MATH)  # the mode already in force: nothing to do

@@ -46,6 +46,11 @@ class ModelConfig(Section):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field("sdpa", description=(
         "Attention kernel; flash_attention_2 needs the flash-attn package, which is not a "
         "dependency."))
+    cpu_math: Literal["portable", "native"] = Field("portable", description=(
+        "CPU runs: portable holds MKL, oneDNN and ATen to one code path (MKL single-threaded), "
+        "so any x86-64 machine, Intel or AMD, computes the committed dvc.lock's bytes; native "
+        "lets each take this CPU's fastest path (matmuls 2-4x faster, outputs differ between "
+        "machines in the last digits). No effect on what a GPU computes."))
 
     @property
     def is_local(self) -> bool:
