@@ -129,7 +129,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                 "worker runs it and pushes it), but the remote holds no result for these inputs "
                 f"and params: check that worker's run and that both checkouts have the same "
                 "code, data and params.yaml")
-        if args.command == "train" and params.train.num_processes > 1 and "LOCAL_RANK" not in os.environ:
+        if args.command == "train" and params.train.world_size > 1 and "LOCAL_RANK" not in os.environ:
             from tasks.train import launch
 
             return launch(params, args.params)

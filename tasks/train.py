@@ -35,6 +35,7 @@ import os
 import re
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -344,7 +345,7 @@ def training_arguments(params: Params, output_dir: str, report_to: list[str] | N
                             "environment: unset it, or set train.torch_compile: false")
     precision = resolve_precision(t.precision)
     fields = t.model_dump(exclude={"precision", "optim", "gradient_checkpointing", "tf32",
-                                   "padding_free", "num_processes", "report_to", "metric_for_best_model",
+                                   "padding_free", "num_processes", "num_nodes", "report_to", "metric_for_best_model",
                                    "early_stopping_patience", "early_stopping_threshold"})
     evaluated = t.eval_steps is not None
     if t.use_liger_kernel:
@@ -370,7 +371,7 @@ def training_arguments(params: Params, output_dir: str, report_to: list[str] | N
         label_names=["labels"],  # a PeftModel's forward hides the argument the Trainer looks for
         use_cpu=device() == "cpu", report_to=report_to or "none", run_name=run_name,
         disable_tqdm=False,
-        ddp_backend="gloo" if device() == "cpu" and t.num_processes > 1 else None,
+        ddp_backend="gloo" if device() == "cpu" and t.world_size > 1 else None,
         logging_nan_inf_filter=False,  # the History callback must see a non-finite loss to stop
     )
 
@@ -489,33 +490,136 @@ def build_trainer(params: Params, ws: Workspace, history: list[dict[str, Any]],
 
 
 def launch(params: Params, params_file: Path) -> int:
-    """Runs `finetune train` as train.num_processes data-parallel processes on this host
-    (torch's elastic launcher, what torchrun is) and returns the exit code: 2 when a process
-    stopped on a user error (it has printed the message), 1 for anything else."""
+    """Runs `finetune train` as train.num_processes data-parallel processes on this node, with
+    the other train.num_nodes - 1 nodes met at the rendezvous (torch's elastic launcher, what
+    torchrun is), and returns the exit code: 2 when a process stopped on a user error (it has
+    printed the message), 1 for anything else."""
     import sys
-    import uuid
 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError, RendezvousTimeoutError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    n = params.train.num_processes
-    log.info("launching %d training processes (%s)", n, "nccl" if device() == "cuda" else "gloo")
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=n, run_id=uuid.uuid4().hex,
-                          rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0)
+    t = params.train
+    meeting = rendezvous(t.num_nodes)
+    # A failed process has printed its own message; the agent's summary of it adds nothing.
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
+    log.info("launching %d training processes (%s)%s", t.num_processes, "nccl" if device() == "cuda" else "gloo",
+             f" on this node, one of {t.num_nodes} meeting at {meeting.endpoint} (id {meeting.run_id})"
+             if t.num_nodes > 1 else "")
+    config = LaunchConfig(min_nodes=t.num_nodes, max_nodes=t.num_nodes, nproc_per_node=t.num_processes,
+                          run_id=meeting.run_id, rdzv_backend=meeting.backend, rdzv_endpoint=meeting.endpoint,
+                          rdzv_configs={"join_timeout": meeting.timeout_s}, max_restarts=0)
     try:
         elastic_launch(config, entrypoint=sys.executable)(
             "-m", "tasks.cli", "train", "--params", str(params_file))
     except ChildFailedError as err:
         codes = {f.exitcode for f in err.failures.values()}
         return 2 if 2 in codes else 1
+    except RendezvousTimeoutError:
+        raise PipelineError(meeting.timed_out(t.num_nodes)) from None
+    except RendezvousConnectionError:
+        raise PipelineError(f"lost the rendezvous at {meeting.endpoint} mid-run (the node hosting it died, "
+                            f"or the network failed): {RERUN_EVERY_NODE}") from None
     return 0
 
 
+RDZV_ENDPOINT_ENV, RDZV_ID_ENV, RDZV_TIMEOUT_ENV = "FINETUNE_RDZV_ENDPOINT", "FINETUNE_RDZV_ID", "FINETUNE_RDZV_TIMEOUT"
+RDZV_TIMEOUT_S = 600.0  # torch's own default join timeout
+RDZV_BACKEND = "finetune-c10d"  # c10d, with a hold on the backend to count who joined
+
+
+@dataclass
+class Rendezvous:
+    """Where and how this node's processes meet the other nodes' (FINETUNE_RDZV_*)."""
+
+    endpoint: str
+    run_id: str
+    timeout_s: float
+    backend: str = RDZV_BACKEND
+    backends: list[Any] = field(default_factory=list)  # filled when the launcher creates it
+
+    def joined(self) -> int | None:
+        """Nodes in the rendezvous's last state, this one included; None when unreadable."""
+        import pickle
+
+        try:
+            state = self.backends[0].get_state()
+            nodes = pickle.loads(state[0]).participants if state else {}
+        except Exception:  # the host node may be gone: the count is a courtesy
+            return None
+        # This node took itself out when it gave up (if it could): count it once either way.
+        return len([node for node in nodes if node.pid != os.getpid()]) + 1
+
+    def timed_out(self, nodes: int) -> str:
+        joined = self.joined()
+        count = f"{nodes - joined} of the {nodes} nodes never joined" if joined else f"not all {nodes} nodes joined"
+        return (f"train.num_nodes is {nodes}, but {count} the rendezvous at {self.endpoint} (id "
+                f"{self.run_id}) within {self.timeout_s:g} s ({RDZV_TIMEOUT_ENV}): start `finetune "
+                f"train` on every node with the same {RDZV_ENDPOINT_ENV} and {RDZV_ID_ENV}")
+
+
+def rendezvous(nodes: int) -> Rendezvous:
+    """One node: a private rendezvous on this host. Several: FINETUNE_RDZV_ENDPOINT (host:port,
+    the same on every node; the node whose address it is hosts the store), FINETUNE_RDZV_ID
+    and FINETUNE_RDZV_TIMEOUT from the environment, because they name this run's machines,
+    not what it computes."""
+    import uuid
+
+    from torch.distributed.elastic.rendezvous import rendezvous_handler_registry as registry
+    from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import create_backend
+    from torch.distributed.elastic.rendezvous.dynamic_rendezvous import create_handler
+
+    if nodes == 1:
+        meeting = Rendezvous("127.0.0.1:0", uuid.uuid4().hex, RDZV_TIMEOUT_S)
+    else:
+        endpoint = os.environ.get(RDZV_ENDPOINT_ENV, "")
+        host, _, port = endpoint.rpartition(":")
+        if not host or not port.isdigit():
+            raise PipelineError(f"train.num_nodes is {nodes}: set {RDZV_ENDPOINT_ENV} to host:port of "
+                                f"the node that hosts the rendezvous, the same on every node "
+                                f"(got {endpoint!r})")
+        timeout = os.environ.get(RDZV_TIMEOUT_ENV, str(RDZV_TIMEOUT_S))
+        try:
+            timeout_s = float(timeout)
+        except ValueError:
+            timeout_s = 0.0
+        if timeout_s <= 0:
+            raise PipelineError(f"{RDZV_TIMEOUT_ENV} is {timeout!r}: give the seconds to wait for "
+                                "the other nodes, a positive number")
+        meeting = Rendezvous(endpoint, os.environ.get(RDZV_ID_ENV, "finetune-train"), timeout_s)
+
+    def handler(params):
+        params.backend = "c10d"  # the registered name is ours; the backend is torch's c10d
+        backend, store = create_backend(params)
+        meeting.backends.append(backend)
+        return create_handler(store, backend, params)
+
+    registry.register(RDZV_BACKEND, handler)
+    return meeting
+
+
+# What gloo and NCCL say when a peer went away (torch raises them as RuntimeError or DistError).
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+             "remote process exited or there was a network error", "NCCL communicator was aborted")
+PEER_ERROR_CHARS = 200
+RERUN_EVERY_NODE = "rerun `finetune train` on every node: it resumes from the last checkpoint in artifacts/checkpoints/"
+
+
+def lost_peer(err: BaseException) -> bool:
+    import torch.distributed as dist
+
+    return isinstance(err, getattr(dist, "DistNetworkError", ())) or any(m in str(err) for m in PEER_LOST)
+
+
 def _check_world(params: Params, args) -> None:
-    if args.world_size != params.train.num_processes:
-        raise PipelineError(f"train.num_processes is {params.train.num_processes} but this run has "
-                            f"{args.world_size} processes (WORLD_SIZE): the effective batch would "
-                            "differ from params.yaml; run `finetune train` without a launcher")
+    t = params.train
+    if args.world_size != t.world_size:
+        where = f"train.num_processes is {t.num_processes}" + (
+            f" on each of train.num_nodes {t.num_nodes}" if t.num_nodes > 1 else "")
+        raise PipelineError(f"{where} but this run has {args.world_size} processes (WORLD_SIZE): "
+                            "the effective batch would differ from params.yaml; run `finetune "
+                            "train` without a launcher")
 
 
 def run(params: Params, ws: Workspace) -> dict[str, Any]:
@@ -553,6 +657,12 @@ def run(params: Params, ws: Workspace) -> dict[str, Any]:
             eval_loss = trainer.evaluate()["eval_loss"] if trainer.eval_dataset is not None else None
     except torch.cuda.OutOfMemoryError:
         raise PipelineError(f"CUDA out of memory: {lower_training_memory(params.peft.full_finetune)}") from None
+    except RuntimeError as err:
+        if params.train.world_size > 1 and lost_peer(err):
+            raise PipelineError(
+                f"lost another training process mid-run (its node or process died, or the network "
+                f"between them failed): {str(err).splitlines()[0][:PEER_ERROR_CHARS]}; {RERUN_EVERY_NODE}") from None
+        raise
     if not trainer.is_world_process_zero():
         return {}  # the first process writes the outputs
     with atomic_path(ws.adapter) as tmp:

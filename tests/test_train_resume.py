@@ -7,9 +7,11 @@ launcher with another process count. The other runs are in this process."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -183,23 +185,133 @@ def test_padding_free_is_refused_where_attention_leaks_across_examples():
         check_padding_free(opt, rows, "float32")
 
 
-@pytest.mark.slow
-def test_two_data_parallel_processes_train_like_one(ws, padded):
-    """train.num_processes: 2 runs two gloo processes on this CPU host; with the per-process
-    batch halved the effective batch is unchanged, and so, up to data order, is the loss."""
+@pytest.fixture(scope="module")
+def two_processes(ws, tmp_path_factory) -> tuple[dict, Path]:
+    """train.num_processes: 2 on one node, with the per-process batch halved: its metrics and
+    a copy of its adapter."""
     import json
 
-    one = padded
     batch = yaml.safe_load((ws / "params.yaml").read_text())["train"]["per_device_train_batch_size"]
     variant(ws, "two.yaml", padding_free=False, num_processes=2, per_device_train_batch_size=batch // 2)
     launched = train(ws, "--params", "two.yaml")
     assert launched.returncode == 0, launched.stderr
-    two = json.loads((ws / "metrics/train.json").read_text())
     assert "launching 2 training processes (gloo)" in launched.stderr
+    kept = tmp_path_factory.mktemp("two-processes") / "adapter"
+    shutil.copytree(ws / "artifacts/adapter", kept)
+    return json.loads((ws / "metrics/train.json").read_text()), kept
+
+
+@pytest.mark.slow
+def test_two_data_parallel_processes_train_like_one(ws, padded, two_processes):
+    """train.num_processes: 2 runs two gloo processes on this CPU host; with the per-process
+    batch halved the effective batch is unchanged, and so, up to data order, is the loss."""
+    one, (two, _) = padded, two_processes
     assert two["steps"] == one["steps"]
     assert two["tokens_seen"] == pytest.approx(one["tokens_seen"], rel=0.25)  # both ranks counted
     assert abs(two["train_loss"] - one["train_loss"]) / one["train_loss"] < DDP_LOSS_RTOL
-    assert (ws / "artifacts/adapter/adapter_model.safetensors").is_file()
+
+
+NODE_ATOL = 1e-4  # adapter weights, two nodes of one process vs one node of two (gloo sums)
+RDZV_TIMEOUT_S = "3"  # a node waiting for one that never comes
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_nodes(ws: Path, params_file: str, nodes: int, run_id: str, **extra_env: str) -> list[subprocess.Popen]:
+    """`finetune train` once per node, as each node of a cluster runs it, all on this host
+    (127.0.0.1) and in one workspace (a shared filesystem)."""
+    rdzv = {"FINETUNE_RDZV_ENDPOINT": f"127.0.0.1:{free_port()}", "FINETUNE_RDZV_ID": run_id, **extra_env}
+    return [subprocess.Popen(["finetune", "train", "--params", params_file], cwd=ws, env={**env(), **rdzv},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(nodes)]
+
+
+def kill_node(proc: subprocess.Popen) -> None:
+    """kill -9 a node: its launcher and the training processes it started (in their own
+    sessions, so not its process group)."""
+    def tree(pid: int) -> list[int]:
+        children = []
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            children += [int(c) for c in (task / "children").read_text().split()]
+        return [pid] + [p for c in children for p in tree(c)]
+
+    for pid in tree(proc.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_two_nodes_train_like_two_processes_on_one(ws, two_processes):
+    """train.num_nodes: 2 with one process each is the same world as one node with two: the
+    same ranks, batches and gradient sums, so the same adapter up to float rounding."""
+    from safetensors.torch import load_file
+
+    batch = yaml.safe_load((ws / "params.yaml").read_text())["train"]["per_device_train_batch_size"]
+    variant(ws, "nodes.yaml", padding_free=False, num_nodes=2, per_device_train_batch_size=batch // 2)
+    nodes = start_nodes(ws, "nodes.yaml", 2, "same-world")
+    outs = [node.communicate(timeout=600) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outs
+    assert "one of 2 meeting at 127.0.0.1:" in outs[0][1]
+    one_node, two_nodes = (load_file(d / "adapter_model.safetensors")
+                           for d in (two_processes[1], ws / "artifacts/adapter"))
+    assert one_node.keys() == two_nodes.keys()
+    assert max((one_node[k] - two_nodes[k]).abs().max().item() for k in one_node) < NODE_ATOL
+
+
+@pytest.mark.slow
+def test_a_lost_node_fails_the_stage_on_the_others_and_a_rerun_resumes(ws):
+    """kill -9 one node mid-run: the other stops at its next gradient sum with one message
+    (no traceback), and both nodes started again resume from the last checkpoint."""
+    import json
+
+    variant(ws, "lost.yaml", padding_free=False, num_nodes=2, max_steps=40, save_steps=2)
+    survivor, lost = start_nodes(ws, "lost.yaml", 2, "lost-node")
+    deadline = time.monotonic() + 300
+    while not (ws / "artifacts/checkpoints/checkpoint-4").is_dir():
+        assert time.monotonic() < deadline and survivor.poll() is None, survivor.communicate()
+        time.sleep(0.2)
+    kill_node(lost)
+    _, err = survivor.communicate(timeout=120)
+    lost.wait(timeout=60)
+    assert survivor.returncode == 2, err
+    # Its training process lost its peer, or its launcher the rendezvous (the lost node hosted it).
+    assert re.search(r"finetune train: error: lost (another training process|the rendezvous at \S+) mid-run", err), err
+    assert "it resumes from the last checkpoint" in err
+    assert "Traceback" not in err
+    nodes = start_nodes(ws, "lost.yaml", 2, "lost-node-rerun")
+    outs = [node.communicate(timeout=600) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outs
+    assert "resuming from artifacts/checkpoints/checkpoint-" in outs[0][1]
+    assert json.loads((ws / "metrics/train.json").read_text())["steps"] == 40
+
+
+def test_a_node_that_never_joins_fails_the_stage_naming_the_count(ws):
+    variant(ws, "alone.yaml", num_nodes=2)
+    alone = start_nodes(ws, "alone.yaml", 1, "alone", FINETUNE_RDZV_TIMEOUT=RDZV_TIMEOUT_S)[0]
+    out, err = alone.communicate(timeout=120)
+    assert alone.returncode == 2, err
+    assert ("train.num_nodes is 2, but 1 of the 2 nodes never joined the rendezvous at 127.0.0.1:"
+            in err), err
+    assert "Traceback" not in err
+
+
+def test_several_nodes_need_a_rendezvous_endpoint(monkeypatch):
+    from tasks.errors import PipelineError
+    from tasks.train import RDZV_ENDPOINT_ENV, RDZV_TIMEOUT_ENV, rendezvous
+
+    monkeypatch.delenv(RDZV_ENDPOINT_ENV, raising=False)
+    with pytest.raises(PipelineError, match="set FINETUNE_RDZV_ENDPOINT to host:port"):
+        rendezvous(2)
+    monkeypatch.setenv(RDZV_ENDPOINT_ENV, "10.0.0.1:29400")
+    monkeypatch.setenv(RDZV_TIMEOUT_ENV, "soon")
+    with pytest.raises(PipelineError, match="FINETUNE_RDZV_TIMEOUT is 'soon'"):
+        rendezvous(2)
 
 
 def test_a_launcher_with_another_process_count_is_refused(ws):

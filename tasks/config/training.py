@@ -50,13 +50,20 @@ class TrainConfig(Section):
         "Examples per batch in each process."))
     gradient_accumulation_steps: int = Field(1, ge=1, description=(
         "Batches per optimizer step: the effective batch is per_device_train_batch_size * this "
-        "* num_processes."))
+        "* num_processes * num_nodes."))
     num_processes: int = Field(1, ge=1, description=(
         "Data-parallel processes on this host: one per GPU (NCCL), or gloo processes on a "
         "CPU-only host. The train stage launches them itself (torch's elastic launcher, what "
         "torchrun is); each loads its own 4-bit copy of the base on its own GPU. Under an "
         "outside launcher (torchrun, accelerate launch) a different process count is refused, "
         "because the effective batch would not be what params.yaml says."))
+    num_nodes: int = Field(1, ge=1, description=(
+        "Hosts that train together, each running num_processes processes: start `finetune "
+        "train` (or dvc repro, or the SLURM/Kubernetes templates in deploy/) on every node with "
+        "the same FINETUNE_RDZV_ENDPOINT (host:port of the node that hosts the rendezvous) and "
+        "FINETUNE_RDZV_ID; they share the workspace (a shared filesystem) and the first process "
+        "writes the adapter and metrics. A node that never joins fails the stage after "
+        "FINETUNE_RDZV_TIMEOUT seconds (600) with the count of nodes missing."))
     learning_rate: float = Field(3e-3, gt=0, description=(
         "Peak learning rate; the shipped 3e-3 is high because the smoke model starts from "
         "random weights (about 2e-4 for real models)."))
@@ -142,6 +149,11 @@ class TrainConfig(Section):
             raise ValueError(f"unknown tracker {unknown[0]!r}; allowed values: {', '.join(TRACKERS)} "
                              "(a list, e.g. [tensorboard]; [] for none)")
         return list(dict.fromkeys(names))  # a tracker listed twice would log every step twice
+
+    @property
+    def world_size(self) -> int:
+        """Training processes on all nodes together (torch's WORLD_SIZE)."""
+        return self.num_processes * self.num_nodes
 
     @model_validator(mode="after")
     def _length(self) -> TrainConfig:
