@@ -81,33 +81,108 @@ def _jsonl(path: Path) -> Iterator[Record]:
         yield where, record, None
 
 
-def _text(path: Path) -> str:
-    """The whole file as text: UTF-8, with or without a BOM, else an error naming the line."""
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = data[:err.start].count(b"\n") + 1
-        raise DataError(f"{path} line {line}: not UTF-8 text (byte {err.start}); {ENCODING_HINT}") from None
+def _text_lines(path: Path) -> Iterator[str]:
+    """The file's lines as text, one at a time: UTF-8, with or without a BOM, else an error
+    naming the line and the byte."""
+    offset = 0
+    for number, raw in _lines(path):
+        if number == 1 and raw.startswith(UTF8_BOM):
+            raw, offset = raw[len(UTF8_BOM):], len(UTF8_BOM)
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path} line {number}: not UTF-8 text (byte {offset + err.start}); "
+                            f"{ENCODING_HINT}") from None
+        offset += len(raw)
+
+
+# How much of a .json file is read at a time: its records are parsed as the text arrives, so
+# memory holds about a chunk and one record, not the file (a .json file may be one line).
+JSON_CHUNK_BYTES = 1 << 20
+JSON_SPACE = " \t\r\n"
+
+
+def _text_chunks(path: Path, size: int) -> Iterator[str]:
+    """The file as text, `size` bytes at a time: UTF-8, with or without a BOM, else an error
+    naming the line and the byte."""
+    decoder = codecs.getincrementaldecoder("utf-8-sig")()
+    read = newlines = 0
+    with _open(path) as f:
+        while True:
+            chunk = f.read(size)
+            pending = decoder.getstate()[0]  # the bytes of a character split by the last read
+            try:
+                text = decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as err:
+                line = newlines + (pending + chunk).count(b"\n", 0, err.start) + 1
+                raise DataError(f"{path} line {line}: not UTF-8 text (byte {read - len(pending) + err.start}); "
+                                f"{ENCODING_HINT}") from None
+            if not chunk:
+                return
+            read, newlines = read + len(chunk), newlines + chunk.count(b"\n")
+            yield text
 
 
 def _json(path: Path) -> Iterator[Record]:
-    try:
-        rows = json.loads(_text(path))
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path} line {err.lineno}: not a valid JSON file: {err.msg} at column "
-                        f"{err.colno}") from None
-    if not isinstance(rows, list):
+    """The records of a JSON list, parsed one at a time as the file is read."""
+    decoder = json.JSONDecoder()
+    chunks = _text_chunks(path, JSON_CHUNK_BYTES)
+    buf, pos, line_base, eof = "", 0, 1, False
+
+    def fill() -> None:
+        """Drops what was parsed and appends the next chunk (eof: there is none)."""
+        nonlocal buf, pos, line_base, eof
+        line_base += buf.count("\n", 0, pos)
+        chunk = next(chunks, None)
+        buf, pos, eof = buf[pos:] + (chunk or ""), 0, chunk is None
+
+    def next_char() -> str | None:
+        nonlocal pos
+        while True:
+            while pos < len(buf) and buf[pos] in JSON_SPACE:
+                pos += 1
+            if pos < len(buf):
+                return buf[pos]
+            if eof:
+                return None
+            fill()
+
+    def invalid(msg: str, at: int) -> DataError:
+        line = line_base + buf.count("\n", 0, at)
+        column = at - buf.rfind("\n", 0, at)
+        return DataError(f"{path} line {line}: not a valid JSON file: {msg} at column {column}")
+
+    if next_char() != "[":
         raise DataError(f"{path}: expected a JSON list of records (use .jsonl for one per line)")
-    for number, record in enumerate(rows):
+    pos += 1
+    number, closed = 0, next_char() == "]"
+    pos += closed
+    while not closed:
+        if next_char() is None:
+            raise invalid("Expecting value", pos)
+        while True:
+            try:
+                record, pos = decoder.raw_decode(buf, pos)
+                break
+            except json.JSONDecodeError as err:
+                if eof:
+                    raise invalid(err.msg, err.pos) from None
+                fill()  # the record may run past the text read so far
         where = f"{path} record {number}"
+        number += 1
         yield (where, record, None) if isinstance(record, dict) else \
             (where, None, "malformed_json: expected a JSON object")
+        char = next_char()
+        if char not in (",", "]"):
+            raise invalid("Expecting ',' delimiter", pos)
+        pos, closed = pos + 1, char == "]"
+    if next_char() is not None:
+        raise invalid("Extra data", pos)
 
 
 def _csv(path: Path, delimiter: str) -> Iterator[Record]:
     try:
-        reader = csv.DictReader(io.StringIO(_text(path), newline=""), delimiter=delimiter)
+        reader = csv.DictReader(_text_lines(path), delimiter=delimiter)
         for record in reader:
             yield f"{path} line {reader.line_num}", record, None
     except csv.Error as err:
