@@ -128,7 +128,10 @@ def token_ids(tokenizer, texts: list[str], add_special_tokens: bool) -> list[lis
         # the counts and cuts here must see the real lengths.
         backend.no_padding()
         backend.no_truncation()
-    return [e.ids for e in backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
+    # encode_batch_fast (tokenizers >= 0.20) skips the character offsets nothing here reads:
+    # the same ids, 15-30% sooner (BENCHMARKS.md).
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    return [e.ids for e in encode(texts, add_special_tokens=add_special_tokens)]
 
 
 def prompt_ids(tokenizer, prompts: list[str]) -> list[list[int]]:

@@ -131,9 +131,12 @@ class Fingerprint:
         self.hash, self.rows = hashlib.sha256(b"[["), 0
 
     def update(self, rows: list[dict[str, Any]]) -> None:
-        for row in rows:
-            self.hash.update(((", " if self.rows else "") + json.dumps(row, sort_keys=True)).encode())
-            self.rows += 1
+        if not rows:
+            return
+        # One dumps per chunk: json.dumps(rows)[1:-1] is the rows' dumps joined by ", ", so
+        # the hash is the same as row by row, without a Python call per row.
+        self.hash.update(((", " if self.rows else "") + json.dumps(rows, sort_keys=True)[1:-1]).encode())
+        self.rows += len(rows)
 
     def hexdigest(self, params: Params, tokenizer) -> str:
         rest = [params.tokenize.model_dump(exclude=REPORT_ONLY), params.model.task, params.model.labels,
