@@ -136,7 +136,7 @@ def load_base_and_tokenizer(params: Params, ws: Workspace, adapter: Path | None 
 
 
 def attach_adapter(base, params: Params, ws: Workspace, adapter: Path | None = None):
-    """`base` with `adapter` (default: SFT's, or the DPO-aligned one when align is on) on it,
+    """`base` with `adapter` (default: SFT's, or the aligned one when align is on) on it,
     in place: no second copy of the weights."""
     from peft import PeftModel
 

@@ -20,6 +20,7 @@ import logging
 from array import array
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -178,11 +179,78 @@ MIX_SEPARATOR = "/"
 MIX_ROUNDING = 1e-9
 
 
-def run(params: Params, ws: Workspace) -> dict[str, Any]:
-    dropped: Counter[str] = Counter()
+@dataclass
+class _Counts:
+    """What reading saw: every record, and the ones dropped, by reason."""
+
+    rows_in: int = 0
+    dropped: Counter[str] = field(default_factory=Counter)
+
+
+def _row(part: Params, tpl: templates.Template | None, tokenizer: Any, where: str, record: dict[str, Any] | None,
+         bad: str | None, prefix: str, index: int, seen_ids: _Ids) -> tuple[str, str, dict[str, Any]]:
+    """A record's (row id, split key, example); BadRecord when it cannot be one."""
+    if bad is not None:
+        reason, _, message = bad.partition(": ")
+        raise BadRecord(reason, f"{where}: {message}")
+    assert record is not None
+    example = to_example(part, tpl, tokenizer, where, record)
+    d = part.data
+    if d.id_column is None:
+        # The rendered pair alone, as before chats kept their messages: a row keeps the split
+        # it had.
+        return f"{prefix}row{index}", json.dumps({k: v for k, v in example.items() if k != "messages"},
+                                                 sort_keys=True), example
+    if record.get(d.id_column) is None:
+        raise BadRecord("missing_id", f"{where}: missing id column {d.id_column!r} "
+                        "(set data.id_column: null if your data has none)")
+    row_id = prefix + str(record[d.id_column])
+    if row_id in seen_ids:
+        raise BadRecord("duplicate_id", f"{where}: duplicate id {row_id!r}")
+    # Only ids from a column can repeat (row<n> cannot): only they are kept.
+    seen_ids.add(row_id)
+    return row_id, row_id, example
+
+
+def _examples(params: Params, parts: list[tuple[str | None, Params]],
+              counts: _Counts) -> Iterator[tuple[str, int, str, dict[str, Any]]]:
+    """Every record of every part, in reading order, as (split, source, row id, example); a
+    bad record is dropped (and counted) or stops the stage, as its data.on_bad_record says."""
     seen_ids = _Ids()
-    rows_in = 0
     tokenizer = None
+    for source, (label, part) in enumerate(parts):
+        d = part.data
+        tpl = None if part.prompt.template == templates.CHAT else \
+            templates.resolve(part.prompt.template, part.prompt.completion)
+        if tpl is None and tokenizer is None:
+            from tasks.modeling import load_tokenizer
+
+            tokenizer = load_tokenizer(params.model)
+        prefix = "" if label is None else f"{label}{MIX_SEPARATOR}"
+        for fixed_split, records in _sources(part):
+            for number, (where, record, bad) in enumerate(records):
+                if d.max_rows is not None and number >= d.max_rows:
+                    break
+                counts.rows_in += 1
+                try:
+                    row_id, key, example = _row(part, tpl, tokenizer, where, record, bad, prefix,
+                                                counts.rows_in - 1, seen_ids)
+                except BadRecord as err:
+                    if d.on_bad_record == "error":
+                        raise DataError(f"{err} (set data.on_bad_record: skip to drop such records)") from None
+                    counts.dropped[err.reason] += 1
+                    log.warning("skipped %s", err)
+                    continue
+                split = fixed_split or split_of(key, part)
+                if split != "test":
+                    example.pop("references", None)  # only evaluate reads them
+                else:
+                    example.pop("messages", None)  # evaluate generates the last turn from the prompt
+                yield split, source, row_id, example
+
+
+def run(params: Params, ws: Workspace) -> dict[str, Any]:
+    counts = _Counts()
     parts = _parts(params)
     labels = [label for label, _ in parts if label is not None]
     mixture = _Mixture(params, labels) if labels else None
@@ -195,56 +263,12 @@ def run(params: Params, ws: Workspace) -> dict[str, Any]:
         read = files if mixture is None else {s: tmp / f"{s}.jsonl.unmixed" for s in SPLITS}
         with contextlib.ExitStack() as stack:
             out = {s: stack.enter_context(path.open("w", encoding="utf-8")) for s, path in read.items()}
-            for source, (label, part) in enumerate(parts):
-                d = part.data
-                tpl = None if part.prompt.template == templates.CHAT else \
-                    templates.resolve(part.prompt.template, part.prompt.completion)
-                if tpl is None and tokenizer is None:
-                    from tasks.modeling import load_tokenizer
-
-                    tokenizer = load_tokenizer(params.model)
-                prefix = "" if label is None else f"{label}{MIX_SEPARATOR}"
-                for fixed_split, records in _sources(part):
-                    for number, (where, record, bad) in enumerate(records):
-                        if d.max_rows is not None and number >= d.max_rows:
-                            break
-                        rows_in += 1
-                        try:
-                            if bad is not None:
-                                reason, _, message = bad.partition(": ")
-                                raise BadRecord(reason, f"{where}: {message}")
-                            assert record is not None
-                            example = to_example(part, tpl, tokenizer, where, record)
-                            if d.id_column is None:
-                                row_id = f"{prefix}row{rows_in - 1}"
-                                # The rendered pair alone, as before chats kept their messages:
-                                # a row keeps the split it had.
-                                key = json.dumps({k: v for k, v in example.items() if k != "messages"},
-                                                 sort_keys=True)
-                            else:
-                                if record.get(d.id_column) is None:
-                                    raise BadRecord("missing_id", f"{where}: missing id column {d.id_column!r} "
-                                                    "(set data.id_column: null if your data has none)")
-                                row_id = key = prefix + str(record[d.id_column])
-                                if row_id in seen_ids:
-                                    raise BadRecord("duplicate_id", f"{where}: duplicate id {row_id!r}")
-                                # Only ids from a column can repeat (row<n> cannot): only they are kept.
-                                seen_ids.add(row_id)
-                        except BadRecord as err:
-                            if d.on_bad_record == "error":
-                                raise DataError(f"{err} (set data.on_bad_record: skip to drop such records)") from None
-                            dropped[err.reason] += 1
-                            log.warning("skipped %s", err)
-                            continue
-                        split = fixed_split or split_of(key, part)
-                        if split != "test":
-                            example.pop("references", None)  # only evaluate reads them
-                        else:
-                            example.pop("messages", None)  # evaluate generates the last turn from the prompt
-                        out[split].write(json.dumps({"id": row_id, **example}, ensure_ascii=False) + "\n")
-                        rows_per_split[split] += 1
-                        if mixture is not None:
-                            mixture.add(split, source, row_id)
+            for split, source, row_id, example in _examples(params, parts, counts):
+                out[split].write(json.dumps({"id": row_id, **example}, ensure_ascii=False) + "\n")
+                rows_per_split[split] += 1
+                if mixture is not None:
+                    mixture.add(split, source, row_id)
+        rows_in, dropped = counts.rows_in, counts.dropped
         d = params.data
         if rows_in == 0:
             raise DataError(f"data.path: {d.path} has no records" if d.sources is None else

@@ -1,6 +1,6 @@
-"""What the two training stages share (train's SFT and align's DPO): the base made ready
-for adapter training, the optimizer this machine can run, and the experiment trackers of
-train.report_to."""
+"""What the two training stages share (train's SFT and align's preference tuning: DPO, KTO,
+ORPO or GRPO): the base made ready for adapter training, the optimizer this machine can run,
+and the experiment trackers of train.report_to."""
 
 from __future__ import annotations
 

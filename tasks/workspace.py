@@ -95,7 +95,7 @@ class Workspace:
         return self.root / "artifacts/adapter"
 
     @property
-    def aligned(self) -> Path:  # DPO-tuned adapter (or a note when align is off)
+    def aligned(self) -> Path:  # the align.method-tuned adapter (or a note when align is off)
         return self.root / "artifacts/aligned"
 
     @property
