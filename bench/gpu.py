@@ -118,14 +118,15 @@ def timed(trainer, args) -> dict:
     os.environ["BENCH_OUT"] = str(out)
     trainer.add_callback(StepTimer(args.warmup))
     ops: list[dict] = []
+    totals: dict = {}
     if args.profile:
-        trainer.add_callback(OpProfile(*args.profile, ops))
+        trainer.add_callback(OpProfile(*args.profile, ops, totals))
     _reset_peak()
     trainer.train()
     result = json.loads(out.read_text())
     result["peak_gib"] = _peak_gib()
     if args.profile:
-        result["profile_top"] = ops
+        result["profile_top"], result["profile_totals"] = ops, totals
     return result
 
 
@@ -136,7 +137,7 @@ class OpProfile:
     """A TrainerCallback: torch.profiler over steps first..last-1, the ops with the most self
     time (on the GPU where there is one) per profiled step, into `out`."""
 
-    def __new__(cls, first: int, last: int, out: list[dict]):
+    def __new__(cls, first: int, last: int, out: list[dict], totals: dict):
         import torch
         import torch.profiler as tp
         from transformers import TrainerCallback
@@ -149,6 +150,9 @@ class OpProfile:
 
             def on_step_begin(self, args, state, control, **kwargs):
                 if state.global_step == first:
+                    if cuda:
+                        torch.cuda.synchronize()
+                    self.started = time.perf_counter()
                     self.profiler = tp.profile(activities=activities)
                     self.profiler.__enter__()
 
@@ -157,12 +161,22 @@ class OpProfile:
                     return
                 if cuda:
                     torch.cuda.synchronize()
+                wall = time.perf_counter() - self.started
                 self.profiler.__exit__(None, None, None)
                 key = "self_device_time_total" if cuda else "self_cpu_time_total"
-                events = sorted(self.profiler.key_averages(), key=lambda e: -getattr(e, key))
+                averages = self.profiler.key_averages()
+                events = sorted(averages, key=lambda e: -getattr(e, key))
                 steps = last - first
                 out.extend({"op": e.key, "self_ms_per_step": round(getattr(e, key) / 1000 / steps, 3),
                             "calls_per_step": e.count // steps} for e in events[:PROFILE_TOP_OPS])
+                # Whether a step waits on the host: its wall time beside the CPU and GPU time
+                # of everything profiled (a step whose GPU time is well under its wall time is
+                # launch- or host-bound).
+                totals.update(
+                    wall_ms_per_step=round(wall * 1000 / steps, 1),
+                    cpu_ms_per_step=round(sum(e.self_cpu_time_total for e in averages) / 1000 / steps, 1),
+                    gpu_ms_per_step=round(sum(e.self_device_time_total for e in averages) / 1000 / steps, 1)
+                    if cuda else None)
                 self.profiler = None
 
         return _Profile()
@@ -292,7 +306,8 @@ def main() -> None:
                               "padding_free": args.padding_free,
                               "logging_steps": args.logging_steps or (params.train.logging_steps if name == "ours" else args.steps),
                               "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
-                              **({"profile_top": r["profile_top"]} if args.profile else {})}), flush=True)
+                              **({"profile_top": r["profile_top"], "profile_totals": r["profile_totals"]}
+                                 if args.profile else {})}), flush=True)
         if len(results) == 2:
             print(json.dumps({"name": "gpu-train-ratio", "model": args.model, "attn": args.attn, "ratio": round(
                 results["ours"]["tokens_per_s"] / results["baseline"]["tokens_per_s"], 3)}))

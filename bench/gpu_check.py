@@ -49,10 +49,14 @@ sys.path.insert(0, str(REPO))
 
 from scripts.check_env import LOCK, PIN, canonical  # noqa: E402
 
-PARTS = ("env", "quickstart", "bench-1b", "bench-8b", "padding-free", "profile-1b")
+PARTS = ("env", "quickstart", "bench-1b", "bench-8b", "padding-free", "profile-1b", "profile-1b-ckpt")
 # profile-1b: bench/gpu.py's torch.profiler window on the 1B shape, after its warm-up steps
 # (the first H200 run had ours at 0.89x TRL there, without a breakdown).
 PROFILE_ARGS = ["--profile", "10:12", "--steps", "14"]
+# profile-1b-ckpt: both sides with gradient checkpointing (the same recompute), later in the
+# run; the second H200 session measured ours at 0.66x TRL so, with GPU kernels that did not
+# explain it: each line also has wall, CPU and GPU milliseconds per step.
+PROFILE_CKPT_ARGS = ["--checkpointing", "true", "--profile", "20:22", "--steps", "24"]
 BENCH_MODELS = {"bench-1b": "llama-3.2-1b", "bench-8b": "llama-3.1-8b"}
 # bench/gpu.py settings per shape: 2048-token rows; the 8B's batch of 2 leaves room on a
 # 40 GB card, and 20 steps keep its part inside one 10-minute device call.
@@ -353,6 +357,8 @@ def run_part(part: str, root: Path, args: argparse.Namespace) -> list[dict[str, 
         return part_bench(BENCH_MODELS[part], [], args.bench_steps)
     if part == "profile-1b":
         return part_bench(BENCH_MODELS["bench-1b"], PROFILE_ARGS, None)
+    if part == "profile-1b-ckpt":
+        return part_bench(BENCH_MODELS["bench-1b"], PROFILE_CKPT_ARGS, None)
     if part == "padding-free":
         if not flash_attn_available():
             return [{"name": "padding-free", "skipped": "flash_attn is not importable on this host"}]
@@ -439,7 +445,8 @@ def markdown(lines: list[dict[str, Any]]) -> str:
         out += ["| " + " | ".join(_fmt(b.get(c)) for c in cols) + " |" for b in bench]
     for b in bench:
         if b.get("profile_top"):
-            out += ["", f"{b['name']} ({b.get('part')}), top ops per profiled step:", "",
+            out += ["", f"{b['name']} ({b.get('part')}), top ops per profiled step "
+                    f"({_fmt(b.get('profile_totals') or {})}):", "",
                     "| op | self ms/step | calls/step |", "| --- | --- | --- |"]
             out += [f"| {op['op']} | {_fmt(op['self_ms_per_step'])} | {op['calls_per_step']} |"
                     for op in b["profile_top"]]

@@ -140,5 +140,7 @@ def test_gpu_bench_runs_ours_against_the_plain_trl_script():
         top = lines[side]["profile_top"]
         assert top and all(op["self_ms_per_step"] >= 0 and op["calls_per_step"] >= 1 for op in top)
         assert any(op["op"] == "aten::mm" for op in top)
+        totals = lines[side]["profile_totals"]
+        assert totals["wall_ms_per_step"] > 0 and totals["cpu_ms_per_step"] > 0 and totals["gpu_ms_per_step"] is None
     table = gpu_check.markdown([{**lines["gpu-train-ours"], "part": "profile-1b"}])
-    assert "gpu-train-ours (profile-1b), top ops per profiled step:" in table
+    assert "gpu-train-ours (profile-1b), top ops per profiled step (wall_ms_per_step " in table
