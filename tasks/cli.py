@@ -59,6 +59,12 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--output", type=Path, required=True, help="predictions, a .jsonl file")
     predict.add_argument("--references", metavar="FIELD",
                          help="the input's reference field (text or list): also score, as evaluate does")
+    serve = sub.add_parser("serve", help="serve the champion (or --model) on an OpenAI-compatible "
+                           "HTTP API until stopped (not a DVC stage)")
+    serve.add_argument("--model", help="a model folder export wrote (default: the champion, "
+                       "registry/latest.json's entry)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     push = sub.add_parser("push", help="upload the exported model to the Hugging Face Hub")
     push.add_argument("--repo-id", required=True, help="e.g. my-org/my-model")
     push.add_argument("--folder", type=Path, default=Path("artifacts/merged"),
@@ -159,6 +165,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(json.dumps(predict.run(params, Workspace.from_env(), args.input, args.model, args.output,
                                      args.references), indent=2, sort_keys=True))
         return 0
+    if args.command == "serve":
+        from tasks import serve
+
+        serve.serve(args.model, args.host, args.port, Workspace.from_env())
+        return 0  # not reached: serve replaces this process
     if args.command == "push":
         from tasks import push
         from tasks.io import setup_logging
