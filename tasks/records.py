@@ -12,6 +12,7 @@ import gzip
 import hashlib
 import io
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -81,24 +82,10 @@ def _jsonl(path: Path) -> Iterator[Record]:
         yield where, record, None
 
 
-def _text_lines(path: Path) -> Iterator[str]:
-    """The file's lines as text, one at a time: UTF-8, with or without a BOM, else an error
-    naming the line and the byte."""
-    offset = 0
-    for number, raw in _lines(path):
-        if number == 1 and raw.startswith(UTF8_BOM):
-            raw, offset = raw[len(UTF8_BOM):], len(UTF8_BOM)
-        try:
-            yield raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise DataError(f"{path} line {number}: not UTF-8 text (byte {offset + err.start}); "
-                            f"{ENCODING_HINT}") from None
-        offset += len(raw)
-
-
-# How much of a .json file is read at a time: its records are parsed as the text arrives, so
-# memory holds about a chunk and one record, not the file (a .json file may be one line).
-JSON_CHUNK_BYTES = 1 << 20
+# How much of a .json, .csv or .tsv file is read at a time: its records are parsed as the text
+# arrives, so memory holds about a chunk and one record, not the file (a .json file may be one
+# line).
+TEXT_CHUNK_BYTES = 1 << 20
 JSON_SPACE = " \t\r\n"
 
 
@@ -123,10 +110,35 @@ def _text_chunks(path: Path, size: int) -> Iterator[str]:
             yield text
 
 
+# The line ends Python's text files split on with newline="" (universal newlines, kept), which
+# is how the csv module asks to be given a file.
+LINE_END = re.compile(r"\r\n|\r|\n")
+
+
+def _text_lines(path: Path) -> Iterator[str]:
+    """The file's lines as text, line ends kept, one at a time: `_text_chunks` cut as
+    open(path, newline="") would cut them, so an encoding error names its line and byte the
+    same way as in a .json file."""
+    rest = ""  # the start of a line the last read cut
+    for text in _text_chunks(path, TEXT_CHUNK_BYTES):
+        if text and rest.endswith("\r") and text[0] != "\n":
+            yield rest  # a lone "\r" ended it
+            rest = ""
+        start = 0
+        for end in LINE_END.finditer(text):
+            if end.group() == "\r" and end.end() == len(text):
+                break  # its "\n" may be the next read's first character
+            yield rest + text[start:end.end()]
+            rest, start = "", end.end()
+        rest += text[start:]
+    if rest:
+        yield rest
+
+
 def _json(path: Path) -> Iterator[Record]:
     """The records of a JSON list, parsed one at a time as the file is read."""
     decoder = json.JSONDecoder()
-    chunks = _text_chunks(path, JSON_CHUNK_BYTES)
+    chunks = _text_chunks(path, TEXT_CHUNK_BYTES)
     buf, pos, line_base, eof = "", 0, 1, False
 
     def fill() -> None:

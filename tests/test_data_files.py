@@ -266,7 +266,7 @@ def test_mixture_params_are_checked(data, message):
 def _json_records(text: str, chunk: int, monkeypatch, tmp_path) -> list:
     from tasks import records
 
-    monkeypatch.setattr(records, "JSON_CHUNK_BYTES", chunk)
+    monkeypatch.setattr(records, "TEXT_CHUNK_BYTES", chunk)
     path = write(tmp_path / "d.json", codecs.BOM_UTF8 + text.encode())
     return [(record, bad) for _, record, bad in records._json(path)]
 
@@ -293,14 +293,30 @@ def test_a_broken_json_list_names_the_line_json_would(chunk, monkeypatch, tmp_pa
         _json_records(broken, chunk, monkeypatch, tmp_path)
 
 
+@pytest.mark.parametrize("chunk", [1, 2, 1 << 20])
+@pytest.mark.parametrize("ending", ["\n", "\r\n", "\r"])
+def test_csv_lines_end_as_a_text_file_ends_them_in_any_chunks(chunk, ending, monkeypatch, tmp_path):
+    """\n, \r\n and an old Mac's lone \r all end a row, also when a read splits \r from \n;
+    a line break inside quotes stays in the field, and each row is named by its line."""
+    from tasks import records
+
+    monkeypatch.setattr(records, "TEXT_CHUNK_BYTES", chunk)
+    text = ending.join(["id,dialogue", "r0,hello", 'r1,"two' + ending + 'lines"', "r2,é€", ""])
+    path = write(tmp_path / "d.csv", text.encode())
+    got = [(where.rsplit(" ", 2)[1:], record) for where, record, _ in records._csv(path, ",")]
+    assert got == [(["line", "2"], {"id": "r0", "dialogue": "hello"}),
+                   (["line", "4"], {"id": "r1", "dialogue": "two" + ending + "lines"}),
+                   (["line", "5"], {"id": "r2", "dialogue": "é€"})]
+
+
 def test_json_and_csv_files_are_read_in_bounded_memory(tmp_path, monkeypatch):
-    """prepare holds a few chunks and a record of a .json file, and a line of a .csv, not the
-    file: with 64 KiB chunks the peak of reading a 4.6 MB file stays under an eighth of it."""
+    """prepare holds a few chunks and a record of a .json or .csv file, not the file: with
+    64 KiB chunks the peak of reading a 4.6 MB file stays under an eighth of it."""
     import tracemalloc
 
     from tasks import records
 
-    monkeypatch.setattr(records, "JSON_CHUNK_BYTES", 1 << 16)
+    monkeypatch.setattr(records, "TEXT_CHUNK_BYTES", 1 << 16)
 
     data = rows(60_000)
     json_file = write(tmp_path / "d.json", json.dumps(data).encode())
