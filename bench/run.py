@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -395,6 +395,18 @@ def usage(runs: dict[str, Any]) -> dict[str, dict[str, float]]:
     return {key: {k: r[key] for k, r in runs.items()} for key in ("peak_rss_mib", "wall_s", "cpu_s")}
 
 
+def scale_series(ws: Path, sizes: tuple[int, ...], stage: str, plain: list[str],
+                 workspace: Callable[[Path, int], Path], per: str) -> Iterator[tuple]:
+    """`stage` and `plain` once per size, each in a workspace of that many rows: (rows, runs,
+    stats, rows per `per` second of each side, ours' rate over its rate at the smallest size)."""
+    smallest = None
+    for n in sizes:
+        runs, stats = scale_runs(workspace(ws, n), stage, plain, n)
+        rate = {k: n / r[per] for k, r in runs.items()}
+        smallest = smallest or rate["ours"]
+        yield n, runs, stats, rate, round(rate["ours"] / smallest, 3)
+
+
 def bench_tokenize_scale(ws: Path, sizes: tuple[int, ...] = SCALE_ROWS) -> list[dict[str, Any]]:
     """`finetune tokenize` (streaming) on generated rows against bench/plain_tokenize.py,
     the former in-memory way, each run once in its own process."""
@@ -403,16 +415,13 @@ def bench_tokenize_scale(ws: Path, sizes: tuple[int, ...] = SCALE_ROWS) -> list[
     params = load_params(ws / "params.yaml")
     plain = [sys.executable, str(REPO / "bench" / "plain_tokenize.py"), "--model", params.model.name_or_path,
              "--max-length", str(params.tokenize.max_length)]
-    results, rates = [], {}
-    for n in sizes:
-        runs, stats = scale_runs(scale_workspace(ws, n), "tokenize", plain, n)
-        rate = {k: n / r["wall_s"] for k, r in runs.items()}
-        rates[n] = rate["ours"]
+    results = []
+    for n, runs, stats, rate, vs_smallest in scale_series(ws, sizes, "tokenize", plain, scale_workspace, "wall_s"):
         results.append(report(
             "tokenize-scale", rate["ours"], rate.get("baseline"), "rows/s (wall, whole stage process)",
             rows=n, **usage(runs),
             rows_per_cpu_s={k: round(n / r["cpu_s"]) for k, r in runs.items()},  # steadier on a shared host
-            rows_per_s_vs_smallest=round(rate["ours"] / rates[sizes[0]], 3),
+            rows_per_s_vs_smallest=vs_smallest,
             mean_tokens=stats["train"]["mean_tokens"], max_tokens=stats["train"]["max_tokens"],
             baseline_is=("bench/plain_tokenize.py: every row in Python lists, "
                          "Dataset.from_dict, save_to_disk" if "baseline" in runs
@@ -424,14 +433,11 @@ def bench_prepare_scale(ws: Path, sizes: tuple[int, ...] = SCALE_ROWS) -> list[d
     """`finetune prepare` (streaming; leakage check on) on generated raw records against
     bench/plain_prepare.py, the former in-memory way, each run once in its own process."""
     plain = [sys.executable, str(REPO / "bench" / "plain_prepare.py")]
-    results, rates = [], {}
-    for n in sizes:
-        runs, stats = scale_runs(prepare_workspace(ws, n), "prepare", plain, n)
-        rate = {k: n / r["cpu_s"] for k, r in runs.items()}
-        rates[n] = rate["ours"]
+    results = []
+    for n, runs, stats, rate, vs_smallest in scale_series(ws, sizes, "prepare", plain, prepare_workspace, "cpu_s"):
         results.append(report(
             "prepare-scale", rate["ours"], rate.get("baseline"), "rows per CPU second (whole stage process)",
-            rows=n, **usage(runs), rows_per_cpu_s_vs_smallest=round(rate["ours"] / rates[sizes[0]], 3),
+            rows=n, **usage(runs), rows_per_cpu_s_vs_smallest=vs_smallest,
             rows_per_split=stats["rows_per_split"], leaked_rows=stats["leakage"]["rows"],
             baseline_is=("bench/plain_prepare.py: every row and the leakage index in memory"
                          if "baseline" in runs else f"not run above {SCALE_BASELINE_MAX_ROWS} rows (memory)")))

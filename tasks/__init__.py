@@ -29,9 +29,9 @@ for _name, _value in CPU_DETERMINISM:
 # The variables use_cpu_math set, for the processes this one starts: a stage process started
 # by the flow or by another stage must not take its parent's pins for the user's own.
 CPU_MATH_SET_HERE = "FINETUNE_CPU_MATH_PINS"
+_CPU_MATH_VARS = {name for pins in CPU_MATH.values() for name, _ in pins}
 _inherited = set(os.environ.get(CPU_MATH_SET_HERE, "").split(","))
-_USER_SET = {name for pins in CPU_MATH.values() for name, _ in pins
-             if name in os.environ and name not in _inherited}
+_USER_SET = {name for name in _CPU_MATH_VARS if name in os.environ and name not in _inherited}
 _cpu_math = ""
 
 
@@ -48,11 +48,11 @@ def use_cpu_math(mode: str) -> None:
         raise PipelineError(f"model.cpu_math is {mode!r}, but torch was already loaded in this "
                             f"process with {_cpu_math!r} CPU math: run the stage in its own "
                             "process (finetune <stage>, dvc repro or the flow)")
-    for name in {name for pins in CPU_MATH.values() for name, _ in pins} - _USER_SET:
+    for name in _CPU_MATH_VARS - _USER_SET:
         os.environ.pop(name, None)
-    pinned = [name for name, _ in CPU_MATH[mode] if name not in _USER_SET]
-    os.environ.update({name: value for name, value in CPU_MATH[mode] if name in pinned})
-    os.environ[CPU_MATH_SET_HERE] = ",".join(pinned)
+    pins = {name: value for name, value in CPU_MATH[mode] if name not in _USER_SET}
+    os.environ.update(pins)
+    os.environ[CPU_MATH_SET_HERE] = ",".join(pins)
     _cpu_math = mode
 
 

@@ -25,8 +25,9 @@ TASK_TYPES = {"causal_lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM",
 
 def tuned_adapter(params: Params, ws: Workspace) -> Path:
     """The adapter evaluate and export use: the aligned one (align.method) when align is on,
-    else SFT's; its JSON files checked (check_adapter) before PEFT or the tokenizer reads them. With full
-    fine-tuning, train's whole model (its weights are checked when it loads, as a base's are)."""
+    else SFT's; its JSON files checked (check_adapter) before PEFT or the tokenizer reads them.
+    With full fine-tuning, train's whole model (its weights are checked when it loads, as a
+    base's are)."""
     folder, stage = (ws.aligned, "align") if params.align.enabled else (ws.adapter, "train")
     recover = f"rerun `dvc repro {stage}`"
     if not params.peft.full_finetune:

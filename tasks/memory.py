@@ -316,7 +316,8 @@ CHECKPOINTING_FREE_SHARE = 0.5
 def with_checkpointing(params: Params, estimated: bool = True) -> Params:
     """params with train.gradient_checkpointing resolved to true or false. The recompute
     replays the same dropout draws, so the adapter is the same bytes either way. Without an
-    estimate (align's preference tuning, whose memory the SFT estimate does not describe) auto means on."""
+    estimate (align's preference tuning, whose memory the SFT estimate does not describe) auto
+    means on."""
     setting = params.train.gradient_checkpointing
     if setting == "auto":
         setting = params.peft.method != "prefix_tuning" and (not estimated or _checkpointing_needed(params))

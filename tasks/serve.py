@@ -5,7 +5,7 @@ serve` (FastAPI and uvicorn): POST /v1/completions and /v1/chat/completions, GET
 The model is the champion (registry/latest.json's entry: promote's copy of the merged model)
 unless --model names another folder export wrote (artifacts/merged). Served greedily
 (temperature 0), it answers the test prompts as evaluate's tuned predictions do
-(tests/test_serve.py). On a GPU host with vLLM, `vllm serve <folder>` serves the same folder.
+(tests/test_predict.py). On a GPU host with vLLM, `vllm serve <folder>` serves the same folder.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 from tasks.errors import PipelineError
 from tasks.registry import latest
 from tasks.workspace import Workspace
+
 
 def model_folder(model: str | None, ws: Workspace) -> Path:
     """The folder to serve: `model`, or the champion's."""
