@@ -36,6 +36,8 @@ from typing import Any
 
 import yaml
 from prefect import flow, get_run_logger, task
+from prefect.input import RunInput
+from pydantic import Field
 from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
                                 update_progress_artifact)
 from prefect.states import Completed, State
@@ -58,6 +60,9 @@ PROGRESS_POLL_S = 3.0  # how often train's progress artifacts are refreshed whil
 LOCK_REREAD_S = 0.05  # dvc.lock is read twice this far apart (read_lock)
 LOCK_READS = 100  # reads before read_lock gives up (5 s)
 CHECKOUT_VENV = Path(".venv")  # the environment `make setup` builds in a checkout
+APPROVAL_TIMEOUT_S = 24 * 3600  # how long a promotion awaiting approval holds the run (a day)
+APPROVAL_POLL_S = 2  # how often the paused run asks the API whether it was answered
+NOTIFY_VARIABLE = "finetune_notify_block"  # a Prefect variable naming the notification block
 
 
 class StageFailed(RuntimeError):
@@ -413,24 +418,43 @@ def publish(stage: str) -> dict[str, Any]:
         return {"model": str(ws.merged), "model_md5": md5[str(ws.merged)]}
     if stage == "promote":
         decision = json.loads(ws.metrics("promote").read_text())
-        verdict = "PROMOTED" if decision["promoted"] else "NOT PROMOTED"
-        champion, challenger, d = decision["champion"], decision["challenger"], decision["difference"]
-        table = (f"| | model | {decision['metric']} |\n|---|---|---|\n"
-                 f"| champion | `{champion['model']}` ({champion['predictions']}) | {champion['score']} |\n"
-                 f"| challenger | `{challenger['model']}` | {challenger['score']} |\n"
-                 f"| difference | {decision['confidence_level']:.0%} CI [{d['ci_low']}, {d['ci_high']}] "
-                 f"| {d['mean']} |\n")
-        check = decision.get("lm_eval")
-        if check is not None and check["max_regression"] is not None:
-            table += "".join(f"| {name} ({row['metric']}) | drop from the base {'> ' if name in check['regressed'] else '<= '}"
-                             f"max_regression {check['max_regression']} | {row['drop']} |\n"
-                             for name, row in check["tasks"].items())
-        create_markdown_artifact(key="promotion", markdown=f"**{verdict}**: {decision['reason']}\n\n"
-                                 f"{table}\nCurrent model: `{decision['latest']}`\n",
+        create_markdown_artifact(key="promotion", markdown=promotion_markdown(decision),
                                  description="The promotion gate: challenger vs champion")
         return {"promoted": decision["promoted"], "promotion": decision["reason"],
-                "latest": decision["latest"]}
+                "latest": decision["latest"],
+                **({"approval": decision["approval"]["status"]} if "approval" in decision else {})}
     return {}
+
+
+def promotion_markdown(decision: dict[str, Any]) -> str:
+    """metrics/promote.json for people: the verdict, the scores, the capability drops and the
+    serve check's differing answers."""
+    approval = decision.get("approval", {}).get("status")
+    verdict = "PROMOTED" if decision["promoted"] else \
+        "AWAITING APPROVAL" if approval == "pending" else "NOT PROMOTED"
+    champion, challenger, d = decision["champion"], decision["challenger"], decision["difference"]
+    table = (f"| | model | {decision['metric']} |\n|---|---|---|\n"
+             f"| champion | `{champion['model']}` ({champion['predictions']}) | {champion['score']} |\n"
+             f"| challenger | `{challenger['model']}` | {challenger['score']} |\n"
+             f"| difference | {decision['confidence_level']:.0%} CI [{d['ci_low']}, {d['ci_high']}] "
+             f"| {d['mean']} |\n")
+    check = decision.get("lm_eval")
+    if check is not None and check["max_regression"] is not None:
+        table += "".join(f"| {name} ({row['metric']}) | drop from the base {'> ' if name in check['regressed'] else '<= '}"
+                         f"max_regression {check['max_regression']} | {row['drop']} |\n"
+                         for name, row in check["tasks"].items())
+    served = decision.get("serve_check")
+    if served is not None:
+        table += f"\nServe check: {served['rows'] - len(served['differing'])} of {served['rows']} served answers " \
+                 "equal evaluate's tuned predictions.\n"
+        if served["differing"]:
+            table += "\n| id | expected (evaluate) | served |\n|---|---|---|\n" + "".join(
+                f"| {row['id']} | {_cell(row['expected'])} | {_cell(row['served'])} |\n" for row in served["differing"])
+    return f"**{verdict}**: {decision['reason']}\n\n{table}\nCurrent model: `{decision['latest']}`\n"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
 
 
 def _stage_options(stage: str) -> dict[str, Any]:
@@ -529,11 +553,76 @@ def run_sweep(grid: dict[str, list[Any]], force: bool = False) -> dict[str, Any]
     return {"sweep": rows, "best": best["experiment"]}
 
 
+class Approval(RunInput):
+    """A person's answer to a promotion awaiting approval (promote.approval: required)."""
+
+    approve: bool = Field(description="true: apply the promotion (the challenger becomes the champion); "
+                                      "false: reject it (the champion stays)")
+    note: str = Field("", description="who decided and why; kept in metrics/promote.json")
+
+
+def await_approval(timeout_s: int) -> dict[str, Any]:
+    """Pauses the run until a person answers the approval form (the run's Resume button in
+    the UI, or resume_flow_run with run_input); no answer within `timeout_s` rejects. The
+    answer is applied by `finetune promote --approve|--reject`, as a DVC user would."""
+    from prefect.exceptions import FlowPauseTimeout
+    from prefect.flow_runs import pause_flow_run
+
+    decision = json.loads(Workspace.from_env().metrics("promote").read_text())
+    form = Approval.with_initial_data(description=promotion_markdown(decision))
+    get_run_logger().info("the promotion awaits approval: answer this run's form within %d s", timeout_s)
+    try:
+        answer = pause_flow_run(wait_for_input=form, timeout=timeout_s, poll_interval=APPROVAL_POLL_S,
+                                key="approval")
+        approve, note = answer.approve, answer.note
+    except FlowPauseTimeout:
+        approve, note = False, f"no answer within {timeout_s} s"
+    cmd = ["finetune", "promote", "--approve" if approve else "--reject", "--note", note]
+    code, tail, _ = _stream(cmd, _stage_env(), "promote")
+    if code != 0:
+        raise StageFailed("promote", f"exited with {USER_ERROR_EXIT}" in tail, tail)
+    return publish("promote")
+
+
+def notifier(name: str | None) -> Any:
+    """The Prefect notification block (e.g. "custom-webhook/nightly", "slack-webhook/ml-team")
+    named by `name`, else by the Prefect variable NOTIFY_VARIABLE; None when neither names
+    one. Loaded before any stage runs, so a wrong name fails the run at once."""
+    from prefect.blocks.core import Block
+    from prefect.variables import Variable
+
+    name = name or Variable.get(NOTIFY_VARIABLE, default=None)
+    if not name:
+        return None
+    try:
+        return Block.load(name)
+    except (ValueError, KeyError) as err:
+        raise ValueError(f"notify_block {name!r}: no such Prefect block ({err}); `prefect block ls` lists "
+                         "them, by TYPE-SLUG/NAME") from None
+
+
+def notify(block: Any, verdict: str, text: str) -> None:
+    """One short message through `block`: the verdict, what happened, the run's page. A
+    message that cannot be sent is logged, and the run's own result stands."""
+    if block is None:
+        return
+    from prefect.runtime import flow_run
+
+    body = f"{verdict}: {text}" + (f"\n{flow_run.ui_url}" if flow_run.ui_url else "")
+    try:
+        block.notify(body=body, subject=f"finetune {flow_run.name}: {verdict}")
+    except Exception as err:  # a webhook down must not turn a promotion into a failed run
+        get_run_logger().warning("the %s message was not sent through %s: %s", verdict,
+                                 type(block).__name__, err)
+
+
 @flow(name="finetune", log_prints=True)
 def finetune(overrides: ParamsOverride | None = None, force: bool = False, remote: bool = False,
              gpu_deployment: str | None = None,
              gpu_stages: tuple[str, ...] = DEFAULT_GPU_STAGES,
-             sweep: dict[str, list[Any]] | None = None) -> dict[str, Any]:
+             sweep: dict[str, list[Any]] | None = None,
+             approval_timeout_s: int = APPROVAL_TIMEOUT_S,
+             notify_block: str | None = None) -> dict[str, Any]:
     """Run the fine-tuning pipeline of dvc.yaml.
 
     Args:
@@ -549,6 +638,11 @@ def finetune(overrides: ParamsOverride | None = None, force: bool = False, remot
             {"train.learning_rate": [1e-4, 2e-4], "lora.r": [8, 16]}): every point runs as a
             DVC experiment up to evaluate, one after another, and the `sweep` table compares
             them.
+        approval_timeout_s: with promote.approval: required, how long the run waits for a
+            person to approve or reject the promotion; no answer rejects it.
+        notify_block: a Prefect notification block ("TYPE-SLUG/NAME", e.g.
+            "slack-webhook/ml-team") told of the promotion, refusal or failure; unset, the
+            Prefect variable `finetune_notify_block` names it; neither: nothing is sent.
     """
     logger = get_run_logger()
     if gpu_deployment and not remote:
@@ -556,24 +650,41 @@ def finetune(overrides: ParamsOverride | None = None, force: bool = False, remot
                          "between the two pools through the DVC remote)")
     if sweep and (remote or gpu_deployment):
         raise ValueError("sweep runs every point in this checkout: leave remote and gpu_deployment unset")
-    _apply(overrides)
     if sweep:
+        _apply(overrides)
         return run_sweep(sweep, force)
+    block = notifier(notify_block)
     summary: dict[str, Any] = {"stages": {}}
-    for stage in STAGES:
-        elsewhere = bool(gpu_deployment) and stage in gpu_stages
-        if elsewhere:
-            _on_other_pool(gpu_deployment, stage, force, overrides)
-        state = run_stage.with_options(**_stage_options(stage))(
-            stage, force, remote, restore_only=elsewhere, return_state=True)
-        result = state.result()  # raises the stage's error, failing the flow run
-        summary["stages"][stage] = {k: result[k] for k in ("status", "version")}
-        if elsewhere:
-            summary["stages"][stage]["status"] = "ran on " + gpu_deployment
-        summary.update(publish(stage))
+    try:
+        _apply(overrides)
+        for stage in STAGES:
+            elsewhere = bool(gpu_deployment) and stage in gpu_stages
+            if elsewhere:
+                _on_other_pool(gpu_deployment, stage, force, overrides)
+            started = time.time()
+            state = run_stage.with_options(**_stage_options(stage))(
+                stage, force, remote, restore_only=elsewhere, return_state=True)
+            if stage == "promote" and state.is_failed() and _written_since(Workspace.from_env().metrics(stage), started):
+                publish(stage)  # a refused serve check: the differing answers, for the UI
+            result = state.result()  # raises the stage's error, failing the flow run
+            summary["stages"][stage] = {k: result[k] for k in ("status", "version")}
+            if elsewhere:
+                summary["stages"][stage]["status"] = "ran on " + gpu_deployment
+            summary.update(publish(stage))
+            if summary.get("approval") == "pending":
+                summary.update(await_approval(approval_timeout_s))
+    except BaseException as err:
+        notify(block, "FAILED", err.summary() if isinstance(err, StageFailed) else f"{type(err).__name__}: {err}")
+        raise
     if summary.get("promoted") is False:
         logger.warning("not promoted: %s", summary["promotion"])
+    if summary["stages"].get("promote", {}).get("status") == "ran":  # a decision made by this run
+        notify(block, "PROMOTED" if summary["promoted"] else "NOT PROMOTED", summary["promotion"])
     return summary
+
+
+def _written_since(path: Path, since: float) -> bool:
+    return path.is_file() and path.stat().st_mtime >= since
 
 
 @flow(name="finetune-stage", log_prints=True)

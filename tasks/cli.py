@@ -3,9 +3,11 @@
     finetune check                      # validate params.yaml, list every problem
     finetune check --explain KEY        # what a param means: description, type, default, values
     finetune check --fill               # first add the keys dvc.yaml reads that the file leaves out
-    finetune prepare|tokenize|train|evaluate|export
+    finetune prepare|tokenize|train|align|evaluate|export|promote
+    finetune promote --approve|--reject [--note TEXT]   # answer a promotion awaiting approval
     finetune score --predictions P --references R [R2 ...] [--field NAME]
     finetune predict --input FILE --model MODEL --output FILE.jsonl [--references FIELD]
+    finetune serve [--model FOLDER] [--host H] [--port P]  # OpenAI-compatible API on the champion
     finetune push --repo-id ORG/NAME     # upload artifacts/merged to the Hub (HF_TOKEN)
     finetune smoke-model [--arch t5|bert] # rebuild an offline smoke model in models/
     finetune import-gguf FILE.gguf --out models/NAME   # a GGUF checkpoint as a model folder
@@ -37,6 +39,12 @@ def _parser() -> argparse.ArgumentParser:
     for stage in STAGES:
         p = sub.add_parser(stage, help=f"run the {stage} stage")
         p.add_argument("--params", type=Path, default=Path("params.yaml"))
+        if stage == "promote":
+            answer = p.add_mutually_exclusive_group()
+            answer.add_argument("--approve", action="store_true", help="apply the promotion awaiting "
+                                "approval (promote.approval: required) instead of running the stage")
+            answer.add_argument("--reject", action="store_true", help="drop the promotion awaiting approval")
+            p.add_argument("--note", default="", help="who decided and why, kept in metrics/promote.json")
     score = sub.add_parser("score", help="ROUGE of predictions against references, as JSON")
     score.add_argument("--predictions", type=Path, required=True)
     score.add_argument("--references", type=Path, nargs="+", required=True,
@@ -123,6 +131,15 @@ def _dispatch(args: argparse.Namespace) -> int:
                 raise ConfigError(str(args.params), problems)
         print(f"{args.params}: OK (params hash {params.digest()[:12]})")
         return 0
+    if args.command == "promote" and (args.approve or args.reject):
+        from tasks.config import load_params
+        from tasks.promote import decide
+
+        ws = Workspace.from_env()
+        decision = decide(args.approve, args.note, load_params(args.params), ws)
+        commit_stage("promote", ws)
+        print(json.dumps(decision, indent=2, sort_keys=True))
+        return 0
     if args.command in STAGES:
         from tasks.config import load_params
         from tasks.io import setup_logging
@@ -167,8 +184,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "serve":
         from tasks import serve
+        from tasks.registry import servable
 
-        serve.serve(args.model, args.host, args.port, Workspace.from_env())
+        serve.serve(servable(args.model, Workspace.from_env()), args.host, args.port)
         return 0  # not reached: serve replaces this process
     if args.command == "push":
         from tasks import push
@@ -188,6 +206,22 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(gguf_import.main(args.gguf, args.out, args.dtype, args.packaged))
         return 0
     raise AssertionError(args.command)
+
+
+def commit_stage(stage: str, ws: Workspace) -> None:
+    """Records `stage`'s outputs as they are now in dvc.lock (`dvc commit`), where a DVC
+    pipeline ran it: what a person changed after the stage (an approval) is then its result,
+    and `dvc repro` does not run it again. Nothing happens outside a DVC pipeline."""
+    import subprocess
+
+    if not (ws.root / "dvc.lock").is_file():
+        return
+    beside = Path(sys.executable).parent / "dvc"
+    dvc = str(beside) if beside.exists() else "dvc"
+    done = subprocess.run([dvc, "commit", "--force", stage], cwd=ws.root, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise PipelineError(f"`dvc commit --force {stage}` failed, so dvc.lock still has {stage}'s earlier "
+                            f"result (`dvc repro` would run it again): {done.stderr.strip()[-500:]}")
 
 
 # What DVC cannot hash: it blocks on a FIFO for ever, waiting for a writer.

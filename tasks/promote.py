@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,22 @@ from tasks.workspace import Workspace
 log = logging.getLogger("finetune.promote")
 
 BASE = "base"  # the champion's name before anything was promoted
+# promote.approval: required: the decision's approval.status, from promote to the person's answer.
+PENDING, APPROVED, REJECTED = "pending", "approved", "rejected"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A challenger that passed the gate: its registry entry, written but not yet current."""
+
+    path: Path
+    sha256: str  # of artifacts/merged, which the entry copies
+    created: bool  # by this promotion (a model promoted before keeps its entry)
+
+    def discard(self) -> None:
+        """Undoes staging: the entry goes unless it was there before."""
+        if self.created:
+            shutil.rmtree(self.path, ignore_errors=True)
 
 
 def _scores(answers: list[str], stored: list[float] | None, references: list[str],
@@ -93,25 +110,31 @@ def _champion(rows: list[dict[str, Any]], params: Params,
     return str(entry), answers, scores, how
 
 
-def _promote(rows: list[dict[str, Any]], scores: list[float], decision: dict[str, Any], params: Params,
-             ws: Workspace) -> Path:
+def _stage_entry(rows: list[dict[str, Any]], scores: list[float], params: Params,
+                 ws: Workspace) -> Candidate:
+    """The challenger's registry entry (the merged model and its scored test predictions),
+    written but not yet current. A model promoted before has one already: only what it was
+    scored on is refreshed."""
     digest = sha256_path(ws.merged)
     target = ws.registry / digest[:16]
     challenger = [r["tuned"] for r in rows]
-    if not target.is_dir():
-        with atomic_path(target) as tmp:
-            shutil.copytree(ws.merged, tmp)
-            registry.store(tmp, rows, challenger, scores, params)
-            write_json(tmp / registry.ENTRY_DECISION, decision)
-    else:  # the same model promoted again: refresh what it was scored on
+    if target.is_dir():
         registry.store(target, rows, challenger, scores, params)
-        write_json(target / registry.ENTRY_DECISION, decision)
+        return Candidate(target, digest, created=False)
+    with atomic_path(target) as tmp:
+        shutil.copytree(ws.merged, tmp)
+        registry.store(tmp, rows, challenger, scores, params)
+    return Candidate(target, digest, created=True)
+
+
+def _apply(candidate: Candidate, decision: dict[str, Any], params_sha256: str, ws: Workspace) -> None:
+    """Makes the staged entry the champion: its promotion.json, then latest.json."""
+    write_json(candidate.path / registry.ENTRY_DECISION, decision)
     write_json(ws.latest, {
-        "path": str(target), "sha256": digest, "metric": decision["metric"],
+        "path": str(candidate.path), "sha256": candidate.sha256, "metric": decision["metric"],
         "score": decision["challenger"]["score"], "test_sha256": decision["test_sha256"],
         "champion": decision["champion"], "difference": decision["difference"],
-        "params_sha256": params.digest()} | ({"lm_eval": decision["lm_eval"]} if "lm_eval" in decision else {}))
-    return target
+        "params_sha256": params_sha256} | ({"lm_eval": decision["lm_eval"]} if "lm_eval" in decision else {}))
 
 
 def capability(params: Params, ws: Workspace) -> dict[str, Any] | None:
@@ -187,15 +210,100 @@ def run(params: Params, ws: Workspace) -> dict[str, Any]:
     elif check is not None and check["max_regression"] is not None:
         verdict += (f"; no task of evaluate.lm_eval_tasks dropped by more than max_regression "
                     f"{check['max_regression']}")
-    if decision["promoted"]:
-        decision["reason"] = f"{verdict}: promoted"
-        target = _promote(rows, ours, decision, params, ws)
-        decision["reason"] += f" to {target}"
-    else:
-        stays = "the champion stays current" if name != BASE else "nothing was promoted yet"
+    stays = "the champion stays current" if name != BASE else "nothing was promoted yet"
+    _supersede(ws)
+    if not decision["promoted"]:
         decision["reason"] = f"{verdict}: not promoted; {stays}"
+        return _record(decision, ws)
+    candidate = _stage_entry(rows, ours, params, ws)
+    decision["challenger"]["sha256"] = candidate.sha256
+    if params.promote.serve_check_rows:
+        served = serve_check(candidate.path, rows[:params.promote.serve_check_rows], params)
+        decision["serve_check"] = served
+        if served["differing"]:
+            candidate.discard()
+            decision["promoted"] = False
+            decision["reason"] = (f"{verdict}; served, the candidate answered {len(served['differing'])} of "
+                                  f"{served['rows']} test prompts differently from evaluate's tuned predictions "
+                                  f"(first: id {served['differing'][0]['id']}): promotion undone; {stays}")
+            _record(decision, ws)
+            raise PipelineError(f"{decision['reason']}; each differing prompt, expected and served answer "
+                                f"are in {ws.metrics('promote')} (serve_check.differing)")
+    if params.promote.approval == "required":
+        decision["promoted"] = False
+        decision["approval"] = {"status": PENDING}
+        decision["reason"] = (f"{verdict}: awaiting approval (promote.approval: required): "
+                              "`finetune promote --approve` or `--reject`, or the Prefect run's form")
+        write_json(ws.pending, {"path": str(candidate.path), "sha256": candidate.sha256,
+                                "created": candidate.created, "params_sha256": params.digest(),
+                                "decision": decision})
+        return _record(decision, ws)
+    decision["reason"] = f"{verdict}: promoted to {candidate.path}"
+    _apply(candidate, decision, params.digest(), ws)
+    return _record(decision, ws)
+
+
+def _record(decision: dict[str, Any], ws: Workspace) -> dict[str, Any]:
+    """metrics/promote.json: the decision and the champion it leaves current."""
     current = registry.latest(ws)
     decision["latest"] = current["path"] if current else None
     write_json(ws.metrics("promote"), decision)
     log.info(decision["reason"])
     return decision
+
+
+def serve_check(entry: Path, rows: list[dict[str, Any]], params: Params) -> dict[str, Any]:
+    """The staged entry served (`finetune serve`'s server) and asked `rows`' prompts: the
+    prompts whose greedy answers differ from evaluate's tuned predictions (both compared
+    without surrounding whitespace, which evaluate strips)."""
+    from tasks.serve import answers
+
+    log.info("serve check: %d test prompts to %s served by transformers serve", len(rows), entry)
+    served = answers(entry, [r["prompt"] for r in rows], params.evaluate.max_new_tokens)
+    differing = [{"id": r["id"], "prompt": r["prompt"], "expected": r["tuned"], "served": text.strip()}
+                 for r, text in zip(rows, served, strict=True) if text.strip() != r["tuned"].strip()]
+    return {"rows": len(rows), "differing": differing}
+
+
+def _pending(ws: Workspace) -> dict[str, Any] | None:
+    if not ws.pending.is_file():
+        return None
+    return read_json_state(ws.pending, recover=f"delete {ws.pending} and rerun `finetune promote`", required={
+        "path": str, "sha256": str, "created": bool, "params_sha256": str, "decision": dict})
+
+
+def _supersede(ws: Workspace) -> None:
+    """A new decision replaces one still awaiting approval: that candidate is dropped."""
+    if (waiting := _pending(ws)) is not None:
+        log.warning("the candidate awaiting approval (%s) is superseded by this decision", waiting["path"])
+        Candidate(Path(waiting["path"]), waiting["sha256"], waiting["created"]).discard()
+        ws.pending.unlink()
+
+
+def decide(approve: bool, note: str, params: Params, ws: Workspace) -> dict[str, Any]:
+    """Applies (approve) or drops the promotion awaiting approval, with the person's `note`;
+    rewrites metrics/promote.json with the outcome and returns it."""
+    waiting = _pending(ws)
+    if waiting is None:
+        raise PipelineError(f"no promotion awaits approval ({ws.pending} does not exist): promote "
+                            "leaves one there with promote.approval: required")
+    if waiting["params_sha256"] != params.digest():
+        raise PipelineError("params.yaml changed since promote decided: run `dvc repro` (or the flow) to "
+                            "decide again on the current params, then approve or reject that decision")
+    candidate = Candidate(Path(waiting["path"]), waiting["sha256"], waiting["created"])
+    decision = waiting["decision"]
+    verdict = decision["reason"].split(": awaiting approval")[0]
+    status = APPROVED if approve else REJECTED
+    decision["approval"] = {"status": status, "note": note}
+    decision["promoted"] = approve
+    said = f" ({note})" if note else ""
+    if approve:
+        decision["reason"] = f"{verdict}: approved{said}; promoted to {candidate.path}"
+        _apply(candidate, decision, waiting["params_sha256"], ws)
+    else:
+        candidate.discard()
+        current = registry.latest(ws)
+        stays = "the champion stays current" if current else "nothing was promoted yet"
+        decision["reason"] = f"{verdict}: rejected{said}; {stays}"
+    ws.pending.unlink()
+    return _record(decision, ws)

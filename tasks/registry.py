@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.config import Params
+from tasks.errors import PipelineError
 from tasks.io import atomic_path, check_adapter, damaged, read_json_state, read_jsonl, write_json, write_jsonl
 from tasks.scoring import HEADLINE
 from tasks.workspace import Workspace
@@ -33,6 +34,23 @@ def latest(ws: Workspace) -> dict[str, Any] | None:
     return read_json_state(ws.latest, required={"path": str}, recover=(
         "restore it from a backup, or delete it to start over (the next promote compares with "
         "the base model)"))
+
+
+def servable(model: str | None, ws: Workspace) -> Path:
+    """The model folder `finetune serve` serves: `model`, or the champion's."""
+    if model is None:
+        entry = latest(ws)
+        if entry is None:
+            raise PipelineError(f"nothing to serve: {ws.latest} names no champion yet (run promote), "
+                                "or give --model a model folder, e.g. artifacts/merged")
+        folder = Path(entry["path"])
+    else:
+        folder = Path(model)
+    if not (folder / "config.json").is_file():
+        raise PipelineError(f"{folder} is not a saved model (no config.json): give --model a folder "
+                            "export wrote (artifacts/merged) or a registry entry; an adapter folder "
+                            "needs `finetune export` first")
+    return folder.resolve()
 
 
 def restore(entry: Path) -> str:

@@ -142,6 +142,10 @@ class Workspace:
     def latest(self) -> Path:  # the promoted model consumers should read
         return self.registry / "latest.json"
 
+    @property
+    def pending(self) -> Path:  # a promotion awaiting approval (promote.approval: required)
+        return self.registry / "pending.json"
+
     def metrics(self, name: str) -> Path:
         if name not in METRIC_FILES:
             raise KeyError(f"no metrics file {name!r}; known: {', '.join(METRIC_FILES)}")

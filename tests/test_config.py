@@ -148,6 +148,9 @@ BROKEN: dict[Callable[[Params], list[str]], tuple[dict[str, dict[str, Any]], str
     cross.gguf_needs_merged_causal_lm: (
         {"export": {"gguf": "f16"}, "peft": {"method": "p_tuning"}},
         r"export\.gguf needs model\.task causal_lm and a peft\.method that merges"),
+    cross.serve_check_needs_merged_causal_lm: (
+        {"promote": {"serve_check_rows": 2}, "model": {"task": "seq2seq"}},
+        r"promote\.serve_check_rows serves the candidate .* task is seq2seq"),
     cross.lm_eval_needs_causal_lm: (
         {"evaluate": {"lm_eval_tasks": ["hellaswag"]}, "model": {"task": "seq2seq"}},
         r"evaluate\.lm_eval_tasks scores a causal LM's log-likelihoods: .* \(not prompt_tuning, "

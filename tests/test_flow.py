@@ -204,3 +204,125 @@ def test_lock_caught_mid_write_is_read_again(tmp_path):
     writer.start()
     assert set(read_lock(tmp_path, need=("train", "export"))) == {"train", "export"}
     writer.join()
+
+
+@pytest.fixture
+def receiver():
+    """A local HTTP endpoint standing in for Slack: the JSON bodies POSTed to it, in order."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    received: list[dict] = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            received.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Hook)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}/hook", received
+    server.shutdown()
+
+
+def answer_when_paused(approve: bool, note: str, timeout_s: float = 120):
+    """Waits for the flow run paused on its approval form, then answers it through the API
+    (what the UI's Resume button sends)."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+    from prefect.flow_runs import resume_flow_run
+
+    paused = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED])))
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with get_client(sync_client=True) as client:
+            runs = client.read_flow_runs(flow_run_filter=paused)
+        if runs:
+            break
+        assert time.monotonic() < deadline, "no flow run paused for approval"
+        time.sleep(0.5)
+    [run] = runs
+    assert "AWAITING APPROVAL" in artifact("promotion").data
+    resume_flow_run(run.id, run_input={"approve": approve, "note": note})
+
+
+def run_in_thread(**kwargs):
+    """The flow in a thread (it blocks while paused); returns a function giving its state."""
+    import threading
+
+    from flows.finetune import finetune
+
+    out: dict = {}
+    # Daemon, and a bounded wait: a test that fails before answering leaves no run holding pytest.
+    thread = threading.Thread(target=lambda: out.update(state=finetune(return_state=True, approval_timeout_s=300,
+                                                                       **kwargs)), daemon=True)
+    thread.start()
+
+    def finished():
+        thread.join(timeout=600)
+        return out["state"]
+    return finished
+
+
+def test_approval_pauses_the_run_and_notifications_say_what_happened(first_run, ws, receiver):
+    """promote.approval: required pauses the run after promote's decision; a rejection
+    through the API leaves the registry as it was, an approval applies the promotion (and
+    dvc.lock records it: the next run skips promote); each outcome, and a failure, is posted
+    through a notification block."""
+    import shutil
+
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+
+    from flows.finetune import finetune
+
+    url, received = receiver
+    CustomWebhookNotificationBlock(name="nightly", url=url, json_data={"text": "{{subject}} | {{body}}"},
+                                   allow_private_urls=True).save("nightly-test", overwrite=True)
+    block = "custom-webhook/nightly-test"
+    for entry in (ws / "registry").iterdir():  # nothing promoted: the base is the champion
+        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+    finished = run_in_thread(overrides={"promote": {"approval": "required", "min_gain": -1.0}},
+                             notify_block=block)
+    answer_when_paused(approve=False, note="bob: wait for the new data")
+    summary = finished().result()
+    assert summary["promoted"] is False and summary["approval"] == "rejected"
+    assert "rejected (bob: wait for the new data); nothing was promoted yet" in summary["promotion"]
+    assert not (ws / "registry/latest.json").exists() and not any((ws / "registry").iterdir())
+
+    finished = run_in_thread(overrides={"promote": {"min_gain": -0.9}}, notify_block=block)
+    answer_when_paused(approve=True, note="ana")
+    summary = finished().result()
+    assert summary["promoted"] is True and summary["approval"] == "approved"
+    latest = json.loads((ws / "registry/latest.json").read_text())
+    assert summary["latest"] == latest["path"] and "approved (ana); promoted to" in summary["promotion"]
+    assert "PROMOTED" in artifact("promotion").data
+    # the approval is promote's recorded result: nothing left to run
+    state = finetune(notify_block=block, return_state=True)
+    assert {v["status"] for v in state.result()["stages"].values()} == {"skipped"}
+
+    failed = finetune(overrides={"train": {"learning_rate": -1}}, notify_block=block, return_state=True)
+    assert failed.is_failed()
+    texts = [body["text"] for body in received]
+    assert [t.split(" | ")[0].rsplit(": ", 1)[1] for t in texts] == \
+        ["NOT PROMOTED", "PROMOTED", "FAILED"], texts  # the run that did nothing says nothing
+    assert "rejected (bob: wait for the new data)" in texts[0] and "approved (ana)" in texts[1]
+    assert "train.learning_rate" in texts[2]
+    assert all("/flow-run/" in t for t in texts), texts  # a link to the run
+
+
+def test_a_notification_block_that_does_not_exist_fails_the_run_first(first_run, ws):
+    from flows.finetune import finetune
+
+    state = finetune(notify_block="custom-webhook/no-such-block", return_state=True)
+    assert state.is_failed() and task_runs(state) == []
+    with pytest.raises(ValueError, match="notify_block 'custom-webhook/no-such-block': no such Prefect block"):
+        state.result()

@@ -99,4 +99,15 @@ class PromoteConfig(Section):
         "Refuse promotion when any task of evaluate.lm_eval_tasks drops by more than this from "
         "the base to the tuned model, in the task's main metric (its first; e.g. acc, 0-1); "
         "null: the scores are reported, not checked."))
+    serve_check_rows: int = Field(0, ge=0, description=(
+        "Before a promotion is applied, serve the candidate with `finetune serve` (transformers "
+        "serve, OpenAI-compatible) and send it this many test prompts: its greedy answers must "
+        "equal evaluate's tuned predictions, else the promotion is undone (the champion stays), "
+        "metrics/promote.json lists the prompts that differed and the stage fails. 0: no check. "
+        "causal_lm and merging methods only (the server runs a standalone decoder)."))
+    approval: Literal["auto", "required"] = Field("auto", description=(
+        "auto: a challenger that passes the gate is promoted at once. required: it waits for a "
+        "person. The Prefect flow pauses with a form (approve or reject, and a note); under "
+        "`dvc repro` it waits for `finetune promote --approve` or `--reject`. Until then "
+        "registry/latest.json is unchanged and metrics/promote.json says `pending`."))
 

@@ -156,6 +156,15 @@ def gguf_needs_merged_causal_lm(params: Params) -> list[str]:
     return []
 
 
+def serve_check_needs_merged_causal_lm(params: Params) -> list[str]:
+    if params.promote.serve_check_rows and (params.model.task != "causal_lm"
+                                            or params.peft.method in PROMPT_LEARNING):
+        return ["promote.serve_check_rows serves the candidate with transformers serve's completions "
+                "API: it needs model.task causal_lm and a peft.method that merges (set it to 0 "
+                f"otherwise; task is {params.model.task}, method {params.peft.method})"]
+    return []
+
+
 def lm_eval_needs_causal_lm(params: Params) -> list[str]:
     task, method = params.model.task, params.peft.method
     # seq2seq is the harness's other backend, but untested here with an adapter attached.
@@ -223,6 +232,7 @@ RULES: tuple[Callable[[Params], list[str]], ...] = (
     kto_weights_for_kto,
     references_fill_one_field,
     gguf_needs_merged_causal_lm,
+    serve_check_needs_merged_causal_lm,
     lm_eval_needs_causal_lm,
     max_regression_needs_lm_eval,
     adalora_needs_max_steps,
