@@ -21,6 +21,15 @@ refused, whatever it gains on the test set. The base, not the champion, is the r
 there: a chain of champions each losing a little less than max_regression would otherwise
 drift away from the base without limit.
 
+A challenger that passes is staged (copied into the registry) before it is made current, and
+two optional steps can still stop it: the serve check (promote.serve_check_rows: the staged
+entry served by `finetune serve`'s server must answer the first test prompts as evaluate's
+tuned predictions; else the staging is undone and the stage fails) and approval
+(promote.approval: required: the decision waits in registry/pending.json for `finetune
+promote --approve` or `--reject`, which `decide` applies; the Prefect flow pauses for it).
+With promote.registry: mlflow every candidate is also registered in MLflow
+(tasks/mlflow_registry.py) before the local registry changes.
+
 `dvc repro` and the Prefect flow both run this stage, so both apply the same rule. Reads
 reports/predictions.jsonl, metrics/lm_eval.json and artifacts/merged/; writes metrics/promote.json and, when
 promoted, registry/<model hash>/ (the model, predictions.jsonl, scored.json, promotion.json)
@@ -110,12 +119,11 @@ def _champion(rows: list[dict[str, Any]], params: Params,
     return str(entry), answers, scores, how
 
 
-def _stage_entry(rows: list[dict[str, Any]], scores: list[float], params: Params,
+def _stage_entry(rows: list[dict[str, Any]], scores: list[float], digest: str, params: Params,
                  ws: Workspace) -> Candidate:
-    """The challenger's registry entry (the merged model and its scored test predictions),
-    written but not yet current. A model promoted before has one already: only what it was
-    scored on is refreshed."""
-    digest = sha256_path(ws.merged)
+    """The challenger's registry entry (the merged model, whose sha256 is `digest`, and its
+    scored test predictions), written but not yet current. A model promoted before has one
+    already: only what it was scored on is refreshed."""
     target = ws.registry / digest[:16]
     challenger = [r["tuned"] for r in rows]
     if target.is_dir():
@@ -128,7 +136,12 @@ def _stage_entry(rows: list[dict[str, Any]], scores: list[float], params: Params
 
 
 def _apply(candidate: Candidate, decision: dict[str, Any], params_sha256: str, ws: Workspace) -> None:
-    """Makes the staged entry the champion: its promotion.json, then latest.json."""
+    """Makes the staged entry the champion: MLflow's champion alias first (a failure there
+    leaves the local registry as it was), then its promotion.json and latest.json."""
+    if "mlflow" in decision:
+        from tasks.mlflow_registry import crown
+
+        crown(decision["mlflow"])
     write_json(candidate.path / registry.ENTRY_DECISION, decision)
     write_json(ws.latest, {
         "path": str(candidate.path), "sha256": candidate.sha256, "metric": decision["metric"],
@@ -211,12 +224,18 @@ def run(params: Params, ws: Workspace) -> dict[str, Any]:
         verdict += (f"; no task of evaluate.lm_eval_tasks dropped by more than max_regression "
                     f"{check['max_regression']}")
     stays = "the champion stays current" if name != BASE else "nothing was promoted yet"
+    mirrored = params.promote.registry == "mlflow"
+    if decision["promoted"] or mirrored:
+        decision["challenger"]["sha256"] = sha256_path(ws.merged)
+    if mirrored:  # every candidate, promoted or not, before the local registry changes
+        from tasks.mlflow_registry import register
+
+        decision["mlflow"] = register(ws.merged, decision["challenger"]["sha256"], decision, params, ws)
     _supersede(ws)
     if not decision["promoted"]:
         decision["reason"] = f"{verdict}: not promoted; {stays}"
         return _record(decision, ws)
-    candidate = _stage_entry(rows, ours, params, ws)
-    decision["challenger"]["sha256"] = candidate.sha256
+    candidate = _stage_entry(rows, ours, decision["challenger"]["sha256"], params, ws)
     if params.promote.serve_check_rows:
         served = serve_check(candidate.path, rows[:params.promote.serve_check_rows], params)
         decision["serve_check"] = served

@@ -257,3 +257,21 @@ def trained_workspace(tmp_path_factory, tiny_model) -> Path:
     for name in STAGES:
         stage(name, params, ws)
     return ws
+
+
+SERVER_START_S = 180  # a server process on a loaded 2-core host: its imports, then its model
+
+
+def wait_until_up(proc: subprocess.Popen, url: str) -> None:
+    """Until the server process `proc` answers `url`/health; fails if it exits first."""
+    import urllib.request
+
+    deadline = time.monotonic() + SERVER_START_S
+    while True:
+        assert proc.poll() is None, f"the server at {url} exited with code {proc.returncode}"
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2):
+                return
+        except OSError:
+            assert time.monotonic() < deadline, f"the server did not answer {url}/health"
+            time.sleep(0.5)

@@ -185,36 +185,6 @@ def test_evaluate_scores_each_prediction_against_its_best_reference(trained, tmp
 
 # --- finetune serve -------------------------------------------------------------------------
 
-SERVE_START_S = 120  # a loaded 2-core host: imports and the model load
-
-
-def completion(port: int, model: Path, prompt: str, max_tokens: int) -> str:
-    """Greedy (temperature 0) text from the server's /v1/completions; `model` is the served
-    folder, the name `transformers serve` knows it by."""
-    import urllib.request
-
-    body = json.dumps({"model": str(model), "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}).encode()
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
-                                     {"content-type": "application/json"})
-    with urllib.request.urlopen(request, timeout=120) as response:
-        return json.loads(response.read())["choices"][0]["text"]
-
-
-def wait_until_up(proc: subprocess.Popen, port: int) -> None:
-    import time
-    import urllib.request
-
-    deadline = time.monotonic() + SERVE_START_S
-    while True:
-        assert proc.poll() is None, proc.communicate()
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                return
-        except OSError:
-            assert time.monotonic() < deadline, "the server did not answer /health"
-            time.sleep(0.5)
-
-
 @pytest.mark.slow
 def test_the_served_model_answers_as_evaluate_did_and_stops_on_sigterm(trained_workspace):
     """`finetune serve` on the export: its OpenAI-compatible completions, greedy, are the tuned
@@ -222,7 +192,9 @@ def test_the_served_model_answers_as_evaluate_did_and_stops_on_sigterm(trained_w
     import signal
     import socket
 
-    from .conftest import env
+    from tasks.serve import complete
+
+    from .conftest import env, wait_until_up
 
     ws = trained_workspace
     with socket.socket() as s:
@@ -231,10 +203,10 @@ def test_the_served_model_answers_as_evaluate_did_and_stops_on_sigterm(trained_w
     proc = subprocess.Popen(["finetune", "serve", "--model", "artifacts/merged", "--port", str(port)], cwd=ws,
                             env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_until_up(proc, port)
+        wait_until_up(proc, f"http://127.0.0.1:{port}")
         max_tokens = yaml.safe_load((ws / "params.yaml").read_text())["evaluate"]["max_new_tokens"]
         for row in evaluated(ws)[:3]:
-            served = completion(port, ws / "artifacts/merged", row["prompt"], max_tokens)
+            served = complete(f"http://127.0.0.1:{port}", ws / "artifacts/merged", row["prompt"], max_tokens)
             assert served.strip() == row["tuned"].strip(), row["id"]
     finally:
         proc.send_signal(signal.SIGTERM)

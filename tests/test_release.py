@@ -17,7 +17,7 @@ import yaml
 
 from tasks.config import parse_params
 
-from .conftest import copy_workspace, finetune, stage
+from .conftest import copy_workspace, finetune, merge, stage
 
 ALWAYS = -1.0  # a min_gain every tiny challenger clears (tests/test_promote.py says why)
 SERVED_ROWS = 4
@@ -131,3 +131,99 @@ def test_a_newer_decision_supersedes_the_pending_one_and_params_must_match(ws):
     assert out.returncode == 2 and "params.yaml changed since promote decided" in out.stderr
     assert not (ws / "registry/latest.json").exists()
 
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 with a SQLite backend and local artifact store."""
+    import os
+    import subprocess
+    import sys
+
+    from tasks.serve import free_port
+
+    from .conftest import wait_until_up
+
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port("127.0.0.1")
+    mlflow = Path(sys.executable).parent / "mlflow"
+    with (root / "server.log").open("w") as log:
+        proc = subprocess.Popen([str(mlflow), "server", "--backend-store-uri", f"sqlite:///{root}/db.sqlite",
+                                 "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
+                                 "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    wait_until_up(proc, url)
+    yield url
+    os.killpg(proc.pid, 15)
+    proc.wait(30)
+
+
+def aliases(url: str, name: str) -> dict[str, int]:
+    from mlflow import MlflowClient
+
+    model = MlflowClient(tracking_uri=url).get_registered_model(name)
+    return {alias: int(version) for alias, version in model.aliases.items()}
+
+
+@pytest.mark.slow
+def test_mlflow_sees_two_nightlies_the_better_one_champion(ws, mlflow_server, monkeypatch):
+    """Two nightlies against a real MLflow server: the first (promoted over the base) holds
+    both aliases; the second, a retrained model short of min_gain, becomes a new version with
+    only `challenger`. Each version carries the model, its lineage and its scores."""
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    first = stage("promote", promote_params(ws, registry="mlflow", mlflow_model="nightly"), ws)
+    assert first["promoted"] is True and first["mlflow"]["version"] == 1
+    assert aliases(mlflow_server, "nightly") == {"champion": 1, "challenger": 1}
+
+    params = promote_params(ws, registry="mlflow", mlflow_model="nightly", min_gain=0.5)
+    retrained = parse_params(merge(params.model_dump(mode="json"), {"train": {"max_steps": 3}}), "params.yaml")
+    for name in ("train", "evaluate", "export"):
+        stage(name, retrained, ws)
+    second = stage("promote", retrained, ws)
+    assert second["promoted"] is False and second["mlflow"]["version"] == 2
+    assert second["challenger"]["sha256"] != first["challenger"]["sha256"]
+    assert aliases(mlflow_server, "nightly") == {"champion": 1, "challenger": 2}
+    assert json.loads((ws / "registry/latest.json").read_text())["sha256"] == first["challenger"]["sha256"]
+
+    client = MlflowClient(tracking_uri=mlflow_server)
+    version = client.get_model_version("nightly", "2")
+    assert version.tags["sha256"] == second["challenger"]["sha256"]
+    assert version.tags["test_sha256"] == second["test_sha256"] and "git_commit" in version.tags
+    run = client.get_run(version.run_id)
+    assert run.data.metrics["challenger_score"] == second["challenger"]["score"]
+    assert run.data.params["train.max_steps"] == "3"
+    stored = {f.path for f in client.list_artifacts(version.run_id, "model")}
+    assert {"model/config.json", "model/model.safetensors"} <= stored
+    # the same candidate again: no new upload, the alias stays
+    assert stage("promote", retrained, ws)["mlflow"]["version"] == 2
+
+    # approval: champion moves in MLflow only when a person approves
+    (ws / "params.yaml").write_text(yaml.safe_dump(merge(retrained.model_dump(mode="json"), {
+        "promote": {"min_gain": ALWAYS, "approval": "required"}})))
+    pending = finetune(ws, "promote", extra_env={"MLFLOW_TRACKING_URI": mlflow_server})
+    assert pending.returncode == 0, pending.stderr[-2000:]
+    assert aliases(mlflow_server, "nightly") == {"champion": 1, "challenger": 2}
+    approved = finetune(ws, "promote", "--approve", extra_env={"MLFLOW_TRACKING_URI": mlflow_server})
+    assert approved.returncode == 0, approved.stderr[-2000:]
+    assert aliases(mlflow_server, "nightly") == {"champion": 2, "challenger": 2}
+    assert json.loads((ws / "registry/latest.json").read_text())["sha256"] == second["challenger"]["sha256"]
+
+
+def test_mlflow_unreachable_fails_promote_and_changes_no_registry(ws):
+    from tasks.serve import free_port
+
+    promote_params(ws, registry="mlflow")
+    closed = f"http://127.0.0.1:{free_port('127.0.0.1')}"
+    out = finetune(ws, "promote", extra_env={"MLFLOW_TRACKING_URI": closed,
+                                             "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+                                             "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"})
+    assert out.returncode == 2
+    [line] = [x for x in out.stderr.splitlines() if x.startswith("finetune promote: error:")]
+    assert f"MLflow at {closed} failed while registering the candidate" in line
+    assert "neither registry was changed" in line
+    assert not (ws / "registry/latest.json").exists() and entries(ws) == set()
+    out = finetune(ws, "promote", extra_env={"MLFLOW_TRACKING_URI": None})
+    assert out.returncode == 2 and "MLFLOW_TRACKING_URI is not set" in out.stderr

@@ -99,6 +99,15 @@ class PromoteConfig(Section):
         "Refuse promotion when any task of evaluate.lm_eval_tasks drops by more than this from "
         "the base to the tuned model, in the task's main metric (its first; e.g. acc, 0-1); "
         "null: the scores are reported, not checked."))
+    registry: Literal["local", "mlflow"] = Field("local", description=(
+        "Where promotions are recorded. local: registry/ (or FINETUNE_REGISTRY) alone. mlflow: "
+        "also MLflow's Model Registry at MLFLOW_TRACKING_URI: every run registers its candidate "
+        "(the merged model) as a version of promote.mlflow_model, tagged with the git commit, "
+        "dvc.lock's hashes, params and scores; the alias challenger moves to it, champion only "
+        "when the promotion is applied. The local registry stays the source of truth; MLflow "
+        "unreachable fails promote with neither registry changed."))
+    mlflow_model: str = Field("finetune", min_length=1, description=(
+        "The registered model's name in MLflow (promote.registry: mlflow)."))
     serve_check_rows: int = Field(0, ge=0, description=(
         "Before a promotion is applied, serve the candidate with `finetune serve` (transformers "
         "serve, OpenAI-compatible) and send it this many test prompts: its greedy answers must "
