@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import urllib.request
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tasks.cli import main
@@ -95,3 +97,41 @@ def test_multi_turn_chat_on_a_template_without_markers_exits_2_with_one_message(
     assert "prompt.template: chat" in err and "{% generation %}" in err
     assert "model.chat_template (models/plain.jinja)" in err and "assistant turns" in err
     assert not Path("data/tokenized").exists() and not Path("reports/label_preview.txt").exists()
+
+
+@pytest.mark.slow
+def test_the_served_chat_model_answers_chat_completions_as_evaluate_did(tmp_path, monkeypatch, tiny_chat_model):
+    """`finetune serve` on a chat model's export: /v1/chat/completions, given a test
+    conversation up to its last user turn, answers (greedy) what evaluate predicted for it,
+    since both render the conversation with the same chat template."""
+    import signal
+    import subprocess
+
+    from tasks.io import read_jsonl
+    from tasks.serve import free_port
+
+    from .conftest import env, wait_until_up
+
+    monkeypatch.chdir(tmp_path)
+    chats = {c["id"]: c["messages"] for c in workspace(tmp_path, tiny_chat_model)}
+    params = parse_params(merge(CHAT_PARAMS, {"evaluate": {"max_samples": 4}}), "params.yaml")
+    for name in ("prepare", "tokenize", "train", "evaluate", "export"):
+        stage(name, params)
+    port = free_port("127.0.0.1")
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(["finetune", "serve", "--model", "artifacts/merged", "--port", str(port)],
+                            env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until_up(proc, url)
+        rows = read_jsonl(Path("reports/predictions.jsonl"))
+        assert any(row["tuned"] for row in rows)  # not only empty answers (the tiny model may stop at once)
+        for row in rows:
+            body = json.dumps({"model": str(tmp_path / "artifacts/merged"), "messages": chats[row["id"]][:-1],
+                               "max_tokens": params.evaluate.max_new_tokens, "temperature": 0}).encode()
+            request = urllib.request.Request(f"{url}/v1/chat/completions", body, {"content-type": "application/json"})
+            with urllib.request.urlopen(request, timeout=120) as response:
+                served = json.loads(response.read())["choices"][0]["message"]["content"]
+            assert served.strip() == row["tuned"], row["id"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
