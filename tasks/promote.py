@@ -255,7 +255,7 @@ def run(params: Params, ws: Workspace) -> dict[str, Any]:
                               "`finetune promote --approve` or `--reject`, or the Prefect run's form")
         write_json(ws.pending, {"path": str(candidate.path), "sha256": candidate.sha256,
                                 "created": candidate.created, "params_sha256": params.digest(),
-                                "decision": decision})
+                                "verdict": verdict, "decision": decision})
         return _record(decision, ws)
     decision["reason"] = f"{verdict}: promoted to {candidate.path}"
     _apply(candidate, decision, params.digest(), ws)
@@ -288,7 +288,7 @@ def _pending(ws: Workspace) -> dict[str, Any] | None:
     if not ws.pending.is_file():
         return None
     return read_json_state(ws.pending, recover=f"delete {ws.pending} and rerun `finetune promote`", required={
-        "path": str, "sha256": str, "created": bool, "params_sha256": str, "decision": dict})
+        "path": str, "sha256": str, "created": bool, "params_sha256": str, "verdict": str, "decision": dict})
 
 
 def _supersede(ws: Workspace) -> None:
@@ -311,7 +311,7 @@ def decide(approve: bool, note: str, params: Params, ws: Workspace) -> dict[str,
                             "decide again on the current params, then approve or reject that decision")
     candidate = Candidate(Path(waiting["path"]), waiting["sha256"], waiting["created"])
     decision = waiting["decision"]
-    verdict = decision["reason"].split(": awaiting approval")[0]
+    verdict = waiting["verdict"]
     status = APPROVED if approve else REJECTED
     decision["approval"] = {"status": status, "note": note}
     decision["promoted"] = approve
