@@ -183,9 +183,6 @@ def _regression_reason(check: dict[str, Any]) -> str:
 
 
 def run(params: Params, ws: Workspace) -> dict[str, Any]:
-    cfg = params.evaluate
-    task = params.model.task
-    metric = HEADLINE[task]
     recover = "rerun `dvc repro evaluate`"
     rows = read_jsonl(ws.predictions, required={"id": object, "prompt": str, "reference": str, "base": str,
                                                 "tuned": str}, recover=recover)
@@ -195,39 +192,14 @@ def run(params: Params, ws: Workspace) -> dict[str, Any]:
     name, _, theirs, how = _champion(rows, params, ws)
     kept = [r[SCORE_FIELDS["tuned"]] for r in rows] if all(SCORE_FIELDS["tuned"] in r for r in rows) else None
     ours = _scores([r["tuned"] for r in rows], kept, references, params)
-    paired = summarize({"difference": [a - b for a, b in zip(ours, theirs, strict=True)]},
-                       cfg.bootstrap_samples, cfg.confidence_level, cfg.seed)
-    difference = paired["difference"]
-    threshold = params.promote.min_gain
-    decision: dict[str, Any] = {
-        "metric": metric, "num_examples": len(rows), "test_sha256": registry.test_digest(rows),
-        "champion": {"model": name, "score": round(sum(theirs) / len(theirs), 6), "predictions": how},
-        "challenger": {"model": ws.merged.relative_to(ws.root).as_posix(), "score": round(sum(ours) / len(ours), 6)},
-        "difference": difference, "confidence_level": cfg.confidence_level,
-        "min_gain": threshold, "promoted": difference["mean"] >= threshold}
-    check = capability(params, ws)
-    if check is not None:
-        decision["lm_eval"] = check
-        decision["promoted"] = decision["promoted"] and not check["regressed"]
+    decision = _gate(rows, name, how, theirs, ours, params, ws)
+    verdict = _verdict(decision, how)
+    stays = "the champion stays current" if name != BASE else "nothing was promoted yet"
     ws.workspace_registry.mkdir(exist_ok=True)  # DVC expects the (persistent) output to exist
     ws.registry.mkdir(parents=True, exist_ok=True)
-    verdict = (f"{metric} challenger {decision['challenger']['score']:.4f} vs champion ({name}) "
-               f"{decision['champion']['score']:.4f}: difference {difference['mean']:+.4f} "
-               f"({cfg.confidence_level:.0%} CI [{difference['ci_low']:+.4f}, {difference['ci_high']:+.4f}])")
-    if how.startswith("generated"):
-        verdict = f"champion re-scored ({how.removeprefix('generated: ')}); {verdict}"
-    gained = difference["mean"] >= threshold
-    verdict += f" {'>=' if gained else '<'} min_gain {threshold}"
-    if check is not None and check["regressed"]:
-        verdict += f"; general capability lost: {_regression_reason(check)}"
-    elif check is not None and check["max_regression"] is not None:
-        verdict += (f"; no task of evaluate.lm_eval_tasks dropped by more than max_regression "
-                    f"{check['max_regression']}")
-    stays = "the champion stays current" if name != BASE else "nothing was promoted yet"
-    mirrored = params.promote.registry == "mlflow"
-    if decision["promoted"] or mirrored:
+    if decision["promoted"] or params.promote.registry == "mlflow":
         decision["challenger"]["sha256"] = sha256_path(ws.merged)
-    if mirrored:  # every candidate, promoted or not, before the local registry changes
+    if params.promote.registry == "mlflow":  # every candidate, promoted or not, before the local registry changes
         from tasks.mlflow_registry import register
 
         decision["mlflow"] = register(ws.merged, decision["challenger"]["sha256"], decision, params, ws)
@@ -260,6 +232,45 @@ def run(params: Params, ws: Workspace) -> dict[str, Any]:
     decision["reason"] = f"{verdict}: promoted to {candidate.path}"
     _apply(candidate, decision, params.digest(), ws)
     return _record(decision, ws)
+
+
+def _gate(rows: list[dict[str, Any]], name: str, how: str, theirs: list[float], ours: list[float],
+          params: Params, ws: Workspace) -> dict[str, Any]:
+    """The decision: both scores, the paired difference with its CI, the capability check,
+    and whether the challenger passes (`promoted`, before the steps after the gate)."""
+    cfg = params.evaluate
+    difference = summarize({"difference": [a - b for a, b in zip(ours, theirs, strict=True)]},
+                           cfg.bootstrap_samples, cfg.confidence_level, cfg.seed)["difference"]
+    decision: dict[str, Any] = {
+        "metric": HEADLINE[params.model.task], "num_examples": len(rows), "test_sha256": registry.test_digest(rows),
+        "champion": {"model": name, "score": round(sum(theirs) / len(theirs), 6), "predictions": how},
+        "challenger": {"model": ws.merged.relative_to(ws.root).as_posix(), "score": round(sum(ours) / len(ours), 6)},
+        "difference": difference, "confidence_level": cfg.confidence_level,
+        "min_gain": params.promote.min_gain, "promoted": difference["mean"] >= params.promote.min_gain}
+    check = capability(params, ws)
+    if check is not None:
+        decision["lm_eval"] = check
+        decision["promoted"] = decision["promoted"] and not check["regressed"]
+    return decision
+
+
+def _verdict(decision: dict[str, Any], how: str) -> str:
+    """The gate's decision in one line: scores, difference and CI, min_gain, capability."""
+    difference, threshold = decision["difference"], decision["min_gain"]
+    verdict = (f"{decision['metric']} challenger {decision['challenger']['score']:.4f} vs champion "
+               f"({decision['champion']['model']}) {decision['champion']['score']:.4f}: difference "
+               f"{difference['mean']:+.4f} ({decision['confidence_level']:.0%} CI [{difference['ci_low']:+.4f}, "
+               f"{difference['ci_high']:+.4f}])")
+    if how.startswith("generated"):
+        verdict = f"champion re-scored ({how.removeprefix('generated: ')}); {verdict}"
+    verdict += f" {'>=' if difference['mean'] >= threshold else '<'} min_gain {threshold}"
+    check = decision.get("lm_eval")
+    if check is not None and check["regressed"]:
+        verdict += f"; general capability lost: {_regression_reason(check)}"
+    elif check is not None and check["max_regression"] is not None:
+        verdict += (f"; no task of evaluate.lm_eval_tasks dropped by more than max_regression "
+                    f"{check['max_regression']}")
+    return verdict
 
 
 def _record(decision: dict[str, Any], ws: Workspace) -> dict[str, Any]:
