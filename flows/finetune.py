@@ -44,6 +44,7 @@ from prefect.artifacts import (create_markdown_artifact, create_progress_artifac
 from prefect.states import Completed, State
 
 from tasks.config import ParamsOverride, apply_overrides, deep_merge, load_params, parse_params, read_yaml
+from tasks.promote import PENDING
 from tasks.stages import STAGES
 from tasks.workspace import RESTORE_ONLY_ENV, Workspace
 
@@ -449,7 +450,7 @@ def promotion_markdown(decision: dict[str, Any]) -> str:
     serve check's differing answers."""
     approval = decision.get("approval", {}).get("status")
     verdict = "PROMOTED" if decision["promoted"] else \
-        "AWAITING APPROVAL" if approval == "pending" else "NOT PROMOTED"
+        "AWAITING APPROVAL" if approval == PENDING else "NOT PROMOTED"
     champion, challenger, d = decision["champion"], decision["challenger"], decision["difference"]
     table = (f"| | model | {decision['metric']} |\n|---|---|---|\n"
              f"| champion | `{champion['model']}` ({champion['predictions']}) | {champion['score']} |\n"
@@ -458,7 +459,8 @@ def promotion_markdown(decision: dict[str, Any]) -> str:
              f"| {d['mean']} |\n")
     check = decision.get("lm_eval")
     if check is not None and check["max_regression"] is not None:
-        table += "".join(f"| {name} ({row['metric']}) | drop from the base {'> ' if name in check['regressed'] else '<= '}"
+        table += "".join(f"| {name} ({row['metric']}) | drop from the base "
+                         f"{'> ' if name in check['regressed'] else '<= '}"
                          f"max_regression {check['max_regression']} | {row['drop']} |\n"
                          for name, row in check["tasks"].items())
     served = decision.get("serve_check")
@@ -682,14 +684,15 @@ def finetune(overrides: ParamsOverride | None = None, force: bool = False, remot
             started = time.time()
             state = run_stage.with_options(**_stage_options(stage))(
                 stage, force, remote, restore_only=elsewhere, return_state=True)
-            if stage == "promote" and state.is_failed() and _written_since(Workspace.from_env().metrics(stage), started):
+            refused = stage == "promote" and state.is_failed()
+            if refused and _written_since(Workspace.from_env().metrics(stage), started):
                 publish(stage)  # a refused serve check: the differing answers, for the UI
             result = state.result()  # raises the stage's error, failing the flow run
             summary["stages"][stage] = {k: result[k] for k in ("status", "version")}
             if elsewhere:
                 summary["stages"][stage]["status"] = "ran on " + gpu_deployment
             summary.update(publish(stage))
-            if summary.get("approval") == "pending":
+            if summary.get("approval") == PENDING:
                 summary.update(await_approval(approval_timeout_s))
     except BaseException as err:
         notify(block, "FAILED", err.summary() if isinstance(err, StageFailed) else f"{type(err).__name__}: {err}")

@@ -124,10 +124,10 @@ def register(folder: Path, sha256: str, decision: dict[str, Any], params: Params
                                     "difference": difference["mean"], "difference_ci_low": difference["ci_low"],
                                     "difference_ci_high": difference["ci_high"]})
                 mlflow.log_artifacts(str(folder), ARTIFACT)
-            version = client.create_model_version(
-                name, source=f"runs:/{run.info.run_id}/{ARTIFACT}", run_id=run.info.run_id,
-                tags=tags | {"challenger_score": str(decision["challenger"]["score"]),
-                             "difference": f"{difference['mean']} (CI {difference['ci_low']}, {difference['ci_high']})"})
+            scores = {"challenger_score": str(decision["challenger"]["score"]),
+                      "difference": f"{difference['mean']} (CI {difference['ci_low']}, {difference['ci_high']})"}
+            version = client.create_model_version(name, source=f"runs:/{run.info.run_id}/{ARTIFACT}",
+                                                  run_id=run.info.run_id, tags=tags | scores)
         client.set_registered_model_alias(name, CHALLENGER, version.version)
     return {"uri": uri, "model": name, "version": int(version.version), "run_id": version.run_id}
 

@@ -5,7 +5,8 @@ serve` (FastAPI and uvicorn): POST /v1/completions and /v1/chat/completions, GET
 The model is the champion (registry/latest.json's entry: promote's copy of the merged model)
 unless --model names another folder export wrote (artifacts/merged); tasks.registry.servable
 picks it. Served greedily (temperature 0), it answers the test prompts as evaluate's tuned
-predictions do (tests/test_predict.py). On a GPU host with vLLM, `vllm serve <folder>` serves the same folder.
+predictions do (tests/test_predict.py). On a GPU host with vLLM, `vllm serve <folder>` serves
+the same folder.
 
 `answers` runs the same server for the length of one call: promote's serve check
 (promote.serve_check_rows) sends it test prompts before a promotion is applied.
