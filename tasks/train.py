@@ -373,6 +373,7 @@ def training_arguments(params: Params, output_dir: str, report_to: list[str] | N
         disable_tqdm=False,
         ddp_backend="gloo" if device() == "cpu" and t.world_size > 1 else None,
         logging_nan_inf_filter=False,  # the History callback must see a non-finite loss to stop
+        save_on_each_node=node_local_storage(),
     )
 
 
@@ -526,6 +527,10 @@ def launch(params: Params, params_file: Path) -> int:
 
 RDZV_ENDPOINT_ENV, RDZV_ID_ENV, RDZV_TIMEOUT_ENV = "FINETUNE_RDZV_ENDPOINT", "FINETUNE_RDZV_ID", "FINETUNE_RDZV_TIMEOUT"
 RDZV_TIMEOUT_S = 600.0  # torch's own default join timeout
+# shared (default): the nodes share the workspace's filesystem, the first process of all writes
+# the checkpoints and outputs; local: each node has its own checkout (a Prefect worker's, a
+# pod's disk) and its first process writes them there (DDP keeps every replica's weights equal).
+NODE_STORAGE_ENV, NODE_STORAGE_KINDS = "FINETUNE_NODE_STORAGE", ("shared", "local")
 RDZV_BACKEND = "finetune-c10d"  # c10d, with a hold on the backend to count who joined
 
 
@@ -559,6 +564,16 @@ class Rendezvous:
                 f"train` on every node with the same {RDZV_ENDPOINT_ENV} and {RDZV_ID_ENV}")
 
 
+def node_local_storage() -> bool:
+    """Whether each node writes checkpoints and outputs into its own workspace
+    (FINETUNE_NODE_STORAGE=local) rather than the first node into a shared one."""
+    kind = os.environ.get(NODE_STORAGE_ENV, NODE_STORAGE_KINDS[0])
+    if kind not in NODE_STORAGE_KINDS:
+        raise PipelineError(f"{NODE_STORAGE_ENV} is {kind!r}: set it to shared (the nodes share the "
+                            "workspace's filesystem) or local (each node has its own checkout)")
+    return kind == "local"
+
+
 def rendezvous(nodes: int) -> Rendezvous:
     """One node: a private rendezvous on this host. Several: FINETUNE_RDZV_ENDPOINT (host:port,
     the same on every node; the node whose address it is hosts the store), FINETUNE_RDZV_ID
@@ -570,6 +585,7 @@ def rendezvous(nodes: int) -> Rendezvous:
     from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import create_backend
     from torch.distributed.elastic.rendezvous.dynamic_rendezvous import create_handler
 
+    node_local_storage()  # a bad value fails here, not after the nodes met
     if nodes == 1:
         meeting = Rendezvous("127.0.0.1:0", uuid.uuid4().hex, RDZV_TIMEOUT_S)
     else:
@@ -663,8 +679,8 @@ def run(params: Params, ws: Workspace) -> dict[str, Any]:
                 f"lost another training process mid-run (its node or process died, or the network "
                 f"between them failed): {str(err).splitlines()[0][:PEER_ERROR_CHARS]}; {RERUN_EVERY_NODE}") from None
         raise
-    if not trainer.is_world_process_zero():
-        return {}  # the first process writes the outputs
+    if not (trainer.is_local_process_zero() if node_local_storage() else trainer.is_world_process_zero()):
+        return {}  # the first process (of each node, with node-local storage) writes the outputs
     with atomic_path(ws.adapter) as tmp:
         if params.peft.full_finetune and hasattr(config, "use_cache"):
             model.config.use_cache = config.use_cache  # off only while training (trainable_base)

@@ -223,13 +223,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_nodes(ws: Path, params_file: str, nodes: int, run_id: str, **extra_env: str) -> list[subprocess.Popen]:
+def start_nodes(ws: Path | list[Path], params_file: str, nodes: int, run_id: str,
+                **extra_env: str) -> list[subprocess.Popen]:
     """`finetune train` once per node, as each node of a cluster runs it, all on this host
-    (127.0.0.1) and in one workspace (a shared filesystem)."""
+    (127.0.0.1); in one workspace (a shared filesystem), or each node in its own of `ws`."""
     rdzv = {"FINETUNE_RDZV_ENDPOINT": f"127.0.0.1:{free_port()}", "FINETUNE_RDZV_ID": run_id, **extra_env}
-    return [subprocess.Popen(["finetune", "train", "--params", params_file], cwd=ws, env={**env(), **rdzv},
+    places = ws if isinstance(ws, list) else [ws] * nodes
+    return [subprocess.Popen(["finetune", "train", "--params", params_file], cwd=place, env={**env(), **rdzv},
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for _ in range(nodes)]
+            for place in places]
 
 
 def kill_node(proc: subprocess.Popen) -> None:
@@ -262,6 +264,35 @@ def test_two_nodes_train_like_two_processes_on_one(ws, two_processes):
                            for d in (two_processes[1], ws / "artifacts/adapter"))
     assert one_node.keys() == two_nodes.keys()
     assert max((one_node[k] - two_nodes[k]).abs().max().item() for k in one_node) < NODE_ATOL
+
+
+@pytest.mark.slow
+def test_nodes_without_a_shared_filesystem_each_write_the_same_adapter(ws, two_processes, tmp_path):
+    """FINETUNE_NODE_STORAGE=local: each node trains in its own checkout (as two Prefect
+    workers or two pods with their own disks do) and its first process writes the adapter,
+    checkpoints and metrics there: the same bytes on both, the adapter of one node with two
+    processes up to float rounding."""
+    from safetensors.torch import load_file
+
+    batch = yaml.safe_load((ws / "params.yaml").read_text())["train"]["per_device_train_batch_size"]
+    variant(ws, "local.yaml", padding_free=False, num_nodes=2, per_device_train_batch_size=batch // 2)
+    places = []
+    for name in ("node0", "node1"):
+        place = tmp_path / name
+        shutil.copytree(ws, place, ignore=shutil.ignore_patterns("artifacts", "metrics"))
+        places.append(place)
+    nodes = start_nodes(places, "local.yaml", 2, "local-storage", FINETUNE_NODE_STORAGE="local")
+    outs = [node.communicate(timeout=600) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outs
+    files = [(p / "artifacts/adapter/adapter_model.safetensors").read_bytes() for p in places]
+    assert files[0] == files[1]
+    assert (places[0] / "metrics/train.json").read_text() == (places[1] / "metrics/train.json").read_text()
+    one_node, two_nodes = (load_file(d / "adapter_model.safetensors")
+                           for d in (two_processes[1], places[0] / "artifacts/adapter"))
+    assert max((one_node[k] - two_nodes[k]).abs().max().item() for k in one_node) < NODE_ATOL
+    bad = start_nodes(ws, "local.yaml", 1, "bad-storage", FINETUNE_NODE_STORAGE="nfs", FINETUNE_RDZV_TIMEOUT="5")[0]
+    _, err = bad.communicate(timeout=120)
+    assert bad.returncode == 2 and "FINETUNE_NODE_STORAGE is 'nfs': set it to shared" in err, err
 
 
 @pytest.mark.slow
