@@ -674,26 +674,9 @@ def finetune(overrides: ParamsOverride | None = None, force: bool = False, remot
         _apply(overrides)
         return run_sweep(sweep, force)
     block = notifier(notify_block)
-    summary: dict[str, Any] = {"stages": {}}
     try:
         _apply(overrides)
-        for stage in STAGES:
-            elsewhere = bool(gpu_deployment) and stage in gpu_stages
-            if elsewhere:
-                _on_other_pool(gpu_deployment, stage, force, overrides)
-            started = time.time()
-            state = run_stage.with_options(**_stage_options(stage))(
-                stage, force, remote, restore_only=elsewhere, return_state=True)
-            refused = stage == "promote" and state.is_failed()
-            if refused and _written_since(Workspace.from_env().metrics(stage), started):
-                publish(stage)  # a refused serve check: the differing answers, for the UI
-            result = state.result()  # raises the stage's error, failing the flow run
-            summary["stages"][stage] = {k: result[k] for k in ("status", "version")}
-            if elsewhere:
-                summary["stages"][stage]["status"] = "ran on " + gpu_deployment
-            summary.update(publish(stage))
-            if summary.get("approval") == PENDING:
-                summary.update(await_approval(approval_timeout_s))
+        summary = _run_stages(force, remote, gpu_deployment, gpu_stages, overrides, approval_timeout_s)
     except BaseException as err:
         notify(block, "FAILED", err.summary() if isinstance(err, StageFailed) else f"{type(err).__name__}: {err}")
         raise
@@ -701,6 +684,31 @@ def finetune(overrides: ParamsOverride | None = None, force: bool = False, remot
         logger.warning("not promoted: %s", summary["promotion"])
     if summary["stages"].get("promote", {}).get("status") == "ran":  # a decision made by this run
         notify(block, "PROMOTED" if summary["promoted"] else "NOT PROMOTED", summary["promotion"])
+    return summary
+
+
+def _run_stages(force: bool, remote: bool, gpu_deployment: str | None, gpu_stages: tuple[str, ...],
+                overrides: ParamsOverride | None, approval_timeout_s: int) -> dict[str, Any]:
+    """Each stage as a task, in DVC's order, its UI artifacts published as it ends (and a
+    promotion awaiting approval answered); the run's summary."""
+    summary: dict[str, Any] = {"stages": {}}
+    for stage in STAGES:
+        elsewhere = bool(gpu_deployment) and stage in gpu_stages
+        if elsewhere:
+            _on_other_pool(gpu_deployment, stage, force, overrides)
+        started = time.time()
+        state = run_stage.with_options(**_stage_options(stage))(
+            stage, force, remote, restore_only=elsewhere, return_state=True)
+        refused = stage == "promote" and state.is_failed()
+        if refused and _written_since(Workspace.from_env().metrics(stage), started):
+            publish(stage)  # a refused serve check: the differing answers, for the UI
+        result = state.result()  # raises the stage's error, failing the flow run
+        summary["stages"][stage] = {k: result[k] for k in ("status", "version")}
+        if elsewhere:
+            summary["stages"][stage]["status"] = "ran on " + gpu_deployment
+        summary.update(publish(stage))
+        if summary.get("approval") == PENDING:
+            summary.update(await_approval(approval_timeout_s))
     return summary
 
 

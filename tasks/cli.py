@@ -214,11 +214,11 @@ def commit_stage(stage: str, ws: Workspace) -> None:
     and `dvc repro` does not run it again. Nothing happens outside a DVC pipeline."""
     import subprocess
 
+    from tasks.io import console_script
+
     if not (ws.root / "dvc.lock").is_file():
         return
-    beside = Path(sys.executable).parent / "dvc"
-    dvc = str(beside) if beside.exists() else "dvc"
-    done = subprocess.run([dvc, "commit", "--force", stage], cwd=ws.root, capture_output=True, text=True)
+    done = subprocess.run([console_script("dvc") or "dvc", "commit", "--force", stage], cwd=ws.root, capture_output=True, text=True)
     if done.returncode != 0:
         raise PipelineError(f"`dvc commit --force {stage}` failed, so dvc.lock still has {stage}'s earlier "
                             f"result (`dvc repro` would run it again): {done.stderr.strip()[-500:]}")

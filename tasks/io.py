@@ -301,6 +301,13 @@ def read_jsonl(path: Path, *, recover: str = RERUN,
     return list(iter_jsonl(path, recover=recover, required=required))
 
 
+def console_script(name: str) -> str | None:
+    """The command `name` of this environment: beside this interpreter (a venv that was not
+    activated puts it there, not on PATH), else on PATH; None when neither has it."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.exists() else shutil.which(name)
+
+
 def sha256_path(path: Path) -> str:
     """Hash of a file, or of a directory's relative file names and contents."""
     h = hashlib.sha256()

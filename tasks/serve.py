@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -29,11 +28,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tasks.errors import PipelineError
+from tasks.io import console_script
 
 
 def command(folder: Path, host: str, port: int) -> list[str]:
-    beside = Path(sys.executable).parent / "transformers"
-    found = str(beside) if beside.exists() else shutil.which("transformers")
+    found = console_script("transformers")
     if found is None:
         raise PipelineError("the `transformers` command is not installed here (make setup installs it)")
     return [found, "serve", "--host", host, "--port", str(port), str(folder)]
