@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import hashlib
 import itertools
 import json
@@ -92,28 +91,29 @@ def read_lock(root: Path = Path("."), need: tuple[str, ...] = ()) -> dict[str, A
     previous = None
     for _ in range(LOCK_READS):
         text = path.read_text() if path.is_file() else ""
-        if text == previous or text in _COMPLETE_LOCKS:
-            stages = _lock_stages(text)
-            if stages is not None and all(s in stages for s in need):
-                _COMPLETE_LOCKS[text] = None
-                while len(_COMPLETE_LOCKS) > LOCK_TEXTS_KEPT:
-                    del _COMPLETE_LOCKS[next(iter(_COMPLETE_LOCKS))]
-                return stages
+        stages = _COMPLETE_LOCKS.get(text)
+        if stages is None and text == previous and (stages := _lock_stages(text)) is not None:
+            _COMPLETE_LOCKS[text] = stages
+            while len(_COMPLETE_LOCKS) > LOCK_TEXTS_KEPT:
+                del _COMPLETE_LOCKS[next(iter(_COMPLETE_LOCKS))]
+        if stages is not None and all(s in stages for s in need):
+            return stages
         previous = text
         time.sleep(LOCK_REREAD_S)
     raise RuntimeError(f"{path}: no complete copy (with stages {', '.join(need) or 'any'}) in "
                        f"{LOCK_READS} reads: is another `dvc repro` writing it?")
 
 
-_COMPLETE_LOCKS: dict[str, None] = {}  # dvc.lock texts read complete, oldest first
+# dvc.lock texts read complete (stable across two reads) and their stages, oldest first:
+# shared by the reads of one run, so each text is parsed once (callers read, never change it).
+_COMPLETE_LOCKS: dict[str, dict[str, Any]] = {}
 LOCK_TEXTS_KEPT = 4
 
 
-@functools.lru_cache(maxsize=LOCK_TEXTS_KEPT)
 def _lock_stages(text: str) -> dict[str, Any] | None:
-    """The stages of a dvc.lock text (cached: callers read, never change it); None when it
-    does not parse (cut mid-write). LibYAML's parser where PyYAML has it: a 500-line lock
-    takes 7 ms there, 50 ms in pure Python, and the flow reads it once per stage."""
+    """The stages of a dvc.lock text; None when it does not parse (cut mid-write). LibYAML's
+    parser where PyYAML has it: a 500-line lock takes 7 ms there, 50 ms in pure Python, and
+    the flow reads it once per stage."""
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     try:
         return (yaml.load(text, Loader=loader) or {}).get("stages") or {}
