@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from tasks.config import Params
+from tasks.config import Params, _flatten
 from tasks.errors import PipelineError
 from tasks.workspace import Workspace
 
@@ -63,16 +63,6 @@ def _talking(uri: str, doing: str) -> Iterator[None]:
         raise PipelineError(f"MLflow at {uri} failed while {doing} ({type(err).__name__}: {first}); "
                             "neither registry was changed: check that the server runs and "
                             "MLFLOW_TRACKING_URI names it, or set promote.registry to local") from None
-
-
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    out: dict[str, str] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out |= _flat(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = str(value)
-    return out
 
 
 def _lineage(ws: Workspace) -> dict[str, str]:
@@ -118,7 +108,7 @@ def register(folder: Path, sha256: str, decision: dict[str, Any], params: Params
                     "params_sha256": params.digest(), "metric": decision["metric"]} | _lineage(ws)
             difference = decision["difference"]
             with mlflow.start_run(run_name=f"candidate-{sha256[:16]}", tags=tags) as run:
-                mlflow.log_params(_flat(params.model_dump(mode="json")))
+                mlflow.log_params({k: str(v) for k, v in _flatten(params.model_dump(mode="json")).items()})
                 mlflow.log_metrics({"challenger_score": decision["challenger"]["score"],
                                     "champion_score": decision["champion"]["score"],
                                     "difference": difference["mean"], "difference_ci_low": difference["ci_low"],

@@ -194,7 +194,7 @@ def run(params: Params, ws: Workspace) -> dict[str, Any]:
     ours = _scores([r["tuned"] for r in rows], kept, references, params)
     decision = _gate(rows, name, how, theirs, ours, params, ws)
     verdict = _verdict(decision, how)
-    stays = "the champion stays current" if name != BASE else "nothing was promoted yet"
+    stays = _stays(ws)
     ws.workspace_registry.mkdir(exist_ok=True)  # DVC expects the (persistent) output to exist
     ws.registry.mkdir(parents=True, exist_ok=True)
     if decision["promoted"] or params.promote.registry == "mlflow":
@@ -273,6 +273,11 @@ def _verdict(decision: dict[str, Any], how: str) -> str:
     return verdict
 
 
+def _stays(ws: Workspace) -> str:
+    """What a promotion not applied leaves current."""
+    return "the champion stays current" if registry.latest(ws) is not None else "nothing was promoted yet"
+
+
 def _record(decision: dict[str, Any], ws: Workspace) -> dict[str, Any]:
     """metrics/promote.json: the decision and the champion it leaves current."""
     current = registry.latest(ws)
@@ -332,8 +337,6 @@ def decide(approve: bool, note: str, params: Params, ws: Workspace) -> dict[str,
         _apply(candidate, decision, waiting["params_sha256"], ws)
     else:
         candidate.discard()
-        current = registry.latest(ws)
-        stays = "the champion stays current" if current else "nothing was promoted yet"
-        decision["reason"] = f"{verdict}: rejected{said}; {stays}"
+        decision["reason"] = f"{verdict}: rejected{said}; {_stays(ws)}"
     ws.pending.unlink()
     return _record(decision, ws)
