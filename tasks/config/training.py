@@ -62,7 +62,8 @@ class TrainConfig(Section):
         "train` (or dvc repro, or the SLURM/Kubernetes templates in deploy/) on every node with "
         "the same FINETUNE_RDZV_ENDPOINT (host:port of the node that hosts the rendezvous) and "
         "FINETUNE_RDZV_ID; they share the workspace (a shared filesystem) and the first process "
-        "writes the adapter and metrics. A node that never joins fails the stage after "
+        "writes the adapter and metrics, or with FINETUNE_NODE_STORAGE=local each node works in "
+        "its own checkout and writes them there. A node that never joins fails the stage after "
         "FINETUNE_RDZV_TIMEOUT seconds (600) with the count of nodes missing."))
     learning_rate: float = Field(3e-3, gt=0, description=(
         "Peak learning rate; the shipped 3e-3 is high because the smoke model starts from "
