@@ -604,6 +604,10 @@ def await_approval(timeout_s: int) -> dict[str, Any]:
     return publish("promote")
 
 
+class SettingError(ValueError):
+    """A Prefect setting the run reads (a variable, a block) that names nothing usable."""
+
+
 def notifier(name: str | None) -> Any:
     """The Prefect notification block (e.g. "custom-webhook/nightly", "slack-webhook/ml-team")
     named by `name`, else by the Prefect variable NOTIFY_VARIABLE; None when neither names
@@ -617,7 +621,7 @@ def notifier(name: str | None) -> Any:
     try:
         return Block.load(name)
     except (ValueError, KeyError) as err:
-        raise ValueError(f"notify_block {name!r}: no such Prefect block ({err}); `prefect block ls` lists "
+        raise SettingError(f"notify_block {name!r}: no such Prefect block ({err}); `prefect block ls` lists "
                          "them, by TYPE-SLUG/NAME") from None
 
 
@@ -764,6 +768,9 @@ def main() -> int:
     except StageFailed as err:
         print(f"python -m flows.finetune: error: {err.summary()}", file=sys.stderr)
         return USER_ERROR_EXIT if err.user_error else 1
+    except SettingError as err:  # e.g. the variable finetune_notify_block names no block
+        print(f"python -m flows.finetune: error: {err}", file=sys.stderr)
+        return 2
     except RuntimeError as err:
         if (message := server_start_failure(err)) is None:
             raise

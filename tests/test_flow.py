@@ -326,3 +326,18 @@ def test_a_notification_block_that_does_not_exist_fails_the_run_first(first_run,
     assert state.is_failed() and task_runs(state) == []
     with pytest.raises(ValueError, match="notify_block 'custom-webhook/no-such-block': no such Prefect block"):
         state.result()
+    # The Prefect variable names it for `python -m flows.finetune`: one line, exit 2.
+    from prefect.variables import Variable
+
+    from flows.finetune import NOTIFY_VARIABLE, main
+
+    Variable.set(NOTIFY_VARIABLE, "custom-webhook/no-such-block", overwrite=True)
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            assert main() == 2
+    finally:
+        Variable.unset(NOTIFY_VARIABLE)
+    assert err.getvalue().splitlines()[-1].startswith(
+        "python -m flows.finetune: error: notify_block 'custom-webhook/no-such-block': no such Prefect block"), \
+        err.getvalue()
