@@ -32,17 +32,20 @@ import time
 from collections import deque
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 from prefect import flow, get_run_logger, task
 from prefect.input import RunInput
-from pydantic import Field
+from pydantic import BaseModel, Field
 from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
                                 update_progress_artifact)
 from prefect.states import Completed, State
 
 from tasks.config import ParamsOverride, apply_overrides, deep_merge, load_params, parse_params, read_yaml
+from tasks.errors import PipelineError
+from tasks.nodes import (NODE_STORAGE_ENV, RDZV_ENDPOINT_ENV, RDZV_ID_ENV, RDZV_TIMEOUT_ENV, rendezvous_timeout,
+                         split_endpoint)
 from tasks.promote import PENDING
 from tasks.stages import STAGES
 from tasks.workspace import RESTORE_ONLY_ENV, Workspace
@@ -57,6 +60,8 @@ DEFAULT_GPU_STAGES = ("train",)  # what a split run sends to the GPU pool by def
 # A sweep compares its points on the test split: each experiment runs up to evaluate; export
 # and promote the best one with `dvc exp apply NAME && dvc repro`.
 SWEEP_TARGET = "evaluate"
+NODE_POLL_S = 2.0  # how often a multi-node stage's node runs are read (_on_nodes)
+NOT_STARTED = ("SCHEDULED", "PENDING")  # the states of a node run no worker has started yet
 PROGRESS_POLL_S = 3.0  # how often train's progress artifacts are refreshed while it runs
 LOCK_REREAD_S = 0.05  # dvc.lock is read twice this far apart (read_lock)
 LOCK_READS = 100  # reads before read_lock gives up (5 s)
@@ -75,10 +80,16 @@ class StageFailed(RuntimeError):
     def summary(self) -> str:
         """One line: the stage and its own error line (`finetune <stage>: error: ...`), else
         the last line it printed; the whole output is in the run's log above."""
-        lines = [line for line in str(self).splitlines()[1:] if line.strip()]
-        errors = [line for line in lines if ": error: " in line]
-        last = (errors or lines or ["no output"])[-1].strip()
-        return f"stage {self.stage!r} failed ({last}); its output is in the log above"
+        return f"stage {self.stage!r} failed ({error_line(str(self).partition(chr(10))[2])}); " \
+            "its output is in the log above"
+
+
+def error_line(output: str) -> str:
+    """The line of a stage's output that says what went wrong: its own error line
+    (`finetune <stage>: error: ...`), else the last line."""
+    lines = [line for line in output.splitlines() if line.strip()]
+    errors = [line for line in lines if ": error: " in line]
+    return (errors or lines or ["no output"])[-1].strip()
 
 
 def read_lock(root: Path = Path("."), need: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -492,18 +503,116 @@ def _apply(overrides: ParamsOverride | None) -> None:
 
 
 def _on_other_pool(deployment: str, stage: str, force: bool,
-                   overrides: ParamsOverride | None) -> None:
+                   overrides: ParamsOverride | None) -> str:
     """Runs `stage` through the `finetune-stage` deployment `deployment` (another work pool,
-    another checkout) and waits for it."""
+    another checkout) and waits for it; train with train.num_nodes > 1 runs once per node
+    (_on_nodes). Returns where it ran, for the run's summary."""
     from prefect.deployments import run_deployment
 
-    parameters: dict[str, Any] = {"stage": stage, "force": force}
-    if overrides is not None:
-        parameters["overrides"] = overrides.model_dump(mode="json", exclude_unset=True)
-    child = run_deployment(deployment, parameters=parameters, timeout=None)
+    nodes = load_params().train.num_nodes if stage == "train" else 1
+    if nodes > 1:
+        _on_nodes(deployment, stage, nodes, _child_parameters(stage, force, overrides))
+        return f"ran on {nodes} nodes of {deployment}"
+    child = run_deployment(deployment, parameters=_child_parameters(stage, force, overrides), timeout=None)
     if not child.state or not child.state.is_completed():
         raise StageFailed(stage, False, f"{deployment} run {child.name} ended "
                           f"{child.state.name if child.state else 'without a state'}")
+    return f"ran on {deployment}"
+
+
+def _child_parameters(stage: str, force: bool, overrides: ParamsOverride | None) -> dict[str, Any]:
+    parameters: dict[str, Any] = {"stage": stage, "force": force}
+    if overrides is not None:
+        parameters["overrides"] = overrides.model_dump(mode="json", exclude_unset=True)
+    return parameters
+
+
+class NodeMeeting(BaseModel):
+    """Where the node runs of one multi-node stage meet: the c10d store the parent flow run
+    hosts (hosted_rendezvous), passed to each `finetune-stage` run as FINETUNE_RDZV_*."""
+
+    endpoint: str = Field(description="host:port of the c10d store (the parent run's machine)")
+    run_id: str = Field(description="the rendezvous id, one per launch of the stage")
+    timeout_s: float = Field(description="how long a node waits for the others to join")
+
+    def environment(self) -> dict[str, str]:
+        # Each worker has its own checkout: every node writes its outputs there and pushes them.
+        return {RDZV_ENDPOINT_ENV: self.endpoint, RDZV_ID_ENV: self.run_id,
+                RDZV_TIMEOUT_ENV: f"{self.timeout_s:g}", NODE_STORAGE_ENV: "local"}
+
+
+@contextlib.contextmanager
+def hosted_rendezvous(nodes: int, run_id: str) -> Iterator[NodeMeeting]:
+    """A c10d store in this process, where the nodes' elastic agents meet. The flow run cannot
+    know which hosts its pool's workers will be, so the meeting point is its own: host:port
+    from FINETUNE_RDZV_ENDPOINT (an address of this machine the GPU hosts can reach), else
+    this machine's name and a free port. An agent on this same machine finds the port taken
+    and joins as a client."""
+    import socket
+
+    from torch.distributed import TCPStore
+
+    try:
+        endpoint = os.environ.get(RDZV_ENDPOINT_ENV)
+        host, port = split_endpoint(endpoint, nodes) if endpoint else (socket.getfqdn(), 0)
+        timeout_s = rendezvous_timeout()
+    except PipelineError as err:
+        raise SettingError(str(err)) from None
+    store = TCPStore(host, port, is_master=True, wait_for_workers=False,
+                     timeout=timedelta(seconds=timeout_s))
+    try:
+        yield NodeMeeting(endpoint=f"{host}:{store.port}", run_id=run_id, timeout_s=timeout_s)
+    finally:
+        del store  # the server thread stops with the store
+
+
+def _on_nodes(deployment: str, stage: str, nodes: int, parameters: dict[str, Any]) -> None:
+    """One `deployment` run per node, all meeting at this run's rendezvous; returns once every
+    node completed. When one fails, the node runs no worker has started yet are cancelled
+    (else they would wait for a meeting that is over), the running ones get the rendezvous
+    timeout to end (they stop on the lost peer), and the stage fails with the node's line."""
+    import uuid
+
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.runtime import flow_run
+    from prefect.states import Cancelled
+
+    logger = get_run_logger()
+    with hosted_rendezvous(nodes, f"{stage}-{uuid.uuid4().hex[:12]}") as meeting:
+        runs = [run_deployment(deployment, parameters={**parameters, "meeting": meeting.model_dump()},
+                               flow_run_name=f"{flow_run.name}-{stage}-node-{i}", timeout=0)
+                for i in range(nodes)]
+        logger.info("%s: %d node runs of %s meeting at %s (id %s): %s", stage, nodes, deployment,
+                    meeting.endpoint, meeting.run_id, ", ".join(r.name for r in runs))
+        with get_client(sync_client=True) as client:
+            runs = _until(client, runs, lambda rs: all(r.state.is_final() for r in rs)
+                          or any(r.state.is_final() and not r.state.is_completed() for r in rs))
+            failed = [r for r in runs if r.state.is_final() and not r.state.is_completed()]
+            if not failed:
+                return
+            unstarted = [r for r in runs if r.state.type.value in NOT_STARTED]
+            for r in unstarted:
+                client.set_flow_run_state(r.id, Cancelled(message=f"node {failed[0].name} failed before "
+                                                          "this node started"), force=True)
+            runs = _until(client, runs, lambda rs: all(r.state.is_final() for r in rs), meeting.timeout_s)
+    line = error_line(failed[0].state.message or failed[0].state.name)
+    if unstarted:
+        raise StageFailed(stage, False, f"train.num_nodes is {nodes}, but {len(unstarted)} of the {nodes} "
+                          f"{deployment} runs never started (cancelled: {', '.join(r.name for r in unstarted)}): "
+                          f"its work pool needs {nodes} workers free at once, each started with `--limit 1`; "
+                          f"{failed[0].name}: {line}")
+    raise StageFailed(stage, False, f"{failed[0].name} ended {failed[0].state.name}: {line}")
+
+
+def _until(client: Any, runs: list[Any], done: Any, timeout_s: float | None = None) -> list[Any]:
+    """`runs` re-read every NODE_POLL_S until `done(runs)` holds or `timeout_s` passed."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        runs = [client.read_flow_run(r.id) for r in runs]
+        if done(runs) or (deadline is not None and time.monotonic() > deadline):
+            return runs
+        time.sleep(NODE_POLL_S)
 
 
 def _nested(dotted: dict[str, Any]) -> dict[str, Any]:
@@ -699,7 +808,7 @@ def _run_stages(force: bool, remote: bool, gpu_deployment: str | None, gpu_stage
     for stage in STAGES:
         elsewhere = bool(gpu_deployment) and stage in gpu_stages
         if elsewhere:
-            _on_other_pool(gpu_deployment, stage, force, overrides)
+            where = _on_other_pool(gpu_deployment, stage, force, overrides)
         started = time.time()
         state = run_stage.with_options(**_stage_options(stage))(
             stage, force, remote, restore_only=elsewhere, return_state=True)
@@ -709,7 +818,7 @@ def _run_stages(force: bool, remote: bool, gpu_deployment: str | None, gpu_stage
         result = state.result()  # raises the stage's error, failing the flow run
         summary["stages"][stage] = {k: result[k] for k in ("status", "version")}
         if elsewhere:
-            summary["stages"][stage]["status"] = "ran on " + gpu_deployment
+            summary["stages"][stage]["status"] = where
         summary.update(publish(stage))
         if summary.get("approval") == PENDING:
             summary.update(await_approval(approval_timeout_s))
@@ -722,7 +831,8 @@ def _written_since(path: Path, since: float) -> bool:
 
 @flow(name="finetune-stage", log_prints=True)
 def finetune_stage(stage: str, force: bool = False,
-                   overrides: ParamsOverride | None = None) -> dict[str, Any]:
+                   overrides: ParamsOverride | None = None,
+                   meeting: NodeMeeting | None = None) -> dict[str, Any]:
     """Run one stage of dvc.yaml in this checkout, its inputs pulled from and its outputs
     pushed to DVC's default remote: what `finetune` sends to another work pool.
 
@@ -730,13 +840,33 @@ def finetune_stage(stage: str, force: bool = False,
         stage: the dvc.yaml stage to run (e.g. train).
         force: rerun it even when DVC finds it up to date.
         overrides: the parent run's params.yaml overrides, applied here too.
+        meeting: set by the parent run when train runs on train.num_nodes nodes: where this
+            node meets the others (one such run per node).
     """
     if stage not in STAGES:
         raise ValueError(f"no stage {stage!r} in dvc.yaml")
     _apply(overrides)
-    result = run_stage.with_options(**_stage_options(stage))(stage, force, remote=True,
-                                                             return_state=True).result()
+    options = _stage_options(stage)
+    if meeting is not None:
+        options["retries"] = 0  # a node alone cannot rejoin a meeting that is over: the parent fails
+    with _environment(meeting.environment() if meeting else {}):
+        result = run_stage.with_options(**options)(stage, force, remote=True, return_state=True).result()
     return {k: result[k] for k in ("stage", "status", "version")}
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """os.environ with `values` set, as it was after."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 # What Prefect raises when the temporary API server it starts (no PREFECT_API_URL set) does not

@@ -11,7 +11,7 @@ import subprocess
 import pytest
 import yaml
 
-from tasks.train import RDZV_ENDPOINT_ENV, RDZV_ID_ENV, RDZV_TIMEOUT_ENV
+from tasks.nodes import RDZV_ENDPOINT_ENV, RDZV_ID_ENV, RDZV_TIMEOUT_ENV
 
 from .conftest import REPO
 

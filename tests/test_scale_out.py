@@ -14,13 +14,14 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 import yaml
 
-from .conftest import env, make_workspace, run
+from .conftest import TINY_PARAMS, env, make_workspace, merge, run
 from .test_deployment import api, free_port, prefect, prefect_server
 
 # A runner end to end: skipped by `make test-fast`.
@@ -156,3 +157,105 @@ def test_a_stage_expected_from_the_remote_is_never_computed_here(tmp_path, tiny_
     assert proc.returncode != 0
     assert "train stage's result was to come from the DVC remote" in proc.stdout + proc.stderr
     assert not (ws / "artifacts/adapter").exists()
+
+
+@pytest.fixture(scope="module")
+def sqlite_server(tmp_path_factory):
+    with prefect_server(tmp_path_factory.mktemp("prefect-home-nodes")) as s:
+        yield s
+
+
+def _own_mount_namespace() -> bool:
+    return subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode == 0
+
+
+def _node_worker(checkout: Path, seen_at: Path, e: dict, log: Path) -> subprocess.Popen:
+    """A `gpu` pool worker (one run at a time, as a GPU host runs one node) whose runs see
+    `checkout` at `seen_at`: the deployment's pull step names one path, and on a cluster that
+    path is each host's own checkout. Here a private mount namespace plays the other host."""
+    cmd = ["prefect", "worker", "start", "--pool", "gpu", "--limit", "1"]
+    if checkout != seen_at:
+        cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+               'mount --bind "$0" "$1" && cd "$1" && shift && exec "$@"', str(checkout), str(seen_at), *cmd]
+    return subprocess.Popen(cmd, cwd=seen_at, env={**e, "PREFECT_WORKER_QUERY_SECONDS": "2"},
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop(worker: subprocess.Popen) -> None:
+    os.killpg(worker.pid, signal.SIGTERM)
+    try:
+        worker.wait(timeout=60)
+    except subprocess.TimeoutExpired:  # a slow graceful shutdown is not what is tested
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait(timeout=60)
+
+
+def _parent_run(ws: Path, e: dict, **extra_env: str) -> subprocess.CompletedProcess[str]:
+    """The `finetune` flow with train sent to `finetune-stage/gpu`, run in `ws` against the
+    server (what the nightly-split deployment runs through a cpu worker)."""
+    code = ("import json; from flows.finetune import finetune; print(json.dumps(finetune(remote=True, "
+            "gpu_deployment='finetune-stage/gpu')))")
+    return subprocess.run([sys.executable, "-c", code], cwd=ws, env={**e, **extra_env}, capture_output=True,
+                          text=True, timeout=WORKER_TIMEOUT)
+
+
+def _node_runs(server: dict, parent: str) -> list[dict]:
+    return [r for r in api(server["url"], "/flow_runs/filter", {})
+            if r["name"].startswith(f"{parent}-train-node-")]
+
+
+def test_train_on_two_nodes_through_the_gpu_pool(sqlite_server, tmp_path_factory, tiny_model):
+    """train.num_nodes: 2 in a split run: the flow hosts the rendezvous and submits one
+    `finetune-stage/gpu` run per node; two workers (`--limit 1`), each with its own checkout,
+    train together and each pushes the same adapter. First with one worker only: the node
+    that started gives up after FINETUNE_RDZV_TIMEOUT, the other run is cancelled before any
+    worker takes it, and the stage fails with one line naming the count."""
+    if not _own_mount_namespace():
+        pytest.skip("needs `unshare --mount` (root) to give the second worker its own checkout")
+    remote = tmp_path_factory.mktemp("dvc-remote-nodes")
+    nodes = {"train": {"num_nodes": 2, "padding_free": False, "per_device_train_batch_size": 2}}
+    clones = {}
+    for name in ("parent", "node-a", "node-b"):
+        ws = make_workspace(tmp_path_factory.mktemp(name), tiny_model, merge(TINY_PARAMS, nodes))
+        run(["dvc", "remote", "add", "--local", "-d", "shared", str(remote)], ws)
+        clones[name] = ws
+    parent, node_a, node_b = clones["parent"], clones["node-a"], clones["node-b"]
+    e = sqlite_server["env"]
+    prefect(["work-pool", "create", "gpu", "--type", "process"], node_a, e)
+    prefect(["--no-prompt", "deploy", "--name", "gpu"], node_a, {**e, "PWD": str(node_a)})
+
+    worker_a = _node_worker(node_a, node_a, e, node_a / "worker.log")
+    try:
+        alone = _parent_run(parent, e, FINETUNE_RDZV_TIMEOUT="8")
+        assert alone.returncode != 0, alone.stdout
+        err = alone.stdout + alone.stderr
+        assert ("train.num_nodes is 2, but 1 of the 2 finetune-stage/gpu runs never started "
+                "(cancelled: ") in err, err
+        assert "its work pool needs 2 workers free at once, each started with `--limit 1`" in err
+        assert "1 of the 2 nodes never joined the rendezvous" in err, err
+        runs = _node_runs(sqlite_server, re.search(r"Beginning flow run '([^']+)'", err).group(1))
+        assert sorted(r["state"]["type"] for r in runs) == ["CANCELLED", "FAILED"], runs
+        assert not (parent / "artifacts/adapter").exists()
+
+        worker_b = _node_worker(node_b, node_a, e, node_b / "worker.log")
+        try:
+            both = _parent_run(parent, e, FINETUNE_RDZV_TIMEOUT="300")
+        finally:
+            _stop(worker_b)
+    finally:
+        _stop(worker_a)
+    logs = (node_a / "worker.log").read_text() + (node_b / "worker.log").read_text()
+    assert both.returncode == 0, both.stdout + both.stderr + logs
+    summary = json.loads(both.stdout.strip().splitlines()[-1])
+    assert summary["stages"]["train"]["status"] == "ran on 2 nodes of finetune-stage/gpu"
+    for ws in (node_a, node_b):  # each worker ran one node of the run to the end
+        assert re.search(r"Flow run '[\w-]+-train-node-\d' - Finished in state Completed\(\)",
+                         (ws / "worker.log").read_text()), logs
+
+    # Each node trained in its own checkout and wrote the same bytes; the parent restored them.
+    adapter = "artifacts/adapter/adapter_model.safetensors"
+    assert (node_a / adapter).read_bytes() == (node_b / adapter).read_bytes() == (parent / adapter).read_bytes()
+    assert json.loads((parent / "metrics/train.json").read_text())["steps"] == TINY_PARAMS["train"]["max_steps"]
+    locks = [yaml.safe_load((ws / "dvc.lock").read_text())["stages"]["train"] for ws in (parent, node_a, node_b)]
+    assert locks[0] == locks[1] == locks[2]
+    assert (parent / "metrics/eval.json").is_file()

@@ -334,7 +334,7 @@ def test_a_node_that_never_joins_fails_the_stage_naming_the_count(ws):
 
 def test_several_nodes_need_a_rendezvous_endpoint(monkeypatch):
     from tasks.errors import PipelineError
-    from tasks.train import RDZV_ENDPOINT_ENV, RDZV_TIMEOUT_ENV, rendezvous
+    from tasks.nodes import RDZV_ENDPOINT_ENV, RDZV_TIMEOUT_ENV, rendezvous
 
     monkeypatch.delenv(RDZV_ENDPOINT_ENV, raising=False)
     with pytest.raises(PipelineError, match="set FINETUNE_RDZV_ENDPOINT to host:port"):

@@ -64,7 +64,9 @@ class TrainConfig(Section):
         "FINETUNE_RDZV_ID; they share the workspace (a shared filesystem) and the first process "
         "writes the adapter and metrics, or with FINETUNE_NODE_STORAGE=local each node works in "
         "its own checkout and writes them there. A node that never joins fails the stage after "
-        "FINETUNE_RDZV_TIMEOUT seconds (600) with the count of nodes missing."))
+        "FINETUNE_RDZV_TIMEOUT seconds (600) with the count of nodes missing. The Prefect flow's "
+        "split run (gpu_deployment) starts the nodes itself: one run per node on the GPU pool, "
+        "each in its worker's own checkout, meeting at the flow run's rendezvous."))
     learning_rate: float = Field(3e-3, gt=0, description=(
         "Peak learning rate; the shipped 3e-3 is high because the smoke model starts from "
         "random weights (about 2e-4 for real models)."))
