@@ -14,7 +14,7 @@ Every setting it shares with the pipeline comes from params.yaml, read with yaml
 the model, quant.*, lora.*, tokenize.max_length and completion_only_loss, and train.* (steps,
 batch, accumulation, learning rate and schedule, warmup, weight decay, clipping, seed,
 gradient checkpointing, logging and checkpoint steps). `train.precision: auto` and the CUDA-only
-optimizers are resolved as the pipeline resolves them (fp32 and adamw_torch on a CPU);
+optimizers are resolved as the pipeline resolves them (fp32 and adamw_torch_fused on a CPU);
 `train.gradient_checkpointing: auto` is the pipeline's decision, so the script keeps TRL's
 default there (on).
 
@@ -83,7 +83,7 @@ def main() -> None:
         compute_dtype = dtype
     on_cuda = torch.cuda.is_available()
     optim = train["optim"] if on_cuda or not ("8bit" in train["optim"] or "paged" in train["optim"]) \
-        else "adamw_torch"
+        else "adamw_torch_fused"
 
     # Data: the prepare stage's prompt/completion pairs, as they are.
     files = {"train": f"{args.data}/train.jsonl"}

@@ -194,7 +194,7 @@ def _trainer(params: Params, ws: Workspace, data: dict[str, list[Row]], output_d
         output_dir=output_dir, beta=a.beta, max_steps=a.max_steps, learning_rate=a.learning_rate,
         per_device_train_batch_size=a.per_device_train_batch_size,
         per_device_eval_batch_size=a.per_device_eval_batch_size,
-        seed=a.seed, data_seed=a.seed, optim=optim_name(t.optim), lr_scheduler_type=t.lr_scheduler_type,
+        seed=a.seed, data_seed=a.seed, optim=optim_name(params), lr_scheduler_type=t.lr_scheduler_type,
         warmup_steps=t.warmup_steps, max_grad_norm=t.max_grad_norm,
         bf16=precision == "bf16", fp16=precision == "fp16",
         gradient_checkpointing=t.gradient_checkpointing,

@@ -355,7 +355,7 @@ def training_arguments(params: Params, output_dir: str, report_to: list[str] | N
             raise PipelineError("train.use_liger_kernel is true but the liger-kernel package is not "
                                 "installed (pip install liger-kernel, on a CUDA machine)")
     return TrainingArguments(
-        output_dir=output_dir, **fields, optim=optim_name(t.optim),
+        output_dir=output_dir, **fields, optim=optim_name(params),
         bf16=precision == "bf16", fp16=precision == "fp16", tf32=_tf32(t.tf32),
         gradient_checkpointing=t.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},

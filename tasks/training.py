@@ -17,17 +17,26 @@ from tasks.workspace import Workspace
 
 log = logging.getLogger("finetune.training")
 
-CPU_OPTIM = "adamw_torch"  # bitsandbytes' paged/8-bit optimizers need CUDA
-# MLflow's store when MLFLOW_TRACKING_URI is unset: a SQLite file (MLflow 3's local backend;
-# run artifacts land beside it under mlruns/).
-MLFLOW_DEFAULT_DIR = Path("mlruns")
+CPU_OPTIM = "adamw_torch_fused"  # bitsandbytes' paged/8-bit optimizers need CUDA
+# torch's unfused AdamW takes its square roots through MKL's vector math, whose results depend
+# on the CPU (AVX2 vs AVX-512) whatever MKL_CBWR says; the fused kernel is ATen's own, which
+# model.cpu_math: portable holds to AVX2. The same update, so portable CPU runs use it.
+PORTABLE_OPTIM = {"adamw_torch": "adamw_torch_fused"}
 
 
-def optim_name(name: str) -> str:
-    if device() == "cuda" or not ("8bit" in name or "paged" in name):
+def optim_name(params: Params) -> str:
+    """train.optim as this machine runs it: paged and 8-bit optimizers need CUDA; on a CPU with
+    model.cpu_math: portable, AdamW runs fused (the same bytes on every x86-64 CPU)."""
+    name = params.train.optim
+    if device() == "cuda":
         return name
-    log.warning("train.optim %r needs CUDA; using %r on this CPU-only machine", name, CPU_OPTIM)
-    return CPU_OPTIM
+    if "8bit" in name or "paged" in name:
+        log.warning("train.optim %r needs CUDA; using %r on this CPU-only machine", name, CPU_OPTIM)
+        return CPU_OPTIM
+    if params.model.cpu_math == "portable" and name in PORTABLE_OPTIM:
+        log.info("train.optim %r runs as %r (model.cpu_math: portable)", name, PORTABLE_OPTIM[name])
+        return PORTABLE_OPTIM[name]
+    return name
 
 
 def run_name(stage: str) -> str:

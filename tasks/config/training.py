@@ -80,7 +80,9 @@ class TrainConfig(Section):
         "Gradient clipping: the largest gradient norm."))
     optim: str = Field("paged_adamw_8bit", description=(
         "Any TrainingArguments optimizer name; paged and 8-bit ones need CUDA. On a CPU-only "
-        "machine they fall back to adamw_torch, with a logged warning."))
+        "machine they fall back to adamw_torch_fused, with a logged warning; with "
+        "model.cpu_math: portable, adamw_torch runs fused too (its unfused square roots differ "
+        "between CPUs)."))
     gradient_checkpointing: Literal["auto"] | bool = Field("auto", description=(
         "Trade compute for activation memory (non-reentrant gradient checkpointing); auto: on "
         "only when training without it would need more than half of the free memory (the "
