@@ -22,6 +22,9 @@ CPU_OPTIM = "adamw_torch_fused"  # bitsandbytes' paged/8-bit optimizers need CUD
 # on the CPU (AVX2 vs AVX-512) whatever MKL_CBWR says; the fused kernel is ATen's own, which
 # model.cpu_math: portable holds to AVX2. The same update, so portable CPU runs use it.
 PORTABLE_OPTIM = {"adamw_torch": "adamw_torch_fused"}
+# MLflow's store when MLFLOW_TRACKING_URI is unset: a SQLite file (MLflow 3's local backend;
+# run artifacts land beside it under mlruns/).
+MLFLOW_DEFAULT_DIR = Path("mlruns")
 
 
 def optim_name(params: Params) -> str:

@@ -146,3 +146,28 @@ def test_cpu_math_cannot_change_once_torch_is_loaded():
     with pytest.raises(PipelineError, match="model.cpu_math is 'native'.*own process"):
         tasks.use_cpu_math(other)
     tasks.use_cpu_math(tasks.DEFAULT_CPU_MATH)  # the mode already in force: nothing to do
+
+
+@pytest.mark.parametrize("optim, cpu_math, runs", [
+    ("paged_adamw_8bit", "portable", "adamw_torch_fused"),  # CUDA-only: the CPU fallback
+    ("adamw_torch", "portable", "adamw_torch_fused"),
+    ("adamw_torch", "native", "adamw_torch"),
+    ("sgd", "portable", "sgd"),
+])
+def test_portable_cpu_runs_adamw_fused(optim, cpu_math, runs):
+    """torch's unfused AdamW takes its square roots through MKL's vector math, whose bytes
+    differ between AVX2 and AVX-512 CPUs whatever MKL_CBWR says (found under QEMU:
+    BENCHMARKS.md); the fused kernel is ATen's, held to AVX2. The Trainer is handed the fused
+    one on a CPU under portable math."""
+    from transformers import Trainer, TrainingArguments
+
+    from tasks.config import parse_params
+    from tasks.training import optim_name
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["train"]["optim"], raw["model"]["cpu_math"] = optim, cpu_math
+    name = optim_name(parse_params(raw, "params.yaml"))
+    assert name == runs
+    if name.startswith("adamw"):
+        _, kwargs = Trainer.get_optimizer_cls_and_kwargs(TrainingArguments("out", optim=name, use_cpu=True))
+        assert kwargs.get("fused", False) == name.endswith("_fused")
