@@ -13,6 +13,10 @@ from typing import Any
 from tasks.errors import PipelineError
 
 RDZV_ENDPOINT_ENV, RDZV_ID_ENV, RDZV_TIMEOUT_ENV = "FINETUNE_RDZV_ENDPOINT", "FINETUNE_RDZV_ID", "FINETUNE_RDZV_TIMEOUT"
+# The address the other nodes reach this one at (its first process serves the gradient sums'
+# store there); unset, its host name, which is wrong where that resolves to a loopback address
+# (many containers) or to an interface the other nodes cannot reach.
+NODE_ADDR_ENV = "FINETUNE_NODE_ADDR"
 RDZV_TIMEOUT_S = 600.0  # torch's own default join timeout
 # shared (default): the nodes share the workspace's filesystem, the first process of all writes
 # the checkpoints and outputs; local: each node has its own checkout (a Prefect worker's, a
@@ -28,6 +32,7 @@ class Rendezvous:
     endpoint: str
     run_id: str
     timeout_s: float
+    local_addr: str | None = None
     backend: str = RDZV_BACKEND
     backends: list[Any] = field(default_factory=list)  # filled when the launcher creates it
 
@@ -49,6 +54,14 @@ class Rendezvous:
         return (f"train.num_nodes is {nodes}, but {count} the rendezvous at {self.endpoint} (id "
                 f"{self.run_id}) within {self.timeout_s:g} s ({RDZV_TIMEOUT_ENV}): start `finetune "
                 f"train` on every node with the same {RDZV_ENDPOINT_ENV} and {RDZV_ID_ENV}")
+
+    def unreachable(self) -> str | None:
+        """The message for a rendezvous this node never reached (None once it had): the
+        endpoint is wrong, its host is down, or a firewall is in the way."""
+        if self.backends:
+            return None
+        return (f"could not reach the rendezvous at {self.endpoint} ({RDZV_ENDPOINT_ENV}): check that the "
+                "node (or flow run) hosting it is up and that this node can reach that address and port")
 
 
 def node_local_storage() -> bool:
@@ -101,7 +114,8 @@ def rendezvous(nodes: int) -> Rendezvous:
     else:
         endpoint = os.environ.get(RDZV_ENDPOINT_ENV, "")
         split_endpoint(endpoint, nodes)
-        meeting = Rendezvous(endpoint, os.environ.get(RDZV_ID_ENV, "finetune-train"), rendezvous_timeout())
+        meeting = Rendezvous(endpoint, os.environ.get(RDZV_ID_ENV, "finetune-train"), rendezvous_timeout(),
+                             os.environ.get(NODE_ADDR_ENV) or None)
 
     def handler(params):
         params.backend = "c10d"  # the registered name is ours; the backend is torch's c10d

@@ -510,7 +510,8 @@ def launch(params: Params, params_file: Path) -> int:
              if t.num_nodes > 1 else "")
     config = LaunchConfig(min_nodes=t.num_nodes, max_nodes=t.num_nodes, nproc_per_node=t.num_processes,
                           run_id=meeting.run_id, rdzv_backend=meeting.backend, rdzv_endpoint=meeting.endpoint,
-                          rdzv_configs={"join_timeout": meeting.timeout_s}, max_restarts=0)
+                          rdzv_configs={"join_timeout": meeting.timeout_s}, max_restarts=0,
+                          local_addr=meeting.local_addr)
     try:
         elastic_launch(config, entrypoint=sys.executable)(
             "-m", "tasks.cli", "train", "--params", str(params_file))
@@ -520,6 +521,8 @@ def launch(params: Params, params_file: Path) -> int:
     except RendezvousTimeoutError:
         raise PipelineError(meeting.timed_out(t.num_nodes)) from None
     except RendezvousConnectionError:
+        if (message := meeting.unreachable()) is not None:
+            raise PipelineError(message) from None
         raise PipelineError(f"lost the rendezvous at {meeting.endpoint} mid-run (the node hosting it died, "
                             f"or the network failed): {RERUN_EVERY_NODE}") from None
     return 0

@@ -295,6 +295,86 @@ def test_nodes_without_a_shared_filesystem_each_write_the_same_adapter(ws, two_p
     assert bad.returncode == 2 and "FINETUNE_NODE_STORAGE is 'nfs': set it to shared" in err, err
 
 
+NETNS_SUBNET = "10.231.{}.{}"  # the test's bridge (.1) and its namespaces (.11, .12, ...)
+
+
+@contextlib.contextmanager
+def network_namespaces(count: int):
+    """A bridge on this host and `count` network namespaces plugged into it, each with its own
+    address, as hosts on one network: yields (the bridge's address, [(namespace, address,
+    interface)]). Needs root and iproute2."""
+    tag = f"ft{os.getpid() % 10000}"
+    net = NETNS_SUBNET.format(os.getpid() % 250, "{}")
+    bridge = f"{tag}br"
+    nodes = [(f"{tag}n{i}", net.format(11 + i), f"{tag}v{i}") for i in range(count)]
+
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True)
+
+    try:
+        ip("link", "add", bridge, "type", "bridge")
+        ip("addr", "add", f"{net.format(1)}/24", "dev", bridge)
+        ip("link", "set", bridge, "up")
+        for i, (ns, address, iface) in enumerate(nodes):
+            ip("netns", "add", ns)
+            ip("link", "add", f"{tag}h{i}", "type", "veth", "peer", "name", iface)
+            ip("link", "set", iface, "netns", ns)
+            ip("link", "set", f"{tag}h{i}", "master", bridge, "up")
+            ip("-n", ns, "addr", "add", f"{address}/24", "dev", iface)
+            ip("-n", ns, "link", "set", iface, "up")
+            ip("-n", ns, "link", "set", "lo", "up")
+        yield net.format(1), nodes
+    finally:
+        for ns, _, _ in nodes:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        subprocess.run(["ip", "link", "del", bridge], capture_output=True)
+
+
+@pytest.mark.slow
+def test_nodes_in_separate_network_namespaces_train_like_two_processes(ws, two_processes):
+    """Two nodes, each in its own network namespace with its own address (two hosts on one
+    network), meeting at a c10d store this process hosts on the bridge, as the Prefect flow
+    hosts it: FINETUNE_NODE_ADDR is the address each node is reached at, GLOO_SOCKET_IFNAME
+    gloo's interface. The adapter is one node with two processes' up to float rounding."""
+    from datetime import timedelta
+
+    from safetensors.torch import load_file
+    from torch.distributed import TCPStore
+
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("network namespaces need root and iproute2")
+    batch = yaml.safe_load((ws / "params.yaml").read_text())["train"]["per_device_train_batch_size"]
+    variant(ws, "netns.yaml", padding_free=False, num_nodes=2, per_device_train_batch_size=batch // 2)
+    with network_namespaces(2) as (host, nodes):
+        store = TCPStore(host, 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60))
+        rdzv = {"FINETUNE_RDZV_ENDPOINT": f"{host}:{store.port}", "FINETUNE_RDZV_ID": "netns"}
+        procs = [subprocess.Popen(["ip", "netns", "exec", ns, "finetune", "train", "--params", "netns.yaml"],
+                                  cwd=ws, env={**env(), **rdzv, "FINETUNE_NODE_ADDR": address,
+                                               "GLOO_SOCKET_IFNAME": iface},
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for ns, address, iface in nodes]
+        outs = [proc.communicate(timeout=600) for proc in procs]
+        del store
+    assert [proc.returncode for proc in procs] == [0, 0], outs
+    assert f"one of 2 meeting at {host}:" in outs[0][1]
+    one_node, two_hosts = (load_file(d / "adapter_model.safetensors")
+                           for d in (two_processes[1], ws / "artifacts/adapter"))
+    assert max((one_node[k] - two_hosts[k]).abs().max().item() for k in one_node) < NODE_ATOL
+
+
+def test_a_rendezvous_never_reached_is_told_from_one_lost():
+    """A node that never reached the endpoint (wrong address, host down, firewall) is told
+    so, not that it lost the rendezvous mid-run."""
+    from tasks.nodes import Rendezvous
+
+    meeting = Rendezvous("10.0.0.9:29400", "run", 30.0)
+    assert meeting.unreachable() == (
+        "could not reach the rendezvous at 10.0.0.9:29400 (FINETUNE_RDZV_ENDPOINT): check that the node "
+        "(or flow run) hosting it is up and that this node can reach that address and port")
+    meeting.backends.append(object())  # the launcher created the backend: it had connected
+    assert meeting.unreachable() is None
+
+
 @pytest.mark.slow
 def test_a_lost_node_fails_the_stage_on_the_others_and_a_rerun_resumes(ws):
     """kill -9 one node mid-run: the other stops at its next gradient sum with one message
