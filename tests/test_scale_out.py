@@ -4,7 +4,10 @@ clone, and a local directory as the DVC remote between the clones.
 
 The `nightly-split` deployment runs prepare and tokenize in clone A (the cpu pool), sends
 train to the `finetune-stage/gpu` deployment, which runs it in clone B and pushes the
-adapter, and finishes evaluate, export and promote in clone A from the remote."""
+adapter, and finishes evaluate, export and promote in clone A from the remote.
+
+With train.num_nodes: 2 the same split run sends train to two `gpu` workers at once, one
+node each, which train together (test_train_on_two_nodes_through_the_gpu_pool, on SQLite)."""
 
 from __future__ import annotations
 
