@@ -36,6 +36,7 @@ REVIEWS = REPO / "data" / "raw" / "reviews.jsonl"  # the labelled set for sequen
 BIN = Path(sys.executable).parent
 # Set for every stage the tests run, so they can check it is never written anywhere.
 FAKE_HF_TOKEN = "hf_testTOKENthatMustNeverBeWritten"
+CHAT_TOKENS_SEED = 0  # tiny_chat_model: the seed of its new tokens' embedding rows
 
 # Small enough that every stage takes seconds on 2 CPU cores.
 TINY_PARAMS: dict[str, dict[str, Any]] = {
@@ -113,6 +114,7 @@ CHATML_TEMPLATE = (
 @pytest.fixture(scope="session")
 def tiny_chat_model(tiny_model, tmp_path_factory) -> Path:
     """tiny_model with ChatML's special tokens, <|im_end|> as EOS and CHATML_TEMPLATE."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path_factory.mktemp("tiny-chat") / "model"
@@ -121,6 +123,9 @@ def tiny_chat_model(tiny_model, tmp_path_factory) -> Path:
     tok.eos_token = "<|im_end|>"
     tok.chat_template = CHATML_TEMPLATE
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    # The new tokens' rows are drawn from torch's global generator: seeded, so the model (and
+    # what a test of it sees) does not depend on which tests ran before in this process.
+    torch.manual_seed(CHAT_TOKENS_SEED)
     model.resize_token_embeddings(len(tok), mean_resizing=False)
     model.config.eos_token_id = model.generation_config.eos_token_id = tok.eos_token_id
     model.save_pretrained(out)
