@@ -568,15 +568,15 @@ def hosted_rendezvous(nodes: int, run_id: str) -> Iterator[NodeMeeting]:
 
 def _on_nodes(deployment: str, stage: str, nodes: int, parameters: dict[str, Any]) -> None:
     """One `deployment` run per node, all meeting at this run's rendezvous; returns once every
-    node completed. When one fails, the node runs no worker has started yet are cancelled
-    (else they would wait for a meeting that is over), the running ones get the rendezvous
-    timeout to end (they stop on the lost peer), and the stage fails with the node's line."""
+    node completed. When one fails, the others are cancelled: those no worker had started by
+    then would wait for a meeting that is over, the running ones stop on the lost peer by
+    themselves within the rendezvous timeout (and are cancelled if they have not). The stage
+    fails with the failed node's line and the count of node runs that had not started."""
     import uuid
 
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
     from prefect.runtime import flow_run
-    from prefect.states import Cancelled
 
     logger = get_run_logger()
     with hosted_rendezvous(nodes, f"{stage}-{uuid.uuid4().hex[:12]}") as meeting:
@@ -588,21 +588,35 @@ def _on_nodes(deployment: str, stage: str, nodes: int, parameters: dict[str, Any
         with get_client(sync_client=True) as client:
             runs = _until(client, runs, lambda rs: all(r.state.is_final() for r in rs)
                           or any(r.state.is_final() and not r.state.is_completed() for r in rs))
-            failed = [r for r in runs if r.state.is_final() and not r.state.is_completed()]
-            if not failed:
+            failed = min((r for r in runs if r.state.is_final() and not r.state.is_completed()),
+                         key=lambda r: r.end_time or r.state.timestamp, default=None)
+            if failed is None:
                 return
-            unstarted = [r for r in runs if r.state.type.value in NOT_STARTED]
-            for r in unstarted:
-                client.set_flow_run_state(r.id, Cancelled(message=f"node {failed[0].name} failed before "
-                                                          "this node started"), force=True)
+            # Whether a node had started is read from its start time, not from the state seen
+            # now: a worker freed by the failed node may be taking another one at this moment.
+            ended = failed.end_time or failed.state.timestamp
+            late = [r for r in runs if r.id != failed.id and (r.start_time is None or r.start_time > ended)]
+            _cancel(client, [r for r in runs if r in late and not r.state.is_final()], failed.name)
             runs = _until(client, runs, lambda rs: all(r.state.is_final() for r in rs), meeting.timeout_s)
-    line = error_line(failed[0].state.message or failed[0].state.name)
-    if unstarted:
-        raise StageFailed(stage, False, f"train.num_nodes is {nodes}, but {len(unstarted)} of the {nodes} "
-                          f"{deployment} runs never started (cancelled: {', '.join(r.name for r in unstarted)}): "
-                          f"its work pool needs {nodes} workers free at once, each started with `--limit 1`; "
-                          f"{failed[0].name}: {line}")
-    raise StageFailed(stage, False, f"{failed[0].name} ended {failed[0].state.name}: {line}")
+            _cancel(client, [r for r in runs if not r.state.is_final()], failed.name)
+    line = error_line(failed.state.message or failed.state.name)
+    if late:
+        raise StageFailed(stage, False, f"train.num_nodes is {nodes}, but {len(late)} of the {nodes} "
+                          f"{deployment} runs had not started when {failed.name} gave up (cancelled: "
+                          f"{', '.join(r.name for r in late)}): its work pool needs {nodes} workers free at "
+                          f"once, each started with `--limit 1`; {failed.name}: {line}")
+    raise StageFailed(stage, False, f"{failed.name} ended {failed.state.name}: {line}")
+
+
+def _cancel(client: Any, runs: list[Any], failed: str) -> None:
+    """Cancels node runs: one no worker has started at once, a running one through its worker
+    (Cancelling: the worker stops its process)."""
+    from prefect.states import Cancelled, Cancelling
+
+    for r in runs:
+        state = Cancelled if r.state.type.value in NOT_STARTED else Cancelling
+        client.set_flow_run_state(r.id, state(message=f"node run {failed} failed: the meeting is over"),
+                                  force=True)
 
 
 def _until(client: Any, runs: list[Any], done: Any, timeout_s: float | None = None) -> list[Any]:
