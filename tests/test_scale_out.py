@@ -81,6 +81,18 @@ def pg_server(postgres, tmp_path_factory):
         yield {**s, "postgres": postgres}
 
 
+def _stop(worker: subprocess.Popen) -> None:
+    """Stops a `prefect worker` started in its own session."""
+    os.killpg(worker.pid, signal.SIGTERM)
+    try:
+        worker.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        # Seen on a loaded 2-core machine: the worker's graceful shutdown outlasted a minute
+        # after its run had completed. Its exit is not what these tests check.
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait(timeout=60)
+
+
 def test_split_pools_exchange_artifacts_through_the_dvc_remote(pg_server, tmp_path_factory,
                                                                tiny_model):
     remote = tmp_path_factory.mktemp("dvc-remote")
@@ -110,14 +122,7 @@ def test_split_pools_exchange_artifacts_through_the_dvc_remote(pg_server, tmp_pa
                                     cwd=a, env=e, capture_output=True, text=True,
                                     timeout=WORKER_TIMEOUT)
     finally:
-        os.killpg(gpu_worker.pid, signal.SIGTERM)
-        try:
-            gpu_worker.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            # Seen on a loaded 2-core machine: the worker's graceful shutdown outlasted a
-            # minute after its run had completed. Its exit is not what this test checks.
-            os.killpg(gpu_worker.pid, signal.SIGKILL)
-            gpu_worker.wait(timeout=60)
+        _stop(gpu_worker)
         gpu_log.close()
     gpu_out = (b / "gpu-worker.log").read_text()
     flow_run = api(pg_server["url"], f"/flow_runs/{flow_run_id}")
@@ -186,13 +191,6 @@ def _node_worker(checkout: Path, seen_at: Path, e: dict, log: Path) -> subproces
                             stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _stop(worker: subprocess.Popen) -> None:
-    os.killpg(worker.pid, signal.SIGTERM)
-    try:
-        worker.wait(timeout=60)
-    except subprocess.TimeoutExpired:  # a slow graceful shutdown is not what is tested
-        os.killpg(worker.pid, signal.SIGKILL)
-        worker.wait(timeout=60)
 
 
 def _parent_run(ws: Path, e: dict, **extra_env: str) -> subprocess.CompletedProcess[str]:
