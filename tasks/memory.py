@@ -42,6 +42,9 @@ LIVE_LAYER_VALUES = 16
 # Llama-3.1-8B 2 x 2048 at 43.30 GiB; 34 puts both estimates within 1.15x of those.
 STORED_LAYER_VALUES = 34
 LOGITS_COPIES = 2  # the logits and their gradient (cross-entropy), in fp32
+# train.fsdp: transformer blocks whose full weights a process holds at once, the one computing
+# and the next, gathered ahead of it.
+FSDP_GATHERED_BLOCKS = 2
 
 
 def _dtype_bytes(name: str) -> int:
@@ -104,6 +107,11 @@ def estimate(params: Params, config: Any, compute_dtype: str, counts: Shape | No
     logits = tokens * config.vocab_size * 4 * LOGITS_COPIES if counts.has_head else 0
     parts = {"base_weights": base, "trainable_and_optimizer": counts.trainable * TRAINABLE_BYTES_PER_PARAM,
              "activations": activations, "logits": logits}
+    if params.train.fsdp:  # each process keeps its share, plus the blocks it has gathered whole
+        shares = params.train.world_size
+        parts["base_weights"] /= shares
+        parts["trainable_and_optimizer"] /= shares
+        parts["gathered_blocks"] = FSDP_GATHERED_BLOCKS * counts.linear / layers * act  # a block: its linear layers
     out = {k: round(v / GIB, 4) for k, v in parts.items()}
     out["total"] = round(sum(parts.values()) / GIB, 4)
     return out

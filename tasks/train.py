@@ -48,6 +48,7 @@ from tasks.memory import lower_training_memory, with_checkpointing
 from tasks.nodes import node_local_storage, rendezvous
 from tasks.encoding import IGNORE_INDEX
 from tasks.modeling import device, load_tokenizer, resolve_precision
+from tasks.sharding import fsdp_arguments, full_state_dict, sharded_trainer
 from tasks.training import optim_name, run_name, tracked, trackers, trainable_base
 from tasks.workspace import Workspace
 
@@ -345,7 +346,7 @@ def training_arguments(params: Params, output_dir: str, report_to: list[str] | N
                             "environment: unset it, or set train.torch_compile: false")
     precision = resolve_precision(t.precision)
     fields = t.model_dump(exclude={"precision", "optim", "gradient_checkpointing", "tf32",
-                                   "padding_free", "num_processes", "num_nodes", "report_to", "metric_for_best_model",
+                                   "padding_free", "num_processes", "num_nodes", "fsdp", "report_to", "metric_for_best_model",
                                    "early_stopping_patience", "early_stopping_threshold"})
     evaluated = t.eval_steps is not None
     if t.use_liger_kernel:
@@ -374,6 +375,7 @@ def training_arguments(params: Params, output_dir: str, report_to: list[str] | N
         ddp_backend="gloo" if device() == "cpu" and t.world_size > 1 else None,
         logging_nan_inf_filter=False,  # the History callback must see a non-finite loss to stop
         save_on_each_node=node_local_storage(),
+        **fsdp_arguments(params),
     )
 
 
@@ -482,7 +484,8 @@ def build_trainer(params: Params, ws: Workspace, history: list[dict[str, Any]],
         callbacks.append(EarlyStoppingCallback(t.early_stopping_patience, t.early_stopping_threshold))
     if params.peft.method == "adalora":
         callbacks.append(adalora_callback())
-    return Trainer(
+    trainer_class = sharded_trainer(Trainer) if t.fsdp else Trainer
+    return trainer_class(
         model=model, args=training_arguments(params, str(ws.checkpoints), report_to, name),
         train_dataset=data["train"], eval_dataset=data.get("validation"),
         data_collator=_collator(params, tokenizer),
@@ -592,12 +595,13 @@ def run(params: Params, ws: Workspace) -> dict[str, Any]:
                 f"lost another training process mid-run (its node or process died, or the network "
                 f"between them failed): {str(err).splitlines()[0][:PEER_ERROR_CHARS]}; {RERUN_EVERY_NODE}") from None
         raise
+    gathered = full_state_dict(trainer)  # with train.fsdp: every process sends its shard
     if not (trainer.is_local_process_zero() if node_local_storage() else trainer.is_world_process_zero()):
         return {}  # the first process (of each node, with node-local storage) writes the outputs
     with atomic_path(ws.adapter) as tmp:
         if params.peft.full_finetune and hasattr(config, "use_cache"):
             model.config.use_cache = config.use_cache  # off only while training (trainable_base)
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=gathered)
         if not params.peft.full_finetune:
             normalize_adapter_config(tmp)
         save_tokenizer(tokenizer, tmp)

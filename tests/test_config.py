@@ -172,6 +172,13 @@ BROKEN: dict[Callable[[Params], list[str]], tuple[dict[str, dict[str, Any]], str
         {"train": {"eval_steps": 30}},
         r"train\.save_steps \(50\) must be a multiple of train\.eval_steps \(30\), .*e\.g\. "
         r"save_steps: 60$"),
+    cross.fsdp_across_processes: (
+        {"train": {"fsdp": True}, "quant": {"load_in_4bit": False}, "export": {"merge_into": "original"}},
+        r"train\.fsdp shards the model across training processes, and train\.num_processes \* "
+        r"train\.num_nodes is 1: set num_processes \(or num_nodes\) to 2 or more, or fsdp: false$"),
+    cross.fsdp_shards_what_trains: (
+        {"train": {"fsdp": True, "num_processes": 2}},
+        r"train\.fsdp does not shard bitsandbytes 4-bit weights: set quant\.load_in_4bit: false"),
 }
 
 
@@ -186,6 +193,14 @@ def test_rule_reports_its_problem(rule: Callable[[Params], list[str]]):
     [problem] = rule(params)
     assert re.match(pattern, problem), problem
     assert [r.__name__ for r in RULES if r(params)] == [rule.__name__]
+
+
+def test_fsdp_shards_lora_and_full_finetuning_only():
+    params = variant(train={"fsdp": True, "num_processes": 2}, quant={"load_in_4bit": False},
+                     export={"merge_into": "original"}, peft={"method": "ia3"})
+    assert cross.fsdp_shards_what_trains(params) == [
+        "train.fsdp shards peft.method lora or none (none: full fine-tuning), not ia3: set fsdp: "
+        "false, or one of those methods"]
 
 
 def test_split_sizes_leave_training_rows():

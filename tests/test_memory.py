@@ -42,6 +42,21 @@ def test_rank_and_batch_move_the_right_parts():
     assert big["base_weights"] == small["base_weights"]
 
 
+def test_fsdp_counts_each_process_share_of_weights_and_optimizer():
+    """Full fine-tuning of an 8B model on 8 processes: each keeps an eighth of the weights,
+    gradients and optimizer state, plus two whole blocks at a time; the activations are its
+    own batch's, as without sharding."""
+    full = {"quant": {"load_in_4bit": False}, "export": {"merge_into": "original"}, "peft": {"method": "none"}}
+    whole = estimate(params(**full, train={"num_processes": 8}), LLAMA_8B, "bfloat16")
+    shard = estimate(params(**merge(full, {"train": {"num_processes": 8, "fsdp": True}})), LLAMA_8B, "bfloat16")
+    assert shard["trainable_and_optimizer"] == pytest.approx(whole["trainable_and_optimizer"] / 8, rel=1e-3)
+    assert shard["activations"] == whole["activations"]
+    block_gib = 2 * 218e6 * 2 / GIB  # two of the 32 blocks (about 218M parameters each) in bf16
+    assert shard["gathered_blocks"] == pytest.approx(block_gib, rel=0.1)
+    assert whole["total"] > 120 > shard["total"] + 100  # ~130 GiB whole, ~16 GiB as an eighth
+    assert shard["total"] == pytest.approx(sum(v for k, v in shard.items() if k != "total"), abs=1e-3)
+
+
 def test_refuses_when_the_estimate_exceeds_the_device():
     check_fits(7.9, 8.0)
     with pytest.raises(PipelineError, match=r"needs about 9.0 GiB but the GPU has 8.0 GiB free: lower"):

@@ -211,6 +211,65 @@ def test_two_data_parallel_processes_train_like_one(ws, padded, two_processes):
     assert abs(two["train_loss"] - one["train_loss"]) / one["train_loss"] < DDP_LOSS_RTOL
 
 
+FSDP_ATOL = 1e-5  # weights, FSDP vs data-parallel on the same 2 processes (reduce-scatter vs all-reduce sums)
+UNQUANTIZED = {"quant": {"load_in_4bit": False}, "export": {"merge_into": "original"}}
+
+
+def saved_files(folder: Path) -> dict[str, object]:
+    """What train wrote in `folder`: each safetensors file's tensors, every other file's text
+    (JSON parsed)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    return {p.name: load_file(p) if p.suffix == ".safetensors" else json.loads(p.read_text())
+            if p.suffix == ".json" else p.read_text() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "none"])
+def test_fsdp_trains_like_data_parallel_and_saves_the_same_files(ws, method, tmp_path):
+    """train.fsdp on two gloo processes, a LoRA adapter and full fine-tuning: FSDP2 runs on
+    this CPU (sharded weights, gradients, optimizer state and checkpoints); killed after a
+    checkpoint and rerun, it resumes from that checkpoint's shards and trains what plain data
+    parallelism on the same two processes trains, up to float rounding; the first process
+    writes the gathered result in the same files, keys, shapes and dtypes."""
+    import torch
+
+    batch = yaml.safe_load((ws / "params.yaml").read_text())["train"]["per_device_train_batch_size"]
+    saved = {}
+    for fsdp in (False, True):
+        params = merge(yaml.safe_load((ws / "params.yaml").read_text()), merge(UNQUANTIZED, {
+            "peft": {"method": method},
+            "train": {"padding_free": False, "num_processes": 2, "per_device_train_batch_size": batch // 2,
+                      "fsdp": fsdp}}))
+        (ws / "fsdp.yaml").write_text(yaml.safe_dump(params))
+        if fsdp:  # killed after a sharded checkpoint: the rerun resumes from it
+            killed = subprocess.Popen(["finetune", "train", "--params", "fsdp.yaml"], cwd=ws, env=env(),
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            checkpoint = ws / "artifacts/checkpoints" / KILL_AFTER
+            deadline = time.monotonic() + 300
+            while not (checkpoint / "trainer_state.json").is_file():
+                assert killed.poll() is None and time.monotonic() < deadline, "training ended before the kill"
+                time.sleep(0.05)
+            kill_node(killed)
+            killed.wait()
+            assert any(p.name.startswith("pytorch_model_fsdp") for p in checkpoint.iterdir())
+        done = train(ws, "--params", "fsdp.yaml")
+        assert done.returncode == 0, done.stderr
+        assert ("gathering the model from 2 shards (FSDP" in done.stderr) == fsdp, done.stderr
+        assert (f"resuming from artifacts/checkpoints/{KILL_AFTER}" in done.stderr) == fsdp, done.stderr
+        saved[fsdp] = saved_files(ws / "artifacts/adapter")
+    assert saved[True].keys() == saved[False].keys()
+    for name, sharded in saved[True].items():
+        whole = saved[False][name]
+        if not isinstance(sharded, dict) or not all(isinstance(v, torch.Tensor) for v in sharded.values()):
+            assert sharded == whole, name
+            continue
+        assert {k: (v.shape, v.dtype) for k, v in sharded.items()} == {k: (v.shape, v.dtype) for k, v in whole.items()}
+        assert max((sharded[k] - whole[k]).abs().max().item() for k in sharded) < FSDP_ATOL, name
+
+
 NODE_ATOL = 1e-4  # adapter weights, two nodes of one process vs one node of two (gloo sums)
 RDZV_TIMEOUT_S = "3"  # a node waiting for one that never comes
 

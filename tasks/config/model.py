@@ -133,6 +133,8 @@ class LoraConfig(Section):
 
 PROMPT_LEARNING = ("prompt_tuning", "prefix_tuning", "p_tuning")
 UNQUANTIZED_ONLY = ("loha", "lokr")  # PEFT implements them for plain nn.Linear layers only
+# The methods train.fsdp shards (the ones its tests train under it).
+SHARDED_METHODS = ("lora", "none")
 # Full fine-tuning: no PEFT method, every weight trains, and train writes the whole model.
 FULL_FINETUNE = "none"
 

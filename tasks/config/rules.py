@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from tasks import templates
 from tasks.config.data import reference_field
-from tasks.config.model import FULL_FINETUNE, PROMPT_LEARNING, UNQUANTIZED_ONLY
+from tasks.config.model import FULL_FINETUNE, PROMPT_LEARNING, SHARDED_METHODS, UNQUANTIZED_ONLY
 
 if TYPE_CHECKING:  # Params runs these rules, so it imports this module, not the other way round
     from tasks.config.params import Params
@@ -213,6 +213,26 @@ def save_steps_on_eval_steps(params: Params) -> list[str]:
     return []
 
 
+def fsdp_across_processes(params: Params) -> list[str]:
+    t = params.train
+    if t.fsdp and t.world_size == 1:
+        return ["train.fsdp shards the model across training processes, and train.num_processes "
+                "* train.num_nodes is 1: set num_processes (or num_nodes) to 2 or more, or fsdp: false"]
+    return []
+
+
+def fsdp_shards_what_trains(params: Params) -> list[str]:
+    if not params.train.fsdp:
+        return []
+    if params.quant.load_in_4bit:
+        return ["train.fsdp does not shard bitsandbytes 4-bit weights: set quant.load_in_4bit: "
+                "false (and export.merge_into: original), or fsdp: false"]
+    if params.peft.method not in SHARDED_METHODS:
+        return [f"train.fsdp shards peft.method {' or '.join(SHARDED_METHODS)} (none: full "
+                f"fine-tuning), not {params.peft.method}: set fsdp: false, or one of those methods"]
+    return []
+
+
 # The order problems are reported in.
 RULES: tuple[Callable[[Params], list[str]], ...] = (
     max_new_tokens_fit,
@@ -239,4 +259,6 @@ RULES: tuple[Callable[[Params], list[str]], ...] = (
     adalora_target_below_r,
     early_stopping_needs_eval_steps,
     save_steps_on_eval_steps,
+    fsdp_across_processes,
+    fsdp_shards_what_trains,
 )

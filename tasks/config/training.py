@@ -67,6 +67,16 @@ class TrainConfig(Section):
         "FINETUNE_RDZV_TIMEOUT seconds (600) with the count of nodes missing. The Prefect flow's "
         "split run (gpu_deployment) starts the nodes itself: one run per node on the GPU pool, "
         "each in its worker's own checkout, meeting at the flow run's rendezvous."))
+    fsdp: bool = Field(False, description=(
+        "Shard the model across the training processes (FSDP2, torch's fully_shard, through "
+        "the Trainer): each of the num_processes * num_nodes processes holds its share of the "
+        "weights, gradients and optimizer state, and a transformer block's full weights only "
+        "while it computes, so a model too big for one device trains on several; the memory "
+        "estimate counts the share. The first process gathers the whole adapter (or model) and "
+        "writes it as without sharding; checkpoints are each process's shard. Needs 2 or more "
+        "processes, quant.load_in_4bit: false and peft.method lora or none (full fine-tuning). "
+        "Runs on GPUs (NCCL) and on a CPU (gloo); false: every process holds the whole model "
+        "(data parallel)."))
     learning_rate: float = Field(3e-3, gt=0, description=(
         "Peak learning rate; the shipped 3e-3 is high because the smoke model starts from "
         "random weights (about 2e-4 for real models)."))
