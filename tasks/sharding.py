@@ -55,10 +55,12 @@ def sharded_trainer(trainer_class: type) -> type:
     return Sharded
 
 
-def full_state_dict(trainer) -> dict[str, Any] | None:
+def full_state_dict(trainer, every_node: bool = False) -> dict[str, Any] | None:
     """The trained model's whole state dict, gathered from every process's shard onto the
-    first process's CPU (every process must call this; the others get an empty dict); None
-    without FSDP, where each process holds the whole model already."""
+    CPU of the first process, or with `every_node` of each node's first process (node-local
+    storage: each node writes the outputs into its own checkout). Every process must call
+    this; the others get an empty dict. None without FSDP, where each process holds the
+    whole model already."""
     if not trainer.is_fsdp_enabled:
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -70,7 +72,16 @@ def full_state_dict(trainer) -> dict[str, Any] | None:
                             "parameter is a DTensor): report this with your accelerate version")
     log.info("gathering the model from %d shards (FSDP, %d of %d parameters sharded)",
              trainer.args.world_size, len(shards), len(list(trainer.model.parameters())))
-    state = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if every_node:
+        # One tensor at a time, so a process that does not write holds one whole tensor at most.
+        keep = trainer.is_local_process_zero()
+        state = {}
+        for name, value in get_model_state_dict(trainer.model).items():
+            whole = value.full_tensor() if isinstance(value, DTensor) else value
+            if keep:
+                state[name] = whole.cpu()
+    else:
+        state = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     # Tied weights (an output head sharing the input embeddings) come back as two copies;
     # as one tensor under both names, save_pretrained writes them once, as without FSDP.
     names: dict[int, list[str]] = {}
@@ -80,4 +91,7 @@ def full_state_dict(trainer) -> dict[str, Any] | None:
         for name in tied:
             if first in state:
                 state[name] = state[first]
+    writes = trainer.is_local_process_zero() if every_node else trainer.is_world_process_zero()
+    if writes and not state:  # an empty adapter must never be written as the result
+        raise PipelineError("gathering the sharded model gave the process that writes it nothing")
     return state

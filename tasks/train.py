@@ -595,7 +595,7 @@ def run(params: Params, ws: Workspace) -> dict[str, Any]:
                 f"lost another training process mid-run (its node or process died, or the network "
                 f"between them failed): {str(err).splitlines()[0][:PEER_ERROR_CHARS]}; {RERUN_EVERY_NODE}") from None
         raise
-    gathered = full_state_dict(trainer)  # with train.fsdp: every process sends its shard
+    gathered = full_state_dict(trainer, node_local_storage())  # with train.fsdp: every process sends its shard
     if not (trainer.is_local_process_zero() if node_local_storage() else trainer.is_world_process_zero()):
         return {}  # the first process (of each node, with node-local storage) writes the outputs
     with atomic_path(ws.adapter) as tmp:

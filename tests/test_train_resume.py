@@ -354,6 +354,34 @@ def test_nodes_without_a_shared_filesystem_each_write_the_same_adapter(ws, two_p
     assert bad.returncode == 2 and "FINETUNE_NODE_STORAGE is 'nfs': set it to shared" in err, err
 
 
+@pytest.mark.slow
+def test_fsdp_nodes_without_a_shared_filesystem_each_write_the_whole_adapter(ws, two_processes, tmp_path):
+    """train.fsdp on two nodes with FINETUNE_NODE_STORAGE=local (as the Prefect flow's
+    multi-node runs train): each node's first process gets the whole gathered adapter, not
+    only the first node's, and writes it into its own checkout: the same bytes on both, the
+    keys and shapes of an unsharded run's adapter, trained."""
+    from safetensors.torch import load_file
+
+    batch = yaml.safe_load((ws / "params.yaml").read_text())["train"]["per_device_train_batch_size"]
+    params = merge(yaml.safe_load((ws / "params.yaml").read_text()), merge(UNQUANTIZED, {
+        "train": {"padding_free": False, "num_nodes": 2, "per_device_train_batch_size": batch // 2, "fsdp": True}}))
+    places = []
+    for name in ("node0", "node1"):
+        place = tmp_path / name
+        shutil.copytree(ws, place, ignore=shutil.ignore_patterns("artifacts", "metrics"))
+        (place / "fsdp-nodes.yaml").write_text(yaml.safe_dump(params))
+        places.append(place)
+    nodes = start_nodes(places, "fsdp-nodes.yaml", 2, "fsdp-local", FINETUNE_NODE_STORAGE="local")
+    outs = [node.communicate(timeout=600) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outs
+    files = [(p / "artifacts/adapter/adapter_model.safetensors").read_bytes() for p in places]
+    assert files[0] == files[1]
+    sharded, unsharded = (load_file(d / "adapter_model.safetensors")
+                          for d in (places[1] / "artifacts/adapter", two_processes[1]))
+    assert {k: v.shape for k, v in sharded.items()} == {k: v.shape for k, v in unsharded.items()}
+    assert all(v.abs().sum() > 0 for k, v in sharded.items() if "lora_B" in k)  # B starts at zero
+
+
 NETNS_SUBNET = "10.231.{}.{}"  # the test's bridge (.1) and its namespaces (.11, .12, ...)
 
 
