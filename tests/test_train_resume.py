@@ -325,6 +325,22 @@ def test_two_nodes_train_like_two_processes_on_one(ws, two_processes):
     assert max((one_node[k] - two_nodes[k]).abs().max().item() for k in one_node) < NODE_ATOL
 
 
+def train_in_own_checkouts(ws: Path, tmp_path: Path, params_file: str, run_id: str) -> list[Path]:
+    """Two nodes (`finetune train --params params_file`), each in its own copy of `ws` with
+    FINETUNE_NODE_STORAGE=local; both must succeed and write the same adapter bytes."""
+    places = []
+    for name in ("node0", "node1"):
+        place = tmp_path / name
+        shutil.copytree(ws, place, ignore=shutil.ignore_patterns("artifacts", "metrics"))
+        places.append(place)
+    nodes = start_nodes(places, params_file, 2, run_id, FINETUNE_NODE_STORAGE="local")
+    outs = [node.communicate(timeout=600) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outs
+    files = [(p / "artifacts/adapter/adapter_model.safetensors").read_bytes() for p in places]
+    assert files[0] == files[1]
+    return places
+
+
 @pytest.mark.slow
 def test_nodes_without_a_shared_filesystem_each_write_the_same_adapter(ws, two_processes, tmp_path):
     """FINETUNE_NODE_STORAGE=local: each node trains in its own checkout (as two Prefect
@@ -335,16 +351,7 @@ def test_nodes_without_a_shared_filesystem_each_write_the_same_adapter(ws, two_p
 
     batch = yaml.safe_load((ws / "params.yaml").read_text())["train"]["per_device_train_batch_size"]
     variant(ws, "local.yaml", padding_free=False, num_nodes=2, per_device_train_batch_size=batch // 2)
-    places = []
-    for name in ("node0", "node1"):
-        place = tmp_path / name
-        shutil.copytree(ws, place, ignore=shutil.ignore_patterns("artifacts", "metrics"))
-        places.append(place)
-    nodes = start_nodes(places, "local.yaml", 2, "local-storage", FINETUNE_NODE_STORAGE="local")
-    outs = [node.communicate(timeout=600) for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], outs
-    files = [(p / "artifacts/adapter/adapter_model.safetensors").read_bytes() for p in places]
-    assert files[0] == files[1]
+    places = train_in_own_checkouts(ws, tmp_path, "local.yaml", "local-storage")
     assert (places[0] / "metrics/train.json").read_text() == (places[1] / "metrics/train.json").read_text()
     one_node, two_nodes = (load_file(d / "adapter_model.safetensors")
                            for d in (two_processes[1], places[0] / "artifacts/adapter"))
@@ -365,17 +372,8 @@ def test_fsdp_nodes_without_a_shared_filesystem_each_write_the_whole_adapter(ws,
     batch = yaml.safe_load((ws / "params.yaml").read_text())["train"]["per_device_train_batch_size"]
     params = merge(yaml.safe_load((ws / "params.yaml").read_text()), merge(UNQUANTIZED, {
         "train": {"padding_free": False, "num_nodes": 2, "per_device_train_batch_size": batch // 2, "fsdp": True}}))
-    places = []
-    for name in ("node0", "node1"):
-        place = tmp_path / name
-        shutil.copytree(ws, place, ignore=shutil.ignore_patterns("artifacts", "metrics"))
-        (place / "fsdp-nodes.yaml").write_text(yaml.safe_dump(params))
-        places.append(place)
-    nodes = start_nodes(places, "fsdp-nodes.yaml", 2, "fsdp-local", FINETUNE_NODE_STORAGE="local")
-    outs = [node.communicate(timeout=600) for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], outs
-    files = [(p / "artifacts/adapter/adapter_model.safetensors").read_bytes() for p in places]
-    assert files[0] == files[1]
+    (ws / "fsdp-nodes.yaml").write_text(yaml.safe_dump(params))
+    places = train_in_own_checkouts(ws, tmp_path, "fsdp-nodes.yaml", "fsdp-local")
     sharded, unsharded = (load_file(d / "adapter_model.safetensors")
                           for d in (places[1] / "artifacts/adapter", two_processes[1]))
     assert {k: v.shape for k, v in sharded.items()} == {k: v.shape for k, v in unsharded.items()}
