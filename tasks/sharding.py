@@ -13,6 +13,7 @@ host; the tests run it with two gloo processes.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from tasks.config import Params
@@ -50,6 +51,16 @@ def sharded_trainer(trainer_class: type) -> type:
             state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
             state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
             self.is_fsdp_enabled = True
+
+        def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+            super().save_model(output_dir, _internal_call)
+            if self.is_fsdp_enabled:
+                # With sharded checkpoints the Trainer writes nothing here (the shards come
+                # with the optimizer's state, later), yet right after this it remembers the best
+                # checkpoint only if its folder exists: without it, a process that looked
+                # before another created the folder forgot the best checkpoint, and at the end
+                # the processes disagreed on loading it and waited for each other forever.
+                os.makedirs(output_dir or self.args.output_dir, exist_ok=True)
 
     Sharded.__name__ = Sharded.__qualname__ = f"Sharded{trainer_class.__name__}"
     return Sharded

@@ -231,18 +231,21 @@ def saved_files(folder: Path) -> dict[str, object]:
 def test_fsdp_trains_like_data_parallel_and_saves_the_same_files(ws, method, tmp_path):
     """train.fsdp on two gloo processes, a LoRA adapter and full fine-tuning: FSDP2 runs on
     this CPU (sharded weights, gradients, optimizer state and checkpoints); killed after a
-    checkpoint and rerun, it resumes from that checkpoint's shards and trains what plain data
-    parallelism on the same two processes trains, up to float rounding; the first process
-    writes the gathered result in the same files, keys, shapes and dtypes."""
+    checkpoint and rerun, it resumes from that checkpoint's shards, loads the best evaluated
+    checkpoint's at the end, and has trained what plain data parallelism on the same two
+    processes trains, up to float rounding; the first process writes the gathered result in
+    the same files, keys, shapes and dtypes."""
+    import json
+
     import torch
 
     batch = yaml.safe_load((ws / "params.yaml").read_text())["train"]["per_device_train_batch_size"]
-    saved = {}
+    saved, metrics = {}, {}
     for fsdp in (False, True):
         params = merge(yaml.safe_load((ws / "params.yaml").read_text()), merge(UNQUANTIZED, {
             "peft": {"method": method},
             "train": {"padding_free": False, "num_processes": 2, "per_device_train_batch_size": batch // 2,
-                      "fsdp": fsdp}}))
+                      "fsdp": fsdp, "eval_steps": 2}}))  # the best checkpoint is loaded at the end
         (ws / "fsdp.yaml").write_text(yaml.safe_dump(params))
         if fsdp:  # killed after a sharded checkpoint: the rerun resumes from it
             killed = subprocess.Popen(["finetune", "train", "--params", "fsdp.yaml"], cwd=ws, env=env(),
@@ -260,6 +263,9 @@ def test_fsdp_trains_like_data_parallel_and_saves_the_same_files(ws, method, tmp
         assert ("gathering the model from 2 shards (FSDP" in done.stderr) == fsdp, done.stderr
         assert (f"resuming from artifacts/checkpoints/{KILL_AFTER}" in done.stderr) == fsdp, done.stderr
         saved[fsdp] = saved_files(ws / "artifacts/adapter")
+        metrics[fsdp] = json.loads((ws / "metrics/train.json").read_text())
+    assert metrics[True]["best_step"] == metrics[False]["best_step"] is not None
+    assert metrics[True]["eval_loss"] == pytest.approx(metrics[False]["eval_loss"], rel=1e-5)
     assert saved[True].keys() == saved[False].keys()
     for name, sharded in saved[True].items():
         whole = saved[False][name]
