@@ -2,8 +2,9 @@
 a diverging run stops with a message naming the step.
 
 Real `finetune train` processes only where the process is the point: kill -9 and resume, a
-rerun while other processes load every core, the launcher's data-parallel processes and a
-launcher with another process count. The other runs are in this process."""
+rerun while other processes load every core, the launcher's data-parallel and sharded (FSDP)
+processes, several nodes, and a launcher with another process count. The other runs are in
+this process."""
 
 from __future__ import annotations
 
@@ -98,20 +99,26 @@ def padded(ws) -> dict:
         return train_metrics(ws, mp, padding_free=False)
 
 
-@pytest.mark.slow
-def test_killed_training_resumes_to_the_same_adapter(ws, uninterrupted):
-    shutil.rmtree(ws / "artifacts/adapter")
-
-    proc = subprocess.Popen(["finetune", "train"], cwd=ws, env=env(), stdout=subprocess.DEVNULL,
+def killed_after_checkpoint(ws: Path, *extra: str) -> Path:
+    """Starts `finetune train *extra` and kill -9s it (with the training processes it
+    launched) once it has written the KILL_AFTER checkpoint, whose folder it returns."""
+    proc = subprocess.Popen(["finetune", "train", *extra], cwd=ws, env=env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    checkpoint = ws / "artifacts/checkpoints" / KILL_AFTER / "trainer_state.json"
+    checkpoint = ws / "artifacts/checkpoints" / KILL_AFTER
     deadline = time.monotonic() + 300
-    while not checkpoint.is_file():
+    while not (checkpoint / "trainer_state.json").is_file():
         assert proc.poll() is None, "training ended before it could be interrupted"
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
+    kill_node(proc)
     proc.wait()
+    return checkpoint
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_to_the_same_adapter(ws, uninterrupted):
+    shutil.rmtree(ws / "artifacts/adapter")
+    killed_after_checkpoint(ws)
     assert not (ws / "artifacts/adapter").exists()  # nothing half-written
 
     resumed = train(ws)
@@ -248,15 +255,7 @@ def test_fsdp_trains_like_data_parallel_and_saves_the_same_files(ws, method, tmp
                       "fsdp": fsdp, "eval_steps": 2}}))  # the best checkpoint is loaded at the end
         (ws / "fsdp.yaml").write_text(yaml.safe_dump(params))
         if fsdp:  # killed after a sharded checkpoint: the rerun resumes from it
-            killed = subprocess.Popen(["finetune", "train", "--params", "fsdp.yaml"], cwd=ws, env=env(),
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-            checkpoint = ws / "artifacts/checkpoints" / KILL_AFTER
-            deadline = time.monotonic() + 300
-            while not (checkpoint / "trainer_state.json").is_file():
-                assert killed.poll() is None and time.monotonic() < deadline, "training ended before the kill"
-                time.sleep(0.05)
-            kill_node(killed)
-            killed.wait()
+            checkpoint = killed_after_checkpoint(ws, "--params", "fsdp.yaml")
             assert any(p.name.startswith("pytorch_model_fsdp") for p in checkpoint.iterdir())
         done = train(ws, "--params", "fsdp.yaml")
         assert done.returncode == 0, done.stderr
