@@ -596,7 +596,7 @@ def _on_nodes(deployment: str, stage: str, nodes: int, parameters: dict[str, Any
             # now: a worker freed by the failed node may be taking another one at this moment.
             ended = failed.end_time or failed.state.timestamp
             late = [r for r in runs if r.id != failed.id and (r.start_time is None or r.start_time > ended)]
-            _cancel(client, [r for r in runs if r in late and not r.state.is_final()], failed.name)
+            _cancel(client, [r for r in late if not r.state.is_final()], failed.name)
             runs = _until(client, runs, lambda rs: all(r.state.is_final() for r in rs), meeting.timeout_s)
             _cancel(client, [r for r in runs if not r.state.is_final()], failed.name)
     line = error_line(failed.state.message or failed.state.name)

@@ -191,8 +191,6 @@ def _node_worker(checkout: Path, seen_at: Path, e: dict, log: Path) -> subproces
                             stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
-
-
 def _parent_run(ws: Path, e: dict, **extra_env: str) -> subprocess.CompletedProcess[str]:
     """The `finetune` flow with train sent to `finetune-stage/gpu`, run in `ws` against the
     server (what the nightly-split deployment runs through a cpu worker)."""

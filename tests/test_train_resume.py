@@ -244,8 +244,6 @@ def test_fsdp_trains_like_data_parallel_and_saves_the_same_files(ws, method, tmp
     the same files, keys, shapes and dtypes."""
     import json
 
-    import torch
-
     batch = yaml.safe_load((ws / "params.yaml").read_text())["train"]["per_device_train_batch_size"]
     saved, metrics = {}, {}
     for fsdp in (False, True):
@@ -268,7 +266,7 @@ def test_fsdp_trains_like_data_parallel_and_saves_the_same_files(ws, method, tmp
     assert saved[True].keys() == saved[False].keys()
     for name, sharded in saved[True].items():
         whole = saved[False][name]
-        if not isinstance(sharded, dict) or not all(isinstance(v, torch.Tensor) for v in sharded.values()):
+        if not name.endswith(".safetensors"):
             assert sharded == whole, name
             continue
         assert {k: (v.shape, v.dtype) for k, v in sharded.items()} == {k: (v.shape, v.dtype) for k, v in whole.items()}
