@@ -153,38 +153,89 @@ def _rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             offset += len(line)
 
 
+def _halves(keys: Any) -> tuple[Any, Any]:
+    """A column of digests as two arrays of 64-bit numbers, first and last eight bytes
+    (big-endian, so the pairs sort as the digests do)."""
+    import numpy as np
+
+    halves = np.ascontiguousarray(keys).view(">u8").reshape(-1, 2).astype(np.uint64)
+    return np.ascontiguousarray(halves[:, 0]), np.ascontiguousarray(halves[:, 1])
+
+
+class _Column:
+    """One kind of key (exact, normalized or one band) of every held-out row, sorted once:
+    the digests as two 64-bit halves and the rows in that order. A binary search over
+    numbers, for queries in ascending order, walks the column forward a few cache lines a
+    query: over 16-byte strings in row order it missed the cache at every step, 15 ms per
+    thousand train rows at two million held-out rows against 1 ms at two hundred thousand."""
+
+    def __init__(self, keys: Any):
+        import numpy as np
+
+        order = np.argsort(keys, kind="stable")  # stable: a key's rows stay in row order
+        self.high, self.low = _halves(keys[order])
+        self.order = order.astype(np.int32 if len(keys) < 2**31 else np.int64)
+        new = (self.high[1:] != self.high[:-1]) | (self.low[1:] != self.low[:-1])
+        self.starts = np.r_[True, new] if len(keys) else np.zeros(0, bool)  # where each key's run begins
+
+    def run_start(self) -> Any:
+        """For each row, in row order, the sorted position where its key's run begins."""
+        import numpy as np
+
+        first = np.maximum.accumulate(np.where(self.starts, np.arange(len(self.starts)), 0))
+        out = np.empty(len(first), dtype=self.order.dtype)
+        out[self.order] = first
+        return out
+
+    def lookup(self, digests: list[bytes]) -> Iterator[tuple[int, int, Any]]:
+        """(index into `digests`, where its run begins, the rows with that key) for each
+        digest found."""
+        import numpy as np
+
+        high, low = _halves(np.array(digests, dtype=DIGEST))
+        ascending = np.argsort(high)
+        first, end = np.empty(len(high), np.int64), np.empty(len(high), np.int64)
+        first[ascending] = np.searchsorted(self.high, high[ascending], "left")
+        end[ascending] = np.searchsorted(self.high, high[ascending], "right")
+        found = np.flatnonzero(end > first)
+        # Whole runs of one key, unless two keys share the first half (odds of about 1e-7 at
+        # two million rows): then the run holds both, ordered by their last half.
+        whole = (self.low[first[found]] == low[found]) & (self.low[end[found] - 1] == low[found])
+        for i, is_whole in zip(found.tolist(), whole.tolist(), strict=True):
+            a, b = int(first[i]), int(end[i])
+            if not is_whole:
+                lows = self.low[a:b]
+                a, b = a + int(np.searchsorted(lows, low[i], "left")), a + int(np.searchsorted(lows, low[i], "right"))
+                if a == b:
+                    continue
+            yield i, a, self.order[a:b]
+
+
 class _Index:
-    """The held-out rows' digests, one numpy column per kind of key (exact, normalized, each
-    band), each sorted once for lookups; rows are numbered in split then row order. The texts
-    stay on disk, read back by offset for the few rows a candidate or a leak names."""
+    """The held-out rows' digests, one sorted _Column per kind of key (exact, normalized,
+    each band); rows are numbered in split then row order. The texts stay on disk, read back
+    by offset for the few rows a candidate or a leak names."""
 
     def __init__(self, files: dict[str, Path], bands: list[tuple[int, int]]):
         import numpy as np
 
         self.splits = list(files)
-        columns: list[bytearray] = [bytearray() for _ in range(2 + len(bands))]
+        keys: list[bytearray] = [bytearray() for _ in range(2 + len(bands))]
         split_of, offsets = array("b"), array("q")
         for s, split in enumerate(self.splits):
             for offset, row in _rows(files[split]):
-                for column, digest in zip(columns, _digests(row["prompt"], bands), strict=True):
+                for column, digest in zip(keys, _digests(row["prompt"], bands), strict=True):
                     column += digest
                 split_of.append(s)
                 offsets.append(offset)
         self.files, self.size, self.split_of, self.offsets = files, len(offsets), split_of, offsets
-        self.columns = len(columns)
-        # Per column the sorted keys and the rows in that order; each row's group (where its
-        # key starts in the sorted column) for exact and normalized. The unsorted keys go as
-        # each column is sorted: about 240 bytes a row stay.
-        self.order, self.sorted, self.group = [], [], []
-        for c in range(self.columns):
-            keys = np.frombuffer(columns[c], dtype=DIGEST)
-            order = np.argsort(keys, kind="stable")
-            self.sorted.append(keys[order])
-            self.order.append(order.astype(np.int32 if self.size < 2**31 else np.int64))
-            if c < 2:
-                self.group.append(np.searchsorted(self.sorted[c], keys, "left").astype(self.order[c].dtype))
-            del keys, order
-            columns[c] = bytearray()
+        # The unsorted keys go as each column is sorted: about 250 bytes a row stay.
+        self.columns: list[_Column] = []
+        for c in range(len(keys)):
+            self.columns.append(_Column(np.frombuffer(keys[c], dtype=DIGEST)))
+            keys[c] = bytearray()
+        # Each row's group (where its key's run begins) for exact and normalized.
+        self.group = [column.run_start() for column in self.columns[:2]]
         self._read = functools.lru_cache(maxsize=HELD_OUT_CACHE_ROWS)(self._row)
 
     def _row(self, position: int) -> tuple[str, str, set[str]]:
@@ -199,37 +250,24 @@ class _Index:
         return self._read(position)
 
     def first_earlier(self, column: int) -> Any:
-        """For each held-out row, the first held-out row with its key, or -1 where that is
-        the row itself."""
+        """For each held-out row of an exact or normalized column, the first held-out row
+        with its key, or -1 where that is the row itself."""
         import numpy as np
 
-        order, keys = self.order[column], self.sorted[column]
-        starts = np.r_[True, keys[1:] != keys[:-1]] if self.size else np.zeros(0, bool)
-        first = order[np.maximum.accumulate(np.where(starts, np.arange(self.size), 0))]
-        out = np.empty(self.size, dtype=np.int64)
-        out[order] = first
-        return np.where(out == np.arange(self.size), -1, out)
+        first = self.columns[column].order[self.group[column]]
+        return np.where(first == np.arange(self.size), -1, first)
 
     def groups(self, column: int) -> Iterator[Any]:
         """The held-out rows sharing a key, in row order, each group of two or more."""
         import numpy as np
 
-        order, keys = self.order[column], self.sorted[column]
-        cuts = np.flatnonzero(keys[1:] != keys[:-1]) + 1
-        for group in np.split(order, cuts):
+        col = self.columns[column]
+        for group in np.split(col.order, np.flatnonzero(col.starts[1:]) + 1):
             if len(group) > 1:
                 yield np.sort(group)
 
     def lookup(self, column: int, digests: list[bytes]) -> Iterator[tuple[int, int, Any]]:
-        """(index into `digests`, its group, the held-out rows with that key) for each digest
-        found."""
-        import numpy as np
-
-        wanted = np.array(digests, dtype=DIGEST)
-        lo = np.searchsorted(self.sorted[column], wanted, "left")
-        hi = np.searchsorted(self.sorted[column], wanted, "right")
-        for i in np.flatnonzero(hi > lo):
-            yield int(i), int(lo[i]), self.order[column][lo[i]:hi[i]]
+        return self.columns[column].lookup(digests)
 
 
 class _Near:
@@ -270,7 +308,7 @@ def find(files: dict[str, Path], threshold: float) -> list[Leak]:
                 seen.setdefault(group, chunk[i][1]["id"])
                 settled[rows] = True
         pairs: set[tuple[int, int]] = set()
-        for column in range(2, index.columns):
+        for column in range(2, len(index.columns)):
             for i, _, rows in index.lookup(column, [k[column] for k in keys]):
                 pairs.update((int(p), i) for p in rows if not settled[p])
         train_shingles = {i: shingles(normalize(chunk[i][1]["prompt"])) for i in {i for _, i in pairs}}
@@ -278,7 +316,7 @@ def find(files: dict[str, Path], threshold: float) -> list[Leak]:
             near.add(position, index.row(position)[2], f"{order[0]}/{chunk[i][1]['id']}", train_shingles[i])
     # Held-out rows against the held-out rows before them.
     pairs = set()
-    for column in range(2, index.columns):
+    for column in range(2, len(index.columns)):
         for group in index.groups(column):
             pairs.update((int(b), int(a)) for j, b in enumerate(group) if not settled[b] for a in group[:j])
     for position, other in sorted(pairs):

@@ -133,44 +133,64 @@ class _Mixture:
 
 class _Ids:
     """The ids seen so far, for the duplicate check. The latest RECENT_IDS are a set of
-    strings (about 90 bytes an id); older ones are a sorted numpy array of their 128-bit
-    digests, 16 bytes an id (two ids share a digest with odds of about 1e-25 at ten
-    million rows)."""
+    strings (about 90 bytes an id); older ones are 128-bit digests, 16 bytes an id (two ids
+    share a digest with odds of about 1e-25 at ten million rows), in 2**ID_BUCKET_BITS byte strings
+    chosen by a digest's leading bits. A lookup scans one bucket, a few dozen digests at ten
+    million ids, in C: a binary search of one sorted array missed the cache at every step
+    (3.4 µs an id at ten million rows), and each fold re-sorted every id seen."""
 
     def __init__(self):
         self.recent: set[str] = set()
-        self.older: Any = None
+        self.buckets: list[bytes] = []
 
     @staticmethod
     def _digest(row_id: str) -> bytes:
         return hashlib.blake2b(row_id.encode(), digest_size=ID_DIGEST_BYTES).digest()
 
+    @staticmethod
+    def _bucket(digest: bytes) -> int:
+        return int.from_bytes(digest[:4], "big") >> (32 - ID_BUCKET_BITS)
+
     def __contains__(self, row_id: str) -> bool:
         if row_id in self.recent:
             return True
-        if self.older is None:
+        if not self.buckets:
             return False
-        import numpy as np
-
-        digest = np.array(self._digest(row_id), dtype=self.older.dtype)
-        at = int(np.searchsorted(self.older, digest))
-        return at < len(self.older) and self.older[at] == digest
+        digest = self._digest(row_id)
+        bucket = self.buckets[self._bucket(digest)]
+        at = bucket.find(digest)
+        while at > 0 and at % ID_DIGEST_BYTES:  # a match across two digests is no match
+            at = bucket.find(digest, at + 1)
+        return at >= 0
 
     def add(self, row_id: str) -> None:
         self.recent.add(row_id)
-        if len(self.recent) < RECENT_IDS:
-            return
+        if len(self.recent) >= RECENT_IDS:
+            self._fold()
+
+    def _fold(self) -> None:
+        """Moves the recent ids' digests to their buckets."""
         import numpy as np
 
         digests = np.array([self._digest(i) for i in self.recent], dtype=f"S{ID_DIGEST_BYTES}")
-        self.older = np.sort(digests if self.older is None else np.concatenate([self.older, digests]))
+        bucket = digests.view(">u4")[::ID_DIGEST_BYTES // 4] >> (32 - ID_BUCKET_BITS)
+        order = np.argsort(bucket, kind="stable")
+        blob = digests[order].tobytes()
+        bounds = (np.searchsorted(bucket[order], np.arange((1 << ID_BUCKET_BITS) + 1)) * ID_DIGEST_BYTES).tolist()
+        if not self.buckets:
+            self.buckets = [b""] * (1 << ID_BUCKET_BITS)
+        for b in np.flatnonzero(np.diff(bounds)).tolist():
+            self.buckets[b] += blob[bounds[b]:bounds[b + 1]]
         self.recent = set()
 
 
-# Ids kept as strings before they are folded into the sorted digests: each fold sorts every
-# id seen, so this trades memory (about 90 MB) for the count of sorts (one per million rows).
+# Ids kept as strings before they are folded into the digests' buckets: trades memory (about
+# 90 MB) for the count of folds (one per million rows).
 RECENT_IDS = 1_000_000
 ID_DIGEST_BYTES = 16
+# 2**18 buckets: about 40 digests (640 bytes) to scan a lookup at ten million ids, for about
+# 10 MB of bucket headers.
+ID_BUCKET_BITS = 18
 
 
 # A mixture's row ids are "<source label>/<id>": sources may reuse each other's ids.

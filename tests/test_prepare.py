@@ -302,7 +302,7 @@ def test_mixture_keeps_each_source_rows_of_smallest_hash(ws):
 
 
 def test_duplicate_id_found_among_older_ids(ws, monkeypatch):
-    """Ids past RECENT_IDS are kept as sorted digests: a repeat of one is still found, naming its line."""
+    """Ids past RECENT_IDS are kept as bucketed digests: a repeat of one is still found, naming its line."""
     from tasks import prepare
 
     monkeypatch.setattr(prepare, "RECENT_IDS", 3)
@@ -311,3 +311,37 @@ def test_duplicate_id_found_among_older_ids(ws, monkeypatch):
         stage("prepare", params())
     stats = stage("prepare", params(data={"on_bad_record": "skip"}))
     assert stats["dropped_by_reason"] == {"duplicate_id": 2} and stats["rows_out"] == 40
+
+
+def test_older_ids_match_only_whole_digests():
+    """A bucket is the digests end to end: bytes that equal a digest across two of them are
+    no match; the digest itself, further on, is."""
+    from tasks import prepare
+
+    ids = prepare._Ids()
+    ids.add("kept")
+    ids._fold()
+    probe = ids._digest("probe")
+    half = prepare.ID_DIGEST_BYTES // 2
+    ids.buckets[ids._bucket(probe)] = b"x" * half + probe + b"y" * half
+    assert "kept" in ids and "probe" not in ids and "other" not in ids
+    ids.buckets[ids._bucket(probe)] += probe
+    assert "probe" in ids
+
+
+def test_leakage_keys_sharing_their_first_half_are_told_apart():
+    """Digests are searched by their first eight bytes, then told apart by their last eight:
+    a lookup finds exactly the rows with its whole key."""
+    import numpy as np
+
+    from tasks import leakage
+
+    def key(high: int, low: int) -> bytes:
+        return high.to_bytes(8, "big") + low.to_bytes(8, "big")
+
+    keys = [key(7, 2), key(7, 1), key(3, 0), key(7, 2), key(7, 1), key(9, 9)]
+    column = leakage._Column(np.array(keys, dtype=leakage.DIGEST))
+    found = {i: (start, sorted(rows.tolist()))
+             for i, start, rows in column.lookup([key(7, 1), key(7, 3), key(9, 9), key(7, 2), key(5, 0)])}
+    assert found == {0: (1, [1, 4]), 2: (5, [5]), 3: (3, [0, 3])}
+    assert column.run_start().tolist() == [3, 1, 0, 3, 1, 5]
