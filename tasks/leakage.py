@@ -262,9 +262,11 @@ class _Index:
         import numpy as np
 
         col = self.columns[column]
-        for group in np.split(col.order, np.flatnonzero(col.starts[1:]) + 1):
-            if len(group) > 1:
-                yield np.sort(group)
+        starts = np.flatnonzero(col.starts)
+        ends = np.r_[starts[1:], self.size]
+        shared = ends - starts > 1  # most keys are one row's: no array is made for them
+        for a, b in zip(starts[shared].tolist(), ends[shared].tolist(), strict=True):
+            yield np.sort(col.order[a:b])
 
     def lookup(self, column: int, digests: list[bytes]) -> Iterator[tuple[int, int, Any]]:
         return self.columns[column].lookup(digests)
