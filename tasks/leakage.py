@@ -164,10 +164,11 @@ def _halves(keys: Any) -> tuple[Any, Any]:
 
 class _Column:
     """One kind of key (exact, normalized or one band) of every held-out row, sorted once:
-    the digests as two 64-bit halves and the rows in that order. A binary search over
-    numbers, for queries in ascending order, walks the column forward a few cache lines a
-    query: over 16-byte strings in row order it missed the cache at every step, 15 ms per
-    thousand train rows at two million held-out rows against 1 ms at two hundred thousand."""
+    the digests as two 64-bit halves and the rows in that order. Searched as numbers, with
+    the queries in ascending order, a lookup of 10,000 train rows takes 1.1 ms at two hundred
+    thousand held-out rows and 2.1 ms at two million; searched as 16-byte strings in row
+    order it took 6.1 and 11.4 ms (every step of a search in a column outgrowing the cache
+    misses it)."""
 
     def __init__(self, keys: Any):
         import numpy as np
