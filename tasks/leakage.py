@@ -158,8 +158,8 @@ def _halves(keys: Any) -> tuple[Any, Any]:
     (big-endian, so the pairs sort as the digests do)."""
     import numpy as np
 
-    halves = np.ascontiguousarray(keys).view(">u8").reshape(-1, 2).astype(np.uint64)
-    return np.ascontiguousarray(halves[:, 0]), np.ascontiguousarray(halves[:, 1])
+    halves = np.ascontiguousarray(keys).view(">u8").reshape(-1, 2)
+    return halves[:, 0].astype(np.uint64), halves[:, 1].astype(np.uint64)  # each a contiguous copy
 
 
 class _Column:
