@@ -187,6 +187,40 @@ def write_json(path: Path, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+# A file written front to back keeps its first PAGE_CACHE_KEEP_BYTES in the page cache (the
+# next stage, and DVC's hash, read a small output back from memory); past that, its pages
+# are dropped every PAGE_CACHE_DROP_BYTES. On the 2-core VM the benchmarks run on, once a file
+# being written had about 2 GB in the cache, each further GB cost 4-8 CPU seconds in the
+# kernel instead of 0.4; dropping every 64 MiB kept it under one (BENCHMARKS.md, 2026-12-05).
+PAGE_CACHE_KEEP_BYTES = 1 << 30
+PAGE_CACHE_DROP_BYTES = 64 << 20
+
+
+class StreamingWriter:
+    """A binary file written front to back, too large to be worth caching: past
+    PAGE_CACHE_KEEP_BYTES the kernel is told, every PAGE_CACHE_DROP_BYTES, to write back its
+    dirty pages and drop its clean ones (what it wrote back since the last time)."""
+
+    def __init__(self, path: Path):
+        self._file = path.open("wb")
+        self._written = self._dropped = 0
+
+    def write(self, data: bytes) -> None:
+        self._file.write(data)
+        self._written += len(data)
+        if self._written >= PAGE_CACHE_KEEP_BYTES and self._written - self._dropped >= PAGE_CACHE_DROP_BYTES:
+            self._file.flush()
+            if hasattr(os, "posix_fadvise"):  # not on macOS, whose cache does not need it
+                os.posix_fadvise(self._file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            self._dropped = self._written
+
+    def __enter__(self) -> StreamingWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._file.close()
+
+
 def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
     with path.open("w", encoding="utf-8") as f:
         for row in rows:

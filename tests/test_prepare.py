@@ -320,13 +320,52 @@ def test_older_ids_match_only_whole_digests():
 
     ids = prepare._Ids()
     ids.add("kept")
+    ids.add("probe")
     ids._fold()
     probe = ids._digest("probe")
     half = prepare.ID_DIGEST_BYTES // 2
+    assert ids._bucket(probe) != ids._bucket(ids._digest("kept"))
     ids.buckets[ids._bucket(probe)] = b"x" * half + probe + b"y" * half
     assert "kept" in ids and "probe" not in ids and "other" not in ids
     ids.buckets[ids._bucket(probe)] += probe
     assert "probe" in ids
+
+
+def test_ids_are_found_exactly_across_folds(monkeypatch):
+    """Ids folded into the digests' buckets (through the hash bitmap) and ids still recent
+    are all found; ids never added are not."""
+    from tasks import prepare
+
+    monkeypatch.setattr(prepare, "RECENT_IDS", 500)
+    ids = prepare._Ids()
+    for i in range(5_250):
+        assert f"id{i}" not in ids
+        ids.add(f"id{i}")
+    assert len(ids.recent) == 250
+    assert all(f"id{i}" in ids for i in range(5_250))
+    assert not any(f"other{i}" in ids for i in range(5_250))
+
+
+def test_leakage_lookup_finds_exactly_the_keys_present():
+    """The bitmap in front of a column's search turns away only absent keys: every lookup
+    finds exactly the rows holding its key, in the order of the lookups."""
+    import random
+
+    import numpy as np
+
+    from tasks import leakage
+
+    rng = random.Random(0)
+    distinct = [rng.randbytes(leakage.DIGEST_BYTES) for _ in range(3_000)]
+    keys = [rng.choice(distinct) for _ in range(4_000)]
+    rows: dict[bytes, list[int]] = {}
+    for row, key in enumerate(keys):
+        rows.setdefault(key, []).append(row)
+    queries = [rng.choice(distinct) if rng.random() < 0.3 else rng.randbytes(leakage.DIGEST_BYTES)
+               for _ in range(20_000)]
+    column = leakage._Column(np.array(keys, dtype=leakage.DIGEST))
+    found = [(i, found_rows.tolist()) for i, _, found_rows in column.lookup(queries)]
+    assert found == [(i, rows[q]) for i, q in enumerate(queries) if q in rows]
 
 
 def test_leakage_keys_sharing_their_first_half_are_told_apart():
@@ -345,3 +384,18 @@ def test_leakage_keys_sharing_their_first_half_are_told_apart():
              for i, start, rows in column.lookup([key(7, 1), key(7, 3), key(9, 9), key(7, 2), key(5, 0)])}
     assert found == {0: (1, [1, 4]), 2: (5, [5]), 3: (3, [0, 3])}
     assert column.run_start().tolist() == [3, 1, 0, 3, 1, 5]
+
+
+def test_streaming_writer_drops_pages_and_keeps_every_byte(tmp_path, monkeypatch):
+    """Past the kept size, the writer flushes and has the kernel drop the file's pages every
+    so many bytes; what is read back is exactly what was written."""
+    from tasks import io
+
+    monkeypatch.setattr(io, "PAGE_CACHE_KEEP_BYTES", 4096)
+    monkeypatch.setattr(io, "PAGE_CACHE_DROP_BYTES", 1000)
+    lines = [f"row {i} {'x' * (i % 97)}\n".encode() for i in range(3_000)]
+    with io.StreamingWriter(tmp_path / "out.jsonl") as out:
+        for line in lines:
+            out.write(line)
+        assert out._dropped > io.PAGE_CACHE_KEEP_BYTES
+    assert (tmp_path / "out.jsonl").read_bytes() == b"".join(lines)
