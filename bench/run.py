@@ -9,6 +9,7 @@ temporary copy of the repository, prepared with the shipped params.yaml (the qui
     python bench/run.py train tokenize evaluate orchestration
     python bench/run.py tokenize-scale --scale-rows 10000 100000   # tokenize at 10k and 100k rows
     python bench/run.py prepare-scale --scale-rows 10000 100000    # prepare (leakage check on) likewise
+    python bench/run.py streaming-write         # writing a 5 GiB file as prepare does, against plain writes
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ EVAL_PROMPTS = 48
 ORCHESTRATION_REPEATS = 5  # runs spread over 15 s on a 2-core machine: a median of 3 is not enough
 SCALE_ROWS = (10_000, 100_000, 1_000_000)  # generated rows per tokenize-scale and prepare-scale run
 SCALE_SCENES = 4  # scenes per generated dialogue: about 950 bytes per prepared row
+PREPARED_ROW_BYTES = 950  # a generated prepared row, as SCALE_SCENES makes it
+WRITE_GIB = 5  # streaming-write: past the ~2 GB of a file after which plain writes got dearer here
 SCALE_BASELINE_MAX_ROWS = 100_000  # the in-memory baselines hold every row: ~25 GB (tokenize) at 1M rows
 SERVER_START_TIMEOUT = 120  # seconds
 
@@ -444,6 +447,37 @@ def bench_prepare_scale(ws: Path, sizes: tuple[int, ...] = SCALE_ROWS) -> list[d
     return results
 
 
+# ---- writing a large file ------------------------------------------------------------------
+
+def _write_cpu_s(path: Path, open_file: Callable[[Path], Any]) -> float:
+    """CPU seconds (user + kernel) to write WRITE_GIB GiB of prepared-row-sized lines to `path`
+    (removed after)."""
+    line = b"x" * (PREPARED_ROW_BYTES - 1) + b"\n"
+    start = os.times()
+    with open_file(path) as f:
+        for _ in range((WRITE_GIB << 30) // len(line)):
+            f.write(line)
+    end = os.times()
+    path.unlink()
+    return end.user - start.user + end.system - start.system
+
+
+def bench_streaming_write(ws: Path) -> dict[str, Any]:
+    """tasks.io.StreamingWriter (prepare's split files) against a plain open("wb") writing the
+    same lines, alternating, REPEATS times each; GiB per CPU second, medians."""
+    from tasks.io import StreamingWriter
+
+    runs: dict[str, list[float]] = {"ours": [], "baseline": []}
+    with tempfile.TemporaryDirectory(dir=ws) as tmp:
+        for _ in range(REPEATS):
+            runs["baseline"].append(_write_cpu_s(Path(tmp) / "plain", lambda path: path.open("wb")))
+            runs["ours"].append(_write_cpu_s(Path(tmp) / "ours", StreamingWriter))
+    ours, baseline = (WRITE_GIB / statistics.median(runs[k]) for k in ("ours", "baseline"))
+    return report("streaming-write", ours, baseline, "GiB written per CPU second (user + kernel)",
+                  gib=WRITE_GIB, cpu_s={k: [round(t, 2) for t in v] for k, v in runs.items()},
+                  baseline_is='a plain open("wb") and write() of the same lines')
+
+
 # ---- evaluate ------------------------------------------------------------------------------
 
 def bench_evaluate(ws: Path) -> dict[str, Any]:
@@ -564,6 +598,7 @@ BENCHES = {
     "tokenize": bench_tokenize,
     "tokenize-scale": bench_tokenize_scale,  # 10k, 100k and 1M rows (--scale-rows): several minutes
     "prepare-scale": bench_prepare_scale,  # the same sizes of raw records through prepare
+    "streaming-write": bench_streaming_write,  # prepare's split-file writer against plain writes, 5 GiB
     "evaluate": bench_evaluate,
     "orchestration": bench_orchestration,
 }

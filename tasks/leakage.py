@@ -14,9 +14,9 @@ Called by prepare's run(); counts go to metrics/prepare.json under `leakage`.
 
 A held-out row is also compared with the held-out rows before it (a test row with a
 validation row, or with an earlier test row). It reads the split files prepare wrote and
-keeps only the held-out rows' digests in memory (about 240 bytes a row; their texts are read
-back from disk for the few rows a candidate or a leak names): train, the large split,
-streams past that index, so its size costs time, not memory.
+keeps only the held-out rows' digests in memory (about 280 bytes a row, with the lookups'
+Bloom filters; their texts are read back from disk for the few rows a candidate or a leak
+names): train, the large split, streams past that index, so its size costs time, not memory.
 """
 
 from __future__ import annotations
