@@ -192,6 +192,8 @@ def write_json(path: Path, obj: Any) -> None:
 # are dropped every PAGE_CACHE_DROP_BYTES. On the 2-core VM the benchmarks run on, once a file
 # being written had about 2 GB in the cache, each further GB cost 4-8 CPU seconds in the
 # kernel instead of 0.4; dropping every 64 MiB kept it under one (BENCHMARKS.md, 2026-12-05).
+# Reading a file larger than PAGE_CACHE_KEEP_BYTES once, front to back, likewise: 7.6 GB of
+# lines cost 9-16 kernel seconds read plainly, 1.0 with the pages read dropped as it went.
 PAGE_CACHE_KEEP_BYTES = 1 << 30
 PAGE_CACHE_DROP_BYTES = 64 << 20
 
@@ -219,6 +221,28 @@ class StreamingWriter:
 
     def __exit__(self, *exc: object) -> None:
         self._file.close()
+
+
+def streaming_lines(f: BinaryIO) -> Iterator[bytes]:
+    """The lines of `f`, a file opened "rb" (or a reader decompressing one) read front to
+    back once. When the file on disk is larger than PAGE_CACHE_KEEP_BYTES, the kernel is told,
+    every PAGE_CACHE_DROP_BYTES of lines, to drop the pages read so far."""
+    try:
+        fd = f.fileno()
+        large = hasattr(os, "posix_fadvise") and os.fstat(fd).st_size > PAGE_CACHE_KEEP_BYTES
+    except (OSError, ValueError):  # io.UnsupportedOperation: a reader with no file behind it
+        large = False
+    if not large:
+        yield from f
+        return
+    since = 0
+    for line in f:
+        yield line
+        since += len(line)
+        if since >= PAGE_CACHE_DROP_BYTES:
+            # Up to the file's offset: what the reader (and a decompressor) has taken in.
+            os.posix_fadvise(fd, 0, os.lseek(fd, 0, os.SEEK_CUR), os.POSIX_FADV_DONTNEED)
+            since = 0
 
 
 def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
@@ -324,7 +348,7 @@ def iter_jsonl(path: Path, *, recover: str = RERUN,
     streams); a missing file, or a line that is not a JSON object with the `required` keys,
     ends in one PipelineError naming the file and line."""
     with _open(path, recover) as f:
-        for number, line in enumerate(f, 1):
+        for number, line in enumerate(streaming_lines(f), 1):
             if line.strip():
                 where = f"{path} line {number}"
                 yield check_shape(where, _parse(where, line, recover), recover, dict, required)

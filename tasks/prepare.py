@@ -27,7 +27,7 @@ from typing import Any
 from tasks import leakage, templates
 from tasks.config import Params, PromptConfig
 from tasks.errors import DataError
-from tasks.io import StreamingWriter, atomic_path, write_json
+from tasks.io import StreamingWriter, atomic_path, streaming_lines, write_json
 from tasks.records import BadRecord, Record, local_files, read_files, split_of, to_example
 from tasks.workspace import SPLITS, Workspace
 
@@ -125,7 +125,7 @@ class _Mixture:
         for index, name in enumerate(SPLITS):
             rows = np.flatnonzero(split == index)
             with read[name].open("rb") as lines, StreamingWriter(out[name]) as kept:
-                for line, k in zip(lines, keep[rows].tolist(), strict=True):
+                for line, k in zip(streaming_lines(lines), keep[rows].tolist(), strict=True):
                     if k:
                         kept.write(line)
             read[name].unlink()

@@ -20,6 +20,7 @@ from typing import IO, Any
 from tasks import templates
 from tasks.config import DataConfig, Params, data_suffix, local_data_problem, path_kind, reference_field
 from tasks.errors import DataError, TemplateError
+from tasks.io import streaming_lines
 
 Record = tuple[str, dict[str, Any] | None, str | None]  # (where, record, why it is bad)
 
@@ -53,7 +54,7 @@ def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
     with _open(path) as f:
         number = 0
         try:
-            for number, raw in enumerate(f, start=1):
+            for number, raw in enumerate(streaming_lines(f), start=1):
                 yield number, raw
         except Exception as err:  # gzip raises OSError/EOFError, zstandard its ZstdError
             raise DataError(f"{path} line {number + 1}: cannot decompress: {err}") from None

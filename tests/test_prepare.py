@@ -279,6 +279,35 @@ def test_streamed_leakage_finds_what_an_in_memory_index_finds(tmp_path, monkeypa
     assert any(x[0] == x[2] for x in found)  # a held-out row twin of an earlier one of its split
 
 
+def test_sketch_rules_out_only_pairs_below_the_threshold():
+    """The sketches' bound on a pair's Jaccard is never below the Jaccard itself, so no pair
+    at or above the threshold is ruled out, while most pairs far below it are; buckets full
+    in both sketches rule nothing out."""
+    import random
+
+    import numpy as np
+
+    from tasks import leakage
+
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(400)]
+    base = rng.choices(words, k=150)
+    ruled_out = {0.5: 0, 0.8: 0}
+    for edits in range(0, 150, 2):
+        other = list(base)
+        for _ in range(edits):
+            other[rng.randrange(len(other))] = rng.choice(words)
+        a, b = leakage.shingles(" ".join(base)), leakage.shingles(" ".join(other))
+        similarity = len(a & b) / len(a | b)
+        for threshold in ruled_out:
+            may, = leakage._may_reach(threshold, leakage._sketch(a)[None], np.array([len(a)]),
+                                      leakage._sketch(b)[None], np.array([len(b)]))
+            assert may or similarity < threshold
+            ruled_out[threshold] += not may
+    assert ruled_out[0.8] > 60 and ruled_out[0.5] > 5  # of 72 and 64 below them, whatever the str hash
+    full = np.full((1, leakage.SKETCH_BUCKETS), leakage.SKETCH_FULL, dtype=np.uint8)
+    assert leakage._may_reach(0.8, full, np.array([10**6]), full, np.array([10**6]))[0]
+
 def test_mixture_keeps_each_source_rows_of_smallest_hash(ws):
     """A row cap keeps the capped source's rows whose sha256(seed:mix:id) sort first, in
     their split files' order; an uncapped source keeps every row."""
@@ -399,3 +428,35 @@ def test_streaming_writer_drops_pages_and_keeps_every_byte(tmp_path, monkeypatch
             out.write(line)
         assert out._dropped > io.PAGE_CACHE_KEEP_BYTES
     assert (tmp_path / "out.jsonl").read_bytes() == b"".join(lines)
+
+
+def test_streaming_lines_drop_pages_read_and_yield_every_line(tmp_path, monkeypatch):
+    """A file larger than the kept size has the pages read so far dropped every so many bytes
+    of lines (a gzip file's by its compressed offset); a smaller one is read as it is. Every
+    line comes back, in order, either way."""
+    import gzip
+    import os
+
+    from tasks import io
+
+    monkeypatch.setattr(io, "PAGE_CACHE_KEEP_BYTES", 4096)
+    monkeypatch.setattr(io, "PAGE_CACHE_DROP_BYTES", 1000)
+    drops: list[int] = []
+    fadvise = os.posix_fadvise
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: (
+        drops.append(length), fadvise(fd, offset, length, advice)))
+    lines = [f"row {i} {'x' * (i % 97)}\n".encode() for i in range(3_000)]
+    (tmp_path / "big.jsonl").write_bytes(b"".join(lines))
+    (tmp_path / "small.jsonl").write_bytes(b"".join(lines[:10]))
+    with gzip.open(tmp_path / "big.jsonl.gz", "wb") as z:
+        z.write(b"".join(lines))
+    with (tmp_path / "big.jsonl").open("rb") as f:
+        assert list(io.streaming_lines(f)) == lines
+    assert len(drops) > 100 and drops == sorted(drops) and drops[-1] <= (tmp_path / "big.jsonl").stat().st_size
+    drops.clear()
+    with (tmp_path / "small.jsonl").open("rb") as f:
+        assert list(io.streaming_lines(f)) == lines[:10]
+    assert drops == []
+    with gzip.open(tmp_path / "big.jsonl.gz", "rb") as f:
+        assert list(io.streaming_lines(f)) == lines
+    assert drops and drops[-1] <= (tmp_path / "big.jsonl.gz").stat().st_size
