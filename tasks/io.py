@@ -187,9 +187,9 @@ def write_json(path: Path, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-# A file written front to back keeps its first PAGE_CACHE_KEEP_BYTES in the page cache (the
-# next stage, and DVC's hash, read a small output back from memory); past that, its pages
-# are dropped every PAGE_CACHE_DROP_BYTES. On the 2-core VM the benchmarks run on, once a file
+# A file written front to back stays in the page cache while it is under
+# PAGE_CACHE_KEEP_BYTES (the next stage, and DVC's hash, read a small output back from
+# memory); past that, its pages are dropped every PAGE_CACHE_DROP_BYTES. On the 2-core VM the benchmarks run on, once a file
 # being written had about 2 GB in the cache, each further GB cost 4-8 CPU seconds in the
 # kernel instead of 0.4; dropping every 64 MiB kept it under one (BENCHMARKS.md, 2026-12-05).
 # Reading a file larger than PAGE_CACHE_KEEP_BYTES once, front to back, likewise: 7.6 GB of
