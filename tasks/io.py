@@ -189,9 +189,10 @@ def write_json(path: Path, obj: Any) -> None:
 
 # A file written front to back stays in the page cache while it is under
 # PAGE_CACHE_KEEP_BYTES (the next stage, and DVC's hash, read a small output back from
-# memory); past that, its pages are dropped every PAGE_CACHE_DROP_BYTES. On the 2-core VM the benchmarks run on, once a file
-# being written had about 2 GB in the cache, each further GB cost 4-8 CPU seconds in the
-# kernel instead of 0.4; dropping every 64 MiB kept it under one (BENCHMARKS.md, 2026-12-05).
+# memory); past that, its pages are dropped every PAGE_CACHE_DROP_BYTES. On the 2-core VM
+# the benchmarks run on, once a file being written had about 2 GB in the cache, each
+# further GB cost 4-8 CPU seconds in the kernel instead of 0.4; dropping every 64 MiB kept
+# it under one (BENCHMARKS.md, 2026-12-05).
 # Reading a file larger than PAGE_CACHE_KEEP_BYTES once, front to back, likewise: 7.6 GB of
 # lines cost 9-16 kernel seconds read plainly, 1.0 with the pages read dropped as it went.
 PAGE_CACHE_KEEP_BYTES = 1 << 30
@@ -230,7 +231,7 @@ def streaming_lines(f: BinaryIO) -> Iterator[bytes]:
     try:
         fd = f.fileno()
         large = hasattr(os, "posix_fadvise") and os.fstat(fd).st_size > PAGE_CACHE_KEEP_BYTES
-    except (OSError, ValueError):  # io.UnsupportedOperation: a reader with no file behind it
+    except (AttributeError, OSError, ValueError):  # a reader with no file behind it (zstandard's)
         large = False
     if not large:
         yield from f

@@ -169,7 +169,8 @@ def _may_reach(threshold: float, sketches: Any, sizes: Any, other_sketches: Any,
     import numpy as np
 
     shared = np.minimum(sketches, other_sketches).sum(axis=1, dtype=np.int64)
-    # The same double division as the exact similarity's: a larger shared count cannot give a smaller quotient.
+    # The same double division as the exact similarity's: a larger shared count cannot
+    # give a smaller quotient.
     bound = shared / (sizes.astype(np.int64) + other_sizes - shared)
     return (bound >= threshold) | ((sketches == SKETCH_FULL) & (other_sketches == SKETCH_FULL)).any(axis=1)
 
@@ -396,7 +397,8 @@ def _find(index: _Index, train_file: Path, train: str, threshold: float,
         # The normalized prompts are kept for the near candidates' shingles, made again for
         # those few rows: a chunk's shingles would take about 25 kB a row.
         norms = [normalize(row["prompt"]) for _, row in chunk]
-        keys = [_digests(row["prompt"], norm, shingles(norm), bands) for (_, row), norm in zip(chunk, norms, strict=True)]
+        keys = [_digests(row["prompt"], norm, shingles(norm), bands)
+                for (_, row), norm in zip(chunk, norms, strict=True)]
         for column, seen in enumerate(first_train):
             for i, group, rows in index.lookup(column, [k[column] for k in keys]):
                 seen.setdefault(group, chunk[i][1]["id"])
