@@ -46,6 +46,7 @@ SCALE_SCENES = 4  # scenes per generated dialogue: about 950 bytes per prepared 
 PREPARED_ROW_BYTES = 950  # a generated prepared row, as SCALE_SCENES makes it
 WRITE_GIB = 5  # streaming-write: past the ~2 GB of a file after which plain writes got dearer here
 SCALE_BASELINE_MAX_ROWS = 100_000  # the in-memory baselines hold every row: ~25 GB (tokenize) at 1M rows
+REFERENCE_REPEATS = 3  # runs of the smallest size in a scale series: its median is the reference
 SERVER_START_TIMEOUT = 120  # seconds
 
 
@@ -394,13 +395,13 @@ def measured(cmd: list[str], cwd: Path, **extra_env: str) -> dict[str, float]:
             "peak_rss_mib": round(usage.ru_maxrss / 1024)}
 
 
-def scale_runs(folder: Path, stage: str, plain: list[str], n: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """`finetune STAGE` and, up to SCALE_BASELINE_MAX_ROWS rows, the `plain` script, each
-    measured once in `folder` (removed after); with the stage's metrics."""
+def scale_runs(folder: Path, stage: str, plain: list[str] | None, n: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`finetune STAGE` and, given one and up to SCALE_BASELINE_MAX_ROWS rows, the `plain`
+    script, each measured once in `folder` (removed after); with the stage's metrics."""
     try:
         runs = {"ours": measured(["finetune", stage], folder)}
         stats = json.loads((folder / "metrics" / f"{stage}.json").read_text())
-        if n <= SCALE_BASELINE_MAX_ROWS:
+        if plain is not None and n <= SCALE_BASELINE_MAX_ROWS:
             runs["baseline"] = measured(plain, folder)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -414,13 +415,21 @@ def usage(runs: dict[str, Any]) -> dict[str, dict[str, float]]:
 def scale_series(ws: Path, sizes: tuple[int, ...], stage: str, plain: list[str],
                  workspace: Callable[[Path, int], Path], per: str) -> Iterator[tuple]:
     """`stage` and `plain` once per size, each in a workspace of that many rows: (rows, runs,
-    stats, rows per `per` second of each side, ours' rate over its rate at the smallest size)."""
+    stats, rows per `per` second of each side, ours' rate over its rate at the smallest size,
+    the rate of each of ours' runs). The smallest size's `stage` runs REFERENCE_REPEATS times,
+    each in a new workspace, and its median run is the reference: one run's rate varies by
+    about 3%, as much as the differences between sizes that the ratio is read for."""
     smallest = None
     for n in sizes:
-        runs, stats = scale_runs(workspace(ws, n), stage, plain, n)
+        repeats = []
+        for repeat in range(1 if smallest else REFERENCE_REPEATS):
+            runs, stats = scale_runs(workspace(ws, n), stage, None if repeat else plain, n)
+            repeats.append((n / runs["ours"][per], runs, stats))
+        ours, median_runs, stats = sorted(repeats, key=lambda r: r[0])[len(repeats) // 2]
+        runs = {**repeats[0][1], "ours": median_runs["ours"]}  # the baseline ran with the first
         rate = {k: n / r[per] for k, r in runs.items()}
-        smallest = smallest or rate["ours"]
-        yield n, runs, stats, rate, round(rate["ours"] / smallest, 3)
+        smallest = smallest or ours
+        yield n, runs, stats, rate, round(ours / smallest, 3), [round(r[0]) for r in repeats]
 
 
 def bench_tokenize_scale(ws: Path, sizes: tuple[int, ...] = SCALE_ROWS) -> list[dict[str, Any]]:
@@ -432,10 +441,11 @@ def bench_tokenize_scale(ws: Path, sizes: tuple[int, ...] = SCALE_ROWS) -> list[
     plain = [sys.executable, str(REPO / "bench" / "plain_tokenize.py"), "--model", params.model.name_or_path,
              "--max-length", str(params.tokenize.max_length)]
     results = []
-    for n, runs, stats, rate, vs_smallest in scale_series(ws, sizes, "tokenize", plain, scale_workspace, "wall_s"):
+    for n, runs, stats, rate, vs_smallest, rates in scale_series(ws, sizes, "tokenize", plain, scale_workspace,
+                                                                 "wall_s"):
         results.append(report(
             "tokenize-scale", rate["ours"], rate.get("baseline"), "rows/s (wall, whole stage process)",
-            rows=n, **usage(runs),
+            rows=n, **usage(runs), ours_runs_rows_per_s=rates,
             rows_per_cpu_s={k: round(n / r["cpu_s"]) for k, r in runs.items()},  # steadier on a shared host
             rows_per_s_vs_smallest=vs_smallest,
             mean_tokens=stats["train"]["mean_tokens"], max_tokens=stats["train"]["max_tokens"],
@@ -450,10 +460,11 @@ def bench_prepare_scale(ws: Path, sizes: tuple[int, ...] = SCALE_ROWS) -> list[d
     bench/plain_prepare.py, the former in-memory way, each run once in its own process."""
     plain = [sys.executable, str(REPO / "bench" / "plain_prepare.py")]
     results = []
-    for n, runs, stats, rate, vs_smallest in scale_series(ws, sizes, "prepare", plain, prepare_workspace, "cpu_s"):
+    for n, runs, stats, rate, vs_smallest, rates in scale_series(ws, sizes, "prepare", plain, prepare_workspace,
+                                                                 "cpu_s"):
         results.append(report(
             "prepare-scale", rate["ours"], rate.get("baseline"), "rows per CPU second (whole stage process)",
-            rows=n, **usage(runs), rows_per_cpu_s_vs_smallest=vs_smallest,
+            rows=n, **usage(runs), ours_runs_rows_per_cpu_s=rates, rows_per_cpu_s_vs_smallest=vs_smallest,
             rows_per_split=stats["rows_per_split"], leaked_rows=stats["leakage"]["rows"],
             baseline_is=("bench/plain_prepare.py: every row and the leakage index in memory"
                          if "baseline" in runs else f"not run above {SCALE_BASELINE_MAX_ROWS} rows (memory)")))
