@@ -434,7 +434,8 @@ def scale_series(ws: Path, sizes: tuple[int, ...], stage: str, plain: list[str],
 
 def bench_tokenize_scale(ws: Path, sizes: tuple[int, ...] = SCALE_ROWS) -> list[dict[str, Any]]:
     """`finetune tokenize` (streaming) on generated rows against bench/plain_tokenize.py,
-    the former in-memory way, each run once in its own process."""
+    the former in-memory way, each run in its own process (scale_series: once a size, the
+    smallest size's stage REFERENCE_REPEATS times)."""
     from tasks.config import load_params
 
     params = load_params(ws / "params.yaml")
@@ -457,7 +458,8 @@ def bench_tokenize_scale(ws: Path, sizes: tuple[int, ...] = SCALE_ROWS) -> list[
 
 def bench_prepare_scale(ws: Path, sizes: tuple[int, ...] = SCALE_ROWS) -> list[dict[str, Any]]:
     """`finetune prepare` (streaming; leakage check on) on generated raw records against
-    bench/plain_prepare.py, the former in-memory way, each run once in its own process."""
+    bench/plain_prepare.py, the former in-memory way, each run in its own process
+    (scale_series: once a size, the smallest size's stage REFERENCE_REPEATS times)."""
     plain = [sys.executable, str(REPO / "bench" / "plain_prepare.py")]
     results = []
     for n, runs, stats, rate, vs_smallest, rates in scale_series(ws, sizes, "prepare", plain, prepare_workspace,
